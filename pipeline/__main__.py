@@ -1,0 +1,97 @@
+"""`python -m pipeline pack|verify`: the offline stage of the data path (DESIGN.md section 2)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        dims = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected N or WxH") from None
+    if len(dims) == 1:
+        dims = dims * 2
+    if len(dims) != 2 or min(dims) < 8:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected N or WxH, each at least 8")
+    return dims[0], dims[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="pack face images into shuffled RecordIO shards plus a manifest",
+                       description="Pack ImageFolder trees, list files (path<TAB>label, or im2rec's .lst), "
+                                   "flat folders (with --label-regex), existing .rec files or packed folders.")
+    p.add_argument("sources", nargs="+", metavar="SRC")
+    p.add_argument("--out", required=True, type=Path, metavar="DATA")
+    p.add_argument("--size", type=_size, default=(112, 112), help="N or WxH (default 112)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--shard-size", type=float, default=1024.0, metavar="MB", help="cut shards at this size")
+    p.add_argument("--seed", type=int, default=0, help="shuffle and hold-out seed")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
+    p.add_argument("--align", action="store_true",
+                   help="detect the face and warp it to the ArcFace 112x112 template (raw photos)")
+    p.add_argument("--label-regex", help="identity from a flat folder's file names: the first group "
+                                         "(or the group named 'label'), e.g. '^(subject\\d+)\\.'")
+    p.add_argument("--list-root", help="folder that relative paths of list files start from")
+    p.add_argument("--merge-classes", action="store_true",
+                   help="identities of the same name in different sources are one identity")
+    p.add_argument("--keep-labels", action="store_true",
+                   help="keep the integer labels of list files / .rec sources as class ids")
+    p.add_argument("--holdout", type=int, default=0, metavar="K",
+                   help="keep K images per identity out of training for verification pairs")
+    p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs")
+    p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"])
+    p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+    v = sub.add_parser("verify", help="check every frame, index entry, count and checksum")
+    v.add_argument("data", type=Path, metavar="DATA")
+    v.add_argument("--decode", action="store_true", help="also decode every image")
+    v.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "pack":
+            from .pack import PackError, PackOptions, pack
+
+            opts = PackOptions(
+                sources=args.sources, out=args.out, size=args.size, quality=args.quality,
+                shard_size_mb=args.shard_size, seed=args.seed, workers=args.workers, strict=args.strict,
+                align=args.align, label_regex=args.label_regex, list_root=args.list_root,
+                merge_classes=args.merge_classes, keep_labels=args.keep_labels, holdout=args.holdout,
+                holdout_pairs=args.holdout_pairs, resize_mode=args.resize_mode, overwrite=args.overwrite,
+                progress=not args.no_progress)
+            m = pack(opts)
+            print(f"packed {m['num_images']} images of {m['num_classes']} identities into "
+                  f"{len(m['shards'])} shards in {args.out}; skipped {m['skipped']['count']} "
+                  f"(see {args.out / m['skipped']['file']})")
+            return 0
+        from .verify import VerifyError, verify
+
+        counts = verify(args.data, decode=args.decode, progress=not args.no_progress)
+        print(f"ok: {counts['records']} records in {counts['shards']} shards")
+        return 0
+    except KeyboardInterrupt:
+        print("pipeline: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
+    except Exception as e:
+        known = type(e).__name__ in ("PackError", "VerifyError", "ManifestError", "SourceError", "RecordIOError")
+        if not known and not isinstance(e, (OSError, ValueError)):
+            raise
+        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Training augmentations, named once and applied by either reader (DALI graph or numpy)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+MEAN = 127.5  # insightface normalises faces to [-1, 1]
+STD = 127.5
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Flip is insightface's only augmentation; the others are off unless asked for."""
+
+    flip: bool = True
+    crop_area: float = 1.0  # random resized crop keeping at least this share of the area (1.0 = off)
+    brightness: float = 0.0  # multiply by U(1-b, 1+b)
+    contrast: float = 0.0  # scale around the mean by U(1-c, 1+c)
+    saturation: float = 0.0
+    grey_p: float = 0.0  # probability of a greyscale copy
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "AugmentConfig":
+        if d is None:
+            return cls()
+        if isinstance(d, AugmentConfig):
+            return d
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown augmentation keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        return cls(flip=False)
+
+
+def augment_numpy(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """The numpy twin of the DALI graph: HxWx3 uint8 in, HxWx3 float32 (not yet normalised) out."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    img = rgb
+    if cfg.crop_area < 1.0:
+        area = rng.uniform(cfg.crop_area, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(0.9), np.log(1.1)))
+        cw = int(round(min(w, np.sqrt(area * aspect))))
+        ch = int(round(min(h, np.sqrt(area / aspect))))
+        x0 = int(rng.integers(0, w - cw + 1))
+        y0 = int(rng.integers(0, h - ch + 1))
+        img = cv2.resize(img[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+    out = img.astype(np.float32)
+    if cfg.flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    if cfg.brightness > 0:
+        out = out * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    if cfg.contrast > 0:
+        m = out.mean()
+        out = (out - m) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + m
+    grey = out @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if cfg.saturation > 0:
+        s = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
+        out = grey[..., None] + (out - grey[..., None]) * s
+    if cfg.grey_p > 0 and rng.random() < cfg.grey_p:
+        out = np.repeat(grey[..., None], 3, axis=2)
+    return np.clip(out, 0, 255)

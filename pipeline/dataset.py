@@ -1,0 +1,196 @@
+"""The plain PyTorch path over the same shards: a random-access `Dataset` (mmap) and a train loader.
+
+For users without DALI, and for tests. Same samples, labels and normalisation as the DALI reader; a record
+that does not decode is replaced by another (so batches keep their size) and counted, never a crash.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import MEAN, STD, AugmentConfig, augment_numpy
+from .imageio import ImageRejected, decode_jpeg_rgb
+from .manifest import decode_identity, load_manifest
+from .recordio import RecordIO, RecordIOError, read_index, unpack_record
+
+
+class PackedDataset(Dataset):
+    """Records of a packed dataset by global index (manifest shard order, then index order).
+
+    `kinds` picks the shards ("train", "masked", ...); `holdout=True` reads the held-out images instead.
+    Items are `(image, identity)`; with `return_label_vector`, `(image, identity, label_vector)`.
+    `image` is float32 CHW normalised to [-1, 1] unless `raw=True` (uint8 HWC RGB).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, augment: Optional[AugmentConfig | dict] = None,
+                 kinds: tuple[str, ...] = ("train", "masked"), holdout: bool = False, raw: bool = False,
+                 return_label_vector: bool = False, seed: int = 0) -> None:
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(self.data_dir)
+        self.label_fields = list(self.manifest["label_fields"])
+        self.num_classes = int(self.manifest["num_classes"])
+        shards = self.manifest.get("holdout", {}).get("shards", []) if holdout else [
+            s for s in self.manifest["shards"] if s.get("kind", "train") in kinds]
+        self.shards = shards
+        self.augment = AugmentConfig.from_dict(augment) if augment is not None else AugmentConfig.none()
+        self.raw, self.return_label_vector, self.seed = raw, return_label_vector, seed
+        self._offsets: list[np.ndarray] = []
+        for s in shards:
+            _, offsets = read_index(self.data_dir / s["idx"])
+            self._offsets.append(np.sort(np.asarray(offsets, dtype=np.int64)))
+        self._starts = np.cumsum([0] + [len(o) for o in self._offsets]).tolist()
+        self._files: dict[int, RecordIO] = {}
+        self.epoch = 0  # varies the augmentation draw per epoch
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} outside [0, {len(self)})")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return shard, int(self._offsets[shard][index - self._starts[shard]])
+
+    def read_record(self, index: int):
+        """(IRHeader, encoded image bytes) of record `index`."""
+        shard, offset = self._locate(index)
+        f = self._files.get(shard)
+        if f is None:  # opened lazily: each DataLoader worker maps the files itself
+            f = self._files[shard] = RecordIO(self.data_dir / self.shards[shard]["rec"], "r")
+        return unpack_record(f.read_at(offset))
+
+    def label_vector(self, header) -> np.ndarray:
+        values = np.zeros(len(self.label_fields), dtype=np.float32)
+        label = np.atleast_1d(np.asarray(header.label, dtype=np.float32))
+        values[: min(len(label), len(values))] = label[: len(values)]
+        return values
+
+    def __getitem__(self, index: int):
+        header, image = self.read_record(index)
+        rgb = decode_jpeg_rgb(image)
+        vector = self.label_vector(header)
+        identity = int(decode_identity(vector, self.label_fields))
+        if self.raw:
+            tensor = torch.from_numpy(np.ascontiguousarray(rgb))
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            pixels = augment_numpy(rgb, self.augment, rng)
+            tensor = torch.from_numpy(np.ascontiguousarray(((pixels - MEAN) / STD).transpose(2, 0, 1)))
+        if self.return_label_vector:
+            return tensor, identity, torch.from_numpy(vector)
+        return tensor, identity
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+
+class _SkippingView(Dataset):
+    """Wraps a PackedDataset: an undecodable record is replaced by the next good one, and flagged."""
+
+    def __init__(self, base: PackedDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.base)):
+            try:
+                return (*self.base[(index + attempt) % len(self.base)], attempt > 0)
+            except (ImageRejected, RecordIOError):
+                continue
+        raise RuntimeError("no record of the dataset decodes")
+
+
+class TorchTrainLoader:
+    """The DALI reader's interface over PackedDataset + DataLoader (see pipeline.loader).
+
+    Each epoch draws one global permutation from (seed, epoch); rank r takes positions r, r+W, ... of
+    it, cut to the same length on every rank. Resume with another world size is exact too: the consumed
+    prefix of the global permutation is known from (step, batch size, old world size).
+    """
+
+    backend = "torch"
+
+    def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 2,
+                 augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
+                 return_label_vectors: bool = False) -> None:
+        self.dataset = PackedDataset(data_dir, augment=AugmentConfig.from_dict(augment),
+                                     return_label_vector=return_label_vectors, seed=seed)
+        self.label_fields = self.dataset.label_fields
+        self.num_classes = self.dataset.num_classes
+        self.num_samples = len(self.dataset)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        per_rank = self.num_samples // world_size
+        if drop_last and per_rank < batch_size:
+            raise ValueError(f"{self.num_samples} samples over {world_size} ranks leave fewer than one batch "
+                             f"of {batch_size} per rank")
+        self.steps_per_epoch = per_rank // batch_size if drop_last else None
+        self.epoch = 0
+        self.step = 0
+        self._consumed = 0  # samples of the global permutation consumed before this run's first step
+        self.skipped_records = 0
+
+    def _rank_indices(self) -> list[int]:
+        """This rank's share of what is left of this epoch's global permutation."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_samples, generator=g).tolist()
+        else:
+            order = list(range(self.num_samples))
+        rest = order[self._consumed:]
+        mine = rest[self.rank::self.world_size]
+        if self.drop_last:
+            mine = mine[: len(rest) // self.world_size]
+        return mine
+
+    def __len__(self) -> int:
+        n = len(self._rank_indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        indices = self._rank_indices()
+        total = len(indices) // self.batch_size if self.drop_last else -(-len(indices) // self.batch_size)
+        self.dataset.epoch = self.epoch
+        loader = DataLoader(_SkippingView(self.dataset), batch_size=self.batch_size,
+                            sampler=indices[self.step * self.batch_size:], num_workers=self.num_workers,
+                            drop_last=self.drop_last, pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            if self.step >= total:
+                break
+            *data, replaced = batch
+            self.skipped_records += int(replaced.sum())
+            self.step += 1
+            yield tuple(t.to(self.device, non_blocking=True) for t in data)
+        self.epoch += 1
+        self.step = 0
+        self._consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"backend": self.backend, "world_size": self.world_size, "rank": self.rank,
+                "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch, "step": self.step,
+                "consumed": self._consumed + self.step * self.batch_size * self.world_size,
+                "skipped_records": self.skipped_records}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Exact for any world size: the consumed prefix of the epoch's permutation is dealt out no more."""
+        self.epoch, self.step, self._consumed = state["epoch"], 0, 0
+        self.skipped_records = state.get("skipped_records", 0)
+        if state.get("backend") != self.backend or state.get("seed") != self.seed:
+            return  # another reader's order: the saved epoch starts again
+        if state["world_size"] == self.world_size and state["batch_size"] == self.batch_size:
+            self.step = state["step"]
+        else:
+            self._consumed = state["consumed"]

@@ -1,0 +1,190 @@
+"""Turning whatever image bytes a dataset holds into a clean RGB JPEG of the training size.
+
+Odd inputs (CMYK, 16-bit, grey, palette, alpha, EXIF-rotated) are converted, never passed on: every
+decoder downstream (DALI's, PIL's, OpenCV's) then sees a plain baseline RGB JPEG and agrees on its pixels.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Large crops of whole photos are legitimate; decompression bombs are still refused, with a clear reason.
+Image.MAX_IMAGE_PIXELS = 1 << 28
+cv2.setNumThreads(1)
+
+RESIZE_MODES = ("crop", "stretch", "pad")
+
+
+class ImageRejected(Exception):
+    """The bytes cannot become a training image; `reason` is the short word logged in skipped.tsv."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a broken EXIF block must not cost the image
+        return 1
+
+
+def decode_rgb(data: bytes, notes: Optional[list] = None) -> np.ndarray:
+    """Decode any PIL-readable image to an upright HxWx3 uint8 RGB array; note each conversion made."""
+    notes = notes if notes is not None else []
+    if not data:
+        raise ImageRejected("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("too large", str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageRejected("corrupt image", str(e)) from None
+    if getattr(img, "n_frames", 1) > 1:
+        notes.append("first frame")
+    if _exif_orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
+        notes.append("exif rotated")
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img)
+        if mode == "F" or arr.dtype.kind == "f":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (np.nan_to_num(arr) - lo) * (255.0 / max(hi - lo, 1e-12))
+        else:
+            # 16-bit samples: keep the high byte, as libpng's strip-16 does.
+            arr = np.asarray(arr, dtype=np.int64) >> 8 if arr.max() > 255 else arr
+        grey = np.clip(arr, 0, 255).astype(np.uint8)
+        notes.append("16-bit to 8-bit")
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode == "CMYK":
+        notes.append("cmyk to rgb")
+    elif mode in ("L", "1", "LA"):
+        notes.append("grey to rgb")
+    elif mode in ("P", "PA"):
+        notes.append("palette to rgb")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        # Transparent pixels become black, as OpenCV's and DALI's decoders do with alpha dropped.
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+        notes.append("alpha dropped")
+    rgb = np.asarray(img.convert("RGB"))
+    if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageRejected("corrupt image", f"decoded to shape {rgb.shape}")
+    return rgb
+
+
+def resize_to(rgb: np.ndarray, size: tuple[int, int], mode: str = "crop") -> np.ndarray:
+    """Resize to (width, height): 'crop' covers then centre-crops, 'stretch' ignores the aspect ratio,
+    'pad' fits inside and pads with black."""
+    w, h = size
+    ih, iw = rgb.shape[:2]
+    if (iw, ih) == (w, h):
+        return rgb
+    if mode == "stretch":
+        return _resize(rgb, w, h)
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, not {mode!r}")
+    scale = max(w / iw, h / ih) if mode == "crop" else min(w / iw, h / ih)
+    nw, nh = max(1, round(iw * scale)), max(1, round(ih * scale))
+    scaled = _resize(rgb, nw, nh)
+    if mode == "crop":
+        x0, y0 = (nw - w) // 2, (nh - h) // 2
+        return np.ascontiguousarray(scaled[y0:y0 + h, x0:x0 + w])
+    out = np.zeros((h, w, 3), dtype=np.uint8)
+    x0, y0 = (w - nw) // 2, (h - nh) // 2
+    out[y0:y0 + nh, x0:x0 + nw] = scaled
+    return out
+
+
+def _resize(rgb: np.ndarray, w: int, h: int) -> np.ndarray:
+    shrinking = w * h < rgb.shape[0] * rgb.shape[1]
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ImageRejected("encode failed")
+    return buf.tobytes()
+
+
+def _probe(data: bytes) -> Optional[Image.Image]:
+    """PIL's header-only look at the bytes (no pixel decoding), or None when PIL cannot tell."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception:
+        return None
+
+
+def _decodes(img: Image.Image) -> bool:
+    # PIL refuses truncated JPEG data where OpenCV would quietly return a half-grey image.
+    try:
+        img.load()
+        return True
+    except Exception:
+        return False
+
+
+def decode_fast(data: bytes) -> Optional[np.ndarray]:
+    """OpenCV decode of plain 8-bit 3-channel images (the common case), or None to take the careful path."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        return None
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+
+
+def prepare_image(
+    data: bytes,
+    size: tuple[int, int] = (112, 112),
+    quality: int = 95,
+    resize_mode: str = "crop",
+    transform: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None,
+) -> tuple[bytes, list[str]]:
+    """The JPEG to store for one input image, and the conversions made (for the manifest's counts).
+
+    A baseline RGB or grey JPEG already at `size` and upright is stored as it is. `transform` (face
+    alignment) maps the decoded RGB image to a new one, or None when it finds no face.
+    """
+    notes: list[str] = []
+    if not data:
+        raise ImageRejected("empty file")
+    probe = _probe(data)
+    plain = (probe is not None and probe.format in ("JPEG", "PNG") and probe.mode == "RGB"
+             and _exif_orientation(probe) == 1)
+    if (transform is None and probe is not None and probe.format == "JPEG" and probe.size == tuple(size)
+            and probe.mode in ("RGB", "L") and _exif_orientation(probe) == 1 and _decodes(probe)):
+        return data, ["passthrough"]
+    rgb = decode_fast(data) if plain else None
+    if rgb is None:
+        rgb = decode_rgb(data, notes)
+    if transform is not None:
+        rgb = transform(rgb)
+        if rgb is None:
+            raise ImageRejected("no face found")
+        notes.append("aligned")
+    if rgb.shape[1] != size[0] or rgb.shape[0] != size[1]:
+        rgb = resize_to(rgb, size, resize_mode)
+        notes.append("resized")
+    return encode_jpeg(rgb, quality), notes
+
+
+def decode_jpeg_rgb(data: bytes) -> np.ndarray:
+    """Decode a stored training image (our own JPEG) to RGB uint8; raises ImageRejected on corruption."""
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if arr is None:
+        raise ImageRejected("corrupt image", f"{len(data)} bytes do not decode")
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)

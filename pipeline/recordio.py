@@ -1,0 +1,306 @@
+"""MXNet RecordIO and IndexedRecordIO, read and written without mxnet, byte-compatible both ways.
+
+Framing (dmlc-core `recordio.h`): every part is `magic (uint32 0xced7230a) | lrec (uint32) | data | pad`,
+where lrec's top 3 bits are the continuation flag and its low 29 bits the part's length. A payload that
+holds the magic word at a 4-byte-aligned position is split there by MXNet's writer: the magic itself is
+dropped and the pieces are written as parts flagged 1 (first), 2 (middle), 3 (last); the reader puts the
+magic back between them. Only the last part is padded, to the 4-byte boundary of the whole payload.
+
+The payload of an image record is the `IRHeader` (flag uint32, label float32, id uint64, id2 uint64),
+then `flag` float32 label values when flag > 0, then the encoded image.
+The `.idx` file is `key<TAB>byte offset` lines.
+"""
+from __future__ import annotations
+
+import mmap
+import numbers
+import os
+import struct
+from typing import BinaryIO, Iterator, NamedTuple, Sequence, Union
+
+import numpy as np
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+MAX_RECORD = 1 << 29  # lengths live in 29 bits
+_LEN_MASK = MAX_RECORD - 1
+IR_FORMAT = "<IfQQ"
+IR_SIZE = struct.calcsize(IR_FORMAT)
+
+Label = Union[float, np.ndarray]
+
+
+class RecordIOError(ValueError):
+    """A RecordIO file, index or record payload is malformed."""
+
+
+class IRHeader(NamedTuple):
+    flag: int
+    label: Label
+    id: int
+    id2: int
+
+
+def pack_record(header: IRHeader, payload: bytes) -> bytes:
+    """Serialise an image record as mxnet.recordio.pack does: a vector label sets flag = its length."""
+    if isinstance(header.label, numbers.Number):
+        head = struct.pack(IR_FORMAT, 0, float(header.label), header.id, header.id2)
+        return head + payload
+    label = np.ascontiguousarray(header.label, dtype="<f4").ravel()
+    head = struct.pack(IR_FORMAT, label.size, 0.0, header.id, header.id2)
+    return head + label.tobytes() + payload
+
+
+def unpack_record(buf: bytes | memoryview) -> tuple[IRHeader, bytes]:
+    """Inverse of pack_record; raises RecordIOError on a payload too short for its header."""
+    if len(buf) < IR_SIZE:
+        raise RecordIOError(f"record of {len(buf)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
+    flag, label, rid, rid2 = struct.unpack_from(IR_FORMAT, buf, 0)
+    body = IR_SIZE
+    if flag > 0:
+        end = body + 4 * flag
+        if end > len(buf):
+            raise RecordIOError(f"IRHeader declares {flag} label values but the record has {len(buf)} bytes")
+        label = np.frombuffer(bytes(buf[body:end]), dtype="<f4").astype(np.float32)
+        body = end
+    return IRHeader(flag, label, rid, rid2), bytes(buf[body:])
+
+
+def first_label(header: IRHeader) -> float:
+    """The identity: the scalar label, or the first value of a label vector."""
+    if isinstance(header.label, np.ndarray):
+        if header.label.size == 0:
+            raise RecordIOError("record has an empty label vector")
+        return float(header.label[0])
+    return float(header.label)
+
+
+def frame_record(data: bytes | memoryview) -> bytes:
+    """Frame one payload exactly as dmlc's RecordIOWriter::WriteRecord does."""
+    n = len(data)
+    if n >= MAX_RECORD:
+        raise RecordIOError(f"record of {n} bytes exceeds the RecordIO limit of 2^29 bytes")
+    view = memoryview(data)
+    out = []
+    start = 0
+    # Only aligned occurrences of the magic are split on; the reader would misread exactly those.
+    for pos in _aligned_magic_positions(view, n & ~3):
+        cflag = 1 if start == 0 else 2
+        out.append(struct.pack("<II", MAGIC, (cflag << 29) | (pos - start)))
+        out.append(view[start:pos])
+        start = pos + 4
+    cflag = 3 if start else 0
+    out.append(struct.pack("<II", MAGIC, (cflag << 29) | (n - start)))
+    out.append(view[start:n])
+    pad = (-n) & 3
+    if pad:
+        out.append(b"\0" * pad)
+    return b"".join(out)
+
+
+def _aligned_magic_positions(view: memoryview, limit: int) -> list[int]:
+    if limit <= 0:
+        return []
+    words = np.frombuffer(view[:limit], dtype="<u4")
+    return (np.flatnonzero(words == MAGIC) * 4).tolist()
+
+
+def read_frame(buf: bytes | memoryview | mmap.mmap, offset: int) -> tuple[bytes, int]:
+    """Read the (possibly multi-part) record starting at `offset`; return (payload, offset after it)."""
+    total = len(buf)
+    parts = []
+    pos = offset
+    expect_continuation = False
+    while True:
+        if pos + 8 > total:
+            raise RecordIOError(f"truncated record header at byte {pos} (file has {total} bytes)")
+        magic, lrec = struct.unpack_from("<II", buf, pos)
+        if magic != MAGIC:
+            raise RecordIOError(f"bad magic 0x{magic:08x} at byte {pos}")
+        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        if cflag > 3:
+            raise RecordIOError(f"bad continuation flag {cflag} at byte {pos}")
+        if expect_continuation and cflag not in (2, 3):
+            raise RecordIOError(f"record part at byte {pos} has flag {cflag}; a continuation (2 or 3) was due")
+        if not expect_continuation and cflag not in (0, 1):
+            raise RecordIOError(f"record at byte {pos} starts with continuation flag {cflag}")
+        start = pos + 8
+        end = start + length
+        padded = start + ((length + 3) & ~3)
+        if end > total:
+            raise RecordIOError(f"record part at byte {pos} runs past the end of the file ({length} bytes)")
+        parts.append(buf[start:end])
+        pos = padded
+        if cflag in (0, 3):
+            break
+        if length & 3:
+            raise RecordIOError(f"record part at byte {pos} is not 4-byte aligned but is followed by more parts")
+        parts.append(MAGIC_BYTES)
+        expect_continuation = True
+    if pos > total:
+        # A final part may lack its padding only at the very end of a file written by a foreign tool.
+        pos = total
+    payload = parts[0] if len(parts) == 1 else b"".join(bytes(p) for p in parts)
+    return bytes(payload), pos
+
+
+class RecordIO:
+    """Sequential RecordIO file: mode 'r' (scan) or 'w' (append records)."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r") -> None:
+        if mode not in ("r", "w"):
+            raise ValueError(f"mode must be 'r' or 'w', not {mode!r}")
+        self.path = os.fspath(path)
+        self.mode = mode
+        self._file: BinaryIO | None = None
+        self._map: mmap.mmap | bytes | None = None
+        self._pos = 0
+        self.open()
+
+    def open(self) -> None:
+        if self.mode == "w":
+            self._file = open(self.path, "wb")
+            self._pos = 0
+            return
+        self._file = open(self.path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        # mmap of an empty file is an error; an empty RecordIO file is just no records.
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._pos = 0
+
+    def close(self) -> None:
+        if isinstance(self._map, mmap.mmap):
+            self._map.close()
+        self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self):
+        # Reopened in worker processes (DataLoader workers) instead of pickling file handles.
+        state = dict(self.__dict__)
+        state["_file"] = state["_map"] = None
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        if self.mode == "r":
+            self.open()
+
+    def tell(self) -> int:
+        return self._pos
+
+    @property
+    def size(self) -> int:
+        return len(self._map) if self.mode == "r" else self._pos
+
+    def write(self, payload: bytes) -> int:
+        """Append one record; return its byte offset."""
+        if self.mode != "w":
+            raise RecordIOError(f"{self.path} is open for reading")
+        framed = frame_record(payload)
+        offset = self._pos
+        self._file.write(framed)
+        self._pos += len(framed)
+        return offset
+
+    def read(self) -> bytes | None:
+        """The next record, or None at the end of the file."""
+        if self._pos >= len(self._map):
+            return None
+        payload, self._pos = read_frame(self._map, self._pos)
+        return payload
+
+    def read_at(self, offset: int) -> bytes:
+        if offset < 0 or offset >= len(self._map):
+            raise RecordIOError(f"offset {offset} is outside {self.path} ({len(self._map)} bytes)")
+        return read_frame(self._map, offset)[0]
+
+    def scan(self) -> Iterator[tuple[int, bytes]]:
+        """(offset, payload) of every record from the start, without an index."""
+        pos = 0
+        while pos < len(self._map):
+            payload, nxt = read_frame(self._map, pos)
+            yield pos, payload
+            pos = nxt
+
+    def flush(self, fsync: bool = False) -> None:
+        if self._file is not None and self.mode == "w":
+            self._file.flush()
+            if fsync:
+                os.fsync(self._file.fileno())
+
+
+def read_index(idx_path: str | os.PathLike) -> tuple[list[int], list[int]]:
+    """Parse `key<TAB>offset` lines (MXNet's .idx) into (keys, offsets), in file order."""
+    keys: list[int] = []
+    offsets: list[int] = []
+    with open(idx_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            fields = line.split()
+            if len(fields) != 2:
+                raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {raw[:60]!r}")
+            try:
+                keys.append(int(fields[0]))
+                offsets.append(int(fields[1]))
+            except ValueError:
+                raise RecordIOError(f"{idx_path}:{lineno}: non-integer key or offset {raw[:60]!r}") from None
+    return keys, offsets
+
+
+def format_index(keys: Sequence[int], offsets: Sequence[int]) -> bytes:
+    return "".join(f"{k}\t{o}\n" for k, o in zip(keys, offsets)).encode()
+
+
+class IndexedRecordIO(RecordIO):
+    """RecordIO with a `.idx` side file, as mxnet.recordio.MXIndexedRecordIO: random access by key."""
+
+    def __init__(self, idx_path: str | os.PathLike, rec_path: str | os.PathLike, mode: str = "r") -> None:
+        self.idx_path = os.fspath(idx_path)
+        self.keys: list[int] = []
+        self.idx: dict[int, int] = {}
+        super().__init__(rec_path, mode)
+
+    def open(self) -> None:
+        super().open()
+        if self.mode == "r":
+            keys, offsets = read_index(self.idx_path)
+            self.keys = keys
+            self.idx = dict(zip(keys, offsets))
+            if len(self.idx) != len(keys):
+                raise RecordIOError(f"{self.idx_path}: duplicate keys")
+        else:
+            self.keys, self.idx = [], {}
+
+    def close(self) -> None:
+        if self.mode == "w" and self._file is not None:
+            with open(self.idx_path, "wb") as f:
+                f.write(format_index(self.keys, [self.idx[k] for k in self.keys]))
+        super().close()
+
+    def write_idx(self, key: int, payload: bytes) -> int:
+        if key in self.idx:
+            raise RecordIOError(f"key {key} written twice to {self.path}")
+        offset = self.write(payload)
+        self.idx[key] = offset
+        self.keys.append(key)
+        return offset
+
+    def read_idx(self, key: int) -> bytes:
+        try:
+            offset = self.idx[key]
+        except KeyError:
+            raise KeyError(f"key {key} is not in {self.idx_path}") from None
+        return self.read_at(offset)
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository root with every dependency, idempotently.
+# A CUDA build of torch already importable by python3 is kept (the venv then sees the system site-packages);
+# otherwise torch==2.13.0 (the CPU build) is installed.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+PY="${PYTHON:-python3}"
+DALI_PACKAGE="${DALI_PACKAGE:-nvidia-dali-cuda120==2.4.0}"
+stamp=".venv/.setup-done"
+want="$(cat setup.cfg scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+  if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
+    echo "setup: keeping the CUDA torch of $PY" >&2
+    "$PY" -m venv --system-site-packages .venv
+  else
+    "$PY" -m venv .venv
+  fi
+fi
+pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
+"${pip[@]}" install --upgrade pip wheel >/dev/null
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  "${pip[@]}" install torch==2.13.0
+fi
+"${pip[@]}" install "$DALI_PACKAGE" -e ".[mask,export,test]"
+echo "$want" > "$stamp"

@@ -1,0 +1,1 @@
+"""Distributed face-recognition trainer: backbones, model-parallel Partial FC, margin losses."""
