@@ -6,11 +6,14 @@ decoder downstream (DALI's, PIL's, OpenCV's) then sees a plain baseline RGB JPEG
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from typing import Callable, Optional
 
 import cv2
 import numpy as np
+import pyspng
+import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Large crops of whole photos are legitimate; decompression bombs are still refused, with a clear reason.
@@ -30,6 +33,10 @@ class ImageRejected(Exception):
 
 
 def _exif_orientation(img: Image.Image) -> int:
+    # PIL's PNG getexif() decodes the whole image to look for a late eXIf chunk; without an early one
+    # (the only kind writers put there in practice) a PNG has no orientation to apply.
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         return int(img.getexif().get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block must not cost the image
@@ -116,10 +123,29 @@ def _resize(rgb: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise ImageRejected("encode failed")
-    return buf.tobytes()
+    """Baseline 4:2:0 JPEG (what im2rec and insightface's packs hold), through libjpeg-turbo."""
+    try:
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(rgb), quality=quality, colorspace="RGB",
+                                      colorsubsampling="420")
+    except Exception as e:
+        raise ImageRejected("encode failed", str(e)) from None
+
+
+def _plain_png(data: bytes) -> bool:
+    """8-bit RGB PNG without an orientation chunk, read from the header: the fast path can decode it."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 33 or data[12:16] != b"IHDR":
+        return False
+    if data[24] != 8 or data[25] != 2:  # bit depth 8, colour type 2 (RGB)
+        return False
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"IDAT":
+            return True
+        if kind == b"eXIf":
+            return False
+        pos += 12 + length
+    return False
 
 
 def _probe(data: bytes) -> Optional[Image.Image]:
@@ -139,12 +165,18 @@ def _decodes(img: Image.Image) -> bool:
         return False
 
 
-def decode_fast(data: bytes) -> Optional[np.ndarray]:
-    """OpenCV decode of plain 8-bit 3-channel images (the common case), or None to take the careful path."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-    if arr is None or arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+def decode_fast(data: bytes, kind: str) -> Optional[np.ndarray]:
+    """libspng / libjpeg-turbo decode of plain 8-bit RGB PNG or JPEG, or None to take the careful path."""
+    try:
+        if kind == "PNG":
+            arr = pyspng.load(data)
+        else:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except Exception:
         return None
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        return None
+    return arr
 
 
 def prepare_image(
@@ -162,13 +194,15 @@ def prepare_image(
     notes: list[str] = []
     if not data:
         raise ImageRejected("empty file")
-    probe = _probe(data)
-    plain = (probe is not None and probe.format in ("JPEG", "PNG") and probe.mode == "RGB"
-             and _exif_orientation(probe) == 1)
-    if (transform is None and probe is not None and probe.format == "JPEG" and probe.size == tuple(size)
-            and probe.mode in ("RGB", "L") and _exif_orientation(probe) == 1 and _decodes(probe)):
-        return data, ["passthrough"]
-    rgb = decode_fast(data) if plain else None
+    rgb = decode_fast(data, "PNG") if _plain_png(data) else None
+    if rgb is None:
+        probe = _probe(data)
+        upright_jpeg = (probe is not None and probe.format == "JPEG" and probe.mode in ("RGB", "L")
+                        and _exif_orientation(probe) == 1)
+        if upright_jpeg and transform is None and probe.size == tuple(size) and _decodes(probe):
+            return data, ["passthrough"]
+        if upright_jpeg and probe.mode == "RGB":
+            rgb = decode_fast(data, "JPEG")
     if rgb is None:
         rgb = decode_rgb(data, notes)
     if transform is not None:

@@ -88,8 +88,9 @@ class Task:
 _WORKER: dict = {}
 
 
-def _init_worker(size, quality, resize_mode, align) -> None:
-    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None, recs={})
+def _init_worker(size, quality, resize_mode, align, num_classes) -> None:
+    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None, recs={},
+                   num_classes=num_classes)
     if align:
         from .align import align_face  # imported in the worker: mediapipe state is per process
 
@@ -111,7 +112,7 @@ def _read_input(item: Item) -> bytes:
 
 
 def _process(task: Task):
-    """(status, data, content hash, notes): status 'ok' with JPEG bytes, or 'skip' with (reason, detail)."""
+    """(status, data, content hash, notes): 'ok' with the framed record, or 'skip' with (reason, detail)."""
     try:
         raw = _read_input(task.item)
     except FileNotFoundError:
@@ -126,7 +127,10 @@ def _process(task: Task):
         return "skip", (e.reason, e.detail), digest, []
     except Exception as e:  # a decoder bug on one file must not end a multi-hour pack
         return "skip", ("corrupt image", f"{type(e).__name__}: {e}"), digest, []
-    return "ok", jpeg, digest, notes
+    # Framing here keeps the single writer process down to I/O and checksums.
+    label = identity_label_vector(task.class_id, _WORKER["num_classes"])
+    header = IRHeader(0, float(task.class_id) if label is None else label, task.rec_id, 0)
+    return "ok", frame_record(pack_record(header, jpeg)), digest, notes
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -150,11 +154,10 @@ class ShardWriter:
         self._hashes: list[bytes] = []
         self._pos = 0
 
-    def add(self, key: int, payload: bytes, content_hash: bytes) -> bool:
-        """Append a record; True when the shard reached its size and should be finished."""
+    def add(self, key: int, framed: bytes, content_hash: bytes) -> bool:
+        """Append a framed record; True when the shard reached its size and should be finished."""
         if self._rec is None:
             self._open()
-        framed = frame_record(payload)
         self._rec.write(framed)
         self._sha.update(framed)
         self._keys.append(key)
@@ -366,7 +369,7 @@ def pack(opts: PackOptions) -> dict:
     start = journal["next_task"]
     tasks = plan.tasks
     try:
-        for pos, task, result in _run_workers(opts, tasks, start):
+        for pos, task, result in _run_workers(opts, tasks, start, plan.num_classes):
             status, data, digest, notes = result
             display = task.item.display
             if status == "ok" and digest in seen:
@@ -379,10 +382,8 @@ def pack(opts: PackOptions) -> dict:
                 seen[digest] = display
                 counters.update(notes)
                 counters["images:" + task.stream] += 1
-                label = identity_label_vector(task.class_id, plan.num_classes)
-                header = IRHeader(0, float(task.class_id) if label is None else label, task.rec_id, 0)
                 pending_hashes[task.stream].append((digest, display))
-                if writers[task.stream].add(task.rec_id, pack_record(header, data), digest):
+                if writers[task.stream].add(task.rec_id, data, digest):
                     finish_shard(task.stream, pos + 1)
             # A stream ends: close its last shard so that shard boundaries depend on the input alone.
             nxt = tasks[pos + 1].stream if pos + 1 < len(tasks) else None
@@ -403,11 +404,12 @@ def _log_skip(log, counters: Counter, display: str, reason: str, detail: str = "
     counters["skipped:" + reason] += 1
 
 
-def _run_workers(opts: PackOptions, tasks: list[Task], start: int) -> Iterable[tuple[int, Task, tuple]]:
+def _run_workers(opts: PackOptions, tasks: list[Task], start: int,
+                 num_classes: int) -> Iterable[tuple[int, Task, tuple]]:
     todo = tasks[start:]
     bar = tqdm(total=len(tasks), initial=start, desc="pack", unit="img", disable=not opts.progress,
                smoothing=0.05)
-    init = (opts.size, opts.quality, opts.resize_mode, opts.align)
+    init = (opts.size, opts.quality, opts.resize_mode, opts.align, num_classes)
     try:
         if opts.workers <= 1:
             _init_worker(*init)

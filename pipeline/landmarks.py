@@ -1,0 +1,171 @@
+"""Face landmarks shared by `pack --align` and `maskgen`: MediaPipe FaceMesh, its 5 ArcFace points, and
+the similarity warp to the ArcFace template.
+
+FaceMesh gives 468 points in the vertex order of MediaPipe's canonical face mesh. Points are returned in
+OpenCV's pixel convention (the centre of pixel (0, 0) is (0.0, 0.0)), with z in the same pixel scale,
+smaller z being nearer the camera, as MediaPipe defines it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import cv2
+import numpy as np
+
+# The 5-point template of ArcFace's 112x112 crops (insightface's `arcface_dst`): eye centres, nose tip and
+# mouth corners, in image order (the subject's right eye first).
+ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
+
+# Landmark groups of the 468-point mesh (MediaPipe's face_mesh_connections, as vertex sets).
+RIGHT_EYE = (7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246)
+LEFT_EYE = (249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466)
+RIGHT_BROW = (46, 52, 53, 55, 63, 65, 66, 70, 105, 107)
+LEFT_BROW = (276, 282, 283, 285, 293, 295, 296, 300, 334, 336)
+LIPS = (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191, 267,
+        269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415)
+# The face outline, clockwise in the image from the top of the forehead.
+FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,
+             148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109)
+NOSE_TIP = 4
+MOUTH_RIGHT, MOUTH_LEFT = 61, 291  # the subject's right corner is on the image's left
+
+# FaceMesh's mouth corners (61/291) sit higher than the mouth corners of the detectors that the ArcFace
+# template was made with. Mean offsets from FaceMesh's points to the template, measured on the 941 glint24
+# crops (ArcFace-aligned) where FaceMesh finds a face, in units of the inter-ocular distance along the
+# face's own axes (x: eye to eye, y: down the face).
+_FIVE_POINT_BIAS = np.array([[0.008, -0.004], [0.020, -0.001], [0.014, -0.016], [0.015, 0.086], [0.007, 0.091]])
+
+
+def five_points(mesh: np.ndarray) -> np.ndarray:
+    """The ArcFace 5 points `[5, 2]` (eye centres, nose tip, mouth corners) from FaceMesh points `[468, >=2]`."""
+    pts = np.stack([
+        mesh[list(RIGHT_EYE), :2].mean(0),
+        mesh[list(LEFT_EYE), :2].mean(0),
+        mesh[NOSE_TIP, :2],
+        mesh[MOUTH_RIGHT, :2],
+        mesh[MOUTH_LEFT, :2],
+    ]).astype(np.float64)
+    ex = pts[1] - pts[0]
+    iod = float(np.hypot(*ex))
+    if iod < 1e-6:
+        return pts
+    ex /= iod
+    ey = np.array([-ex[1], ex[0]])
+    return pts + iod * (_FIVE_POINT_BIAS[:, :1] * ex + _FIVE_POINT_BIAS[:, 1:] * ey)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The least-squares rotation + uniform scale + translation `[2, 3]` taking `src` to `dst` (Umeyama 1991)."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    fix = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # never a reflection
+        fix[1, 1] = -1
+    rot = u @ fix @ vt
+    var = (s ** 2).sum() / len(src)
+    scale = float((sig * np.diag(fix)).sum() / var) if var > 0 else 1.0
+    m = np.empty((2, 3))
+    m[:, :2] = scale * rot
+    m[:, 2] = mu_d - m[:, :2] @ mu_s
+    return m
+
+
+def arcface_template(size: int = 112) -> np.ndarray:
+    """The template scaled to a square crop of `size` pixels."""
+    return ARCFACE_112 * (size / 112.0)
+
+
+def warp_to_template(rgb: np.ndarray, points5: np.ndarray, size: int = 112) -> np.ndarray:
+    """Warp an image so that its 5 points land on the ArcFace template: `[size, size, C]` uint8.
+
+    Outside the photo is black, as in insightface's crops (MS1M, Glint360K).
+    """
+    m = similarity_transform(points5, arcface_template(size))
+    return cv2.warpAffine(rgb, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+
+
+def template_rms(points5: np.ndarray, size: int = 112) -> float:
+    """RMS distance (pixels) of 5 points from the template of a `size` crop: how far from aligned they are."""
+    return float(np.sqrt(((np.asarray(points5) - arcface_template(size)) ** 2).sum(1).mean()))
+
+
+class FaceMeshDetector:
+    """MediaPipe FaceMesh on still images, with retries on padded copies for tight crops.
+
+    The detector inside FaceMesh misses faces that fill the frame; a border around the image gives it the
+    context it was trained with. One instance per process: MediaPipe graphs are not shared across forks.
+    """
+
+    def __init__(self, min_confidence: float = 0.5, pads: Sequence[float] = (0.0, 0.25, 0.5, 1.0)) -> None:
+        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging: warnings and up only
+        try:
+            import mediapipe as mp
+        except ImportError as e:  # the `mask` extra
+            raise ImportError("face landmarks need mediapipe==0.10.21 (pip install 'facetrain[mask]')") from e
+        self._mesh = mp.solutions.face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=1, refine_landmarks=False,
+            min_detection_confidence=min_confidence)
+        self.pads = tuple(pads)
+
+    def close(self) -> None:
+        self._mesh.close()
+
+    def __enter__(self) -> "FaceMeshDetector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def process(self, rgb: np.ndarray) -> Optional[np.ndarray]:
+        """One FaceMesh pass: `[468, 3]` float64 points, or None when it finds no face."""
+        rgb = as_rgb(rgb)
+        h, w = rgb.shape[:2]
+        result = self._mesh.process(rgb)
+        if not result.multi_face_landmarks:
+            return None
+        lm = result.multi_face_landmarks[0].landmark
+        pts = np.array([(p.x, p.y, p.z) for p in lm], dtype=np.float64)
+        # Normalised [0, 1] coordinates put pixel centres at (i + 0.5) / size; z is scaled like x.
+        return pts * (w, h, w) - (0.5, 0.5, 0.0)
+
+    def detect(self, rgb: np.ndarray, accept=None) -> tuple[Optional[np.ndarray], int]:
+        """FaceMesh with retries on padded copies: (points `[468, 3]` or None, the attempt that worked).
+
+        `accept(points) -> bool` rejects implausible results (then the next padding is tried).
+        """
+        rgb = as_rgb(rgb)
+        h, w = rgb.shape[:2]
+        fill = tuple(int(v) for v in np.median(rgb.reshape(-1, 3), axis=0))
+        for attempt, pad in enumerate(self.pads):
+            p = int(round(pad * max(h, w)))
+            img = rgb if p == 0 else cv2.copyMakeBorder(rgb, p, p, p, p, cv2.BORDER_CONSTANT, value=fill)
+            pts = self.process(img)
+            if pts is None:
+                continue
+            pts[:, :2] -= p
+            if accept is None or accept(pts):
+                return pts, attempt
+        return None, -1
+
+
+def as_rgb(img: np.ndarray) -> np.ndarray:
+    """A contiguous 3-channel uint8 view of a grey or RGB(A) image."""
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {img.dtype}")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.ndim == 3 and img.shape[2] == 1:
+        img = cv2.cvtColor(img[:, :, 0], cv2.COLOR_GRAY2RGB)
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    elif img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HxW or HxWx3 image, got shape {img.shape}")
+    return np.ascontiguousarray(img)
