@@ -15,13 +15,13 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 def mxnet_python(venv: Path = REPO / ".venv-mxnet-bench") -> Path:
     """mxnet 1.9.1 + numpy<1.24 + OpenCV (im2rec) + torch (insightface's DataLoader path), built once."""
     py = venv / "bin" / "python"
-    probe = "import mxnet, cv2, torch"
+    probe = "import mxnet, cv2, torch, PIL"
     if py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0:
         return py
     print(f"setting up the mxnet peer in {venv} (once)", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "mxnet==1.9.1",
-                    "numpy<1.24", "opencv-python-headless<4.9", "torch==2.13.0"], check=True)
+                    "numpy<1.24", "opencv-python-headless<4.9", "torch==2.13.0", "pillow"], check=True)
     return py
 
 

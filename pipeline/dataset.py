@@ -12,9 +12,9 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import MEAN, STD, AugmentConfig, augment_numpy
+from .augment import AugmentConfig, augment_numpy, normalise
 from .imageio import ImageRejected, decode_jpeg_rgb
 from .manifest import decode_identity, load_manifest
 from .recordio import RecordIO, RecordIOError, read_index, unpack_record
@@ -25,12 +25,13 @@ class PackedDataset(Dataset):
 
     `kinds` picks the shards ("train", "masked", ...); `holdout=True` reads the held-out images instead.
     Items are `(image, identity)`; with `return_label_vector`, `(image, identity, label_vector)`.
-    `image` is float32 CHW normalised to [-1, 1] unless `raw=True` (uint8 HWC RGB).
+    `image` is float32 CHW normalised to [-1, 1]; with `raw=True` uint8 HWC RGB without augmentation;
+    with `uint8_chw=True` augmented uint8 CHW (the train loader normalises whole batches).
     """
 
     def __init__(self, data_dir: str | os.PathLike, augment: Optional[AugmentConfig | dict] = None,
                  kinds: tuple[str, ...] = ("train", "masked"), holdout: bool = False, raw: bool = False,
-                 return_label_vector: bool = False, seed: int = 0) -> None:
+                 return_label_vector: bool = False, seed: int = 0, uint8_chw: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         self.label_fields = list(self.manifest["label_fields"])
@@ -40,6 +41,7 @@ class PackedDataset(Dataset):
         self.shards = shards
         self.augment = AugmentConfig.from_dict(augment) if augment is not None else AugmentConfig.none()
         self.raw, self.return_label_vector, self.seed = raw, return_label_vector, seed
+        self.uint8_chw = uint8_chw
         self._offsets: list[np.ndarray] = []
         for s in shards:
             _, offsets = read_index(self.data_dir / s["idx"])
@@ -79,9 +81,9 @@ class PackedDataset(Dataset):
         if self.raw:
             tensor = torch.from_numpy(np.ascontiguousarray(rgb))
         else:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            pixels = augment_numpy(rgb, self.augment, rng)
-            tensor = torch.from_numpy(np.ascontiguousarray(((pixels - MEAN) / STD).transpose(2, 0, 1)))
+            rng = np.random.Generator(np.random.PCG64((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index))
+            chw = torch.from_numpy(np.ascontiguousarray(augment_numpy(rgb, self.augment, rng).transpose(2, 0, 1)))
+            tensor = chw if self.uint8_chw else normalise(chw)
         if self.return_label_vector:
             return tensor, identity, torch.from_numpy(vector)
         return tensor, identity
@@ -93,7 +95,8 @@ class PackedDataset(Dataset):
 
 
 class _SkippingView(Dataset):
-    """Wraps a PackedDataset: an undecodable record is replaced by the next good one, and flagged."""
+    """Wraps a PackedDataset for the train loader: keys are (index, epoch), so persistent workers see the
+    epoch (it seeds the augmentation); an undecodable record is replaced by the next good one, flagged."""
 
     def __init__(self, base: PackedDataset) -> None:
         self.base = base
@@ -101,13 +104,29 @@ class _SkippingView(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        self.base.epoch = epoch
         for attempt in range(len(self.base)):
             try:
                 return (*self.base[(index + attempt) % len(self.base)], attempt > 0)
             except (ImageRejected, RecordIOError):
                 continue
         raise RuntimeError("no record of the dataset decodes")
+
+
+class _EpochSampler(Sampler):
+    """The indices the loader deals this rank for the current epoch, tagged with the epoch."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.epoch = 0
+
+    def __iter__(self):
+        return iter([(i, self.epoch) for i in self.indices])
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class TorchTrainLoader:
@@ -125,7 +144,7 @@ class TorchTrainLoader:
                  augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
                  return_label_vectors: bool = False) -> None:
         self.dataset = PackedDataset(data_dir, augment=AugmentConfig.from_dict(augment),
-                                     return_label_vector=return_label_vectors, seed=seed)
+                                     return_label_vector=return_label_vectors, seed=seed, uint8_chw=True)
         self.label_fields = self.dataset.label_fields
         self.num_classes = self.dataset.num_classes
         self.num_samples = len(self.dataset)
@@ -142,6 +161,11 @@ class TorchTrainLoader:
         self.step = 0
         self._consumed = 0  # samples of the global permutation consumed before this run's first step
         self.skipped_records = 0
+        self._sampler = _EpochSampler()
+        # one DataLoader for the whole run: workers start once, not every epoch
+        self._loader = DataLoader(_SkippingView(self.dataset), batch_size=batch_size, sampler=self._sampler,
+                                  num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
+                                  pin_memory=self.device.type == "cuda")
 
     def _rank_indices(self) -> list[int]:
         """This rank's share of what is left of this epoch's global permutation."""
@@ -163,17 +187,16 @@ class TorchTrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         indices = self._rank_indices()
         total = len(indices) // self.batch_size if self.drop_last else -(-len(indices) // self.batch_size)
-        self.dataset.epoch = self.epoch
-        loader = DataLoader(_SkippingView(self.dataset), batch_size=self.batch_size,
-                            sampler=indices[self.step * self.batch_size:], num_workers=self.num_workers,
-                            drop_last=self.drop_last, pin_memory=self.device.type == "cuda")
-        for batch in loader:
+        self._sampler.indices = indices[self.step * self.batch_size:]
+        self._sampler.epoch = self.epoch
+        for batch in self._loader:
             if self.step >= total:
                 break
             *data, replaced = batch
             self.skipped_records += int(replaced.sum())
             self.step += 1
-            yield tuple(t.to(self.device, non_blocking=True) for t in data)
+            images, *rest = (t.to(self.device, non_blocking=True) for t in data)
+            yield (normalise(images), *rest)
         self.epoch += 1
         self.step = 0
         self._consumed = 0

@@ -218,7 +218,12 @@ def prepare_image(
 
 def decode_jpeg_rgb(data: bytes) -> np.ndarray:
     """Decode a stored training image (our own JPEG) to RGB uint8; raises ImageRejected on corruption."""
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
+    try:
+        # strict: libjpeg-turbo's warnings (a truncated stream) are errors, not a half-grey image
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except Exception:
+        pass
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # PNG or other stored formats
+    if arr is None or data[:3] == b"\xff\xd8\xff":
         raise ImageRejected("corrupt image", f"{len(data)} bytes do not decode")
     return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
