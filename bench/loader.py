@@ -106,9 +106,8 @@ def main() -> None:
         rows.append(("insightface reference (mxnet read+imdecode, DataLoader)", ref["images"], ref["seconds"]))
         if args.gpu:
             for load in (0.65, 0.9):
-                gpu = DaliTrainLoader(data, args.gpu_batch, num_threads=args.workers, device="cuda")
-                gpu.hw_decoder_load = load
-                gpu._pipe = gpu._build(None, 0)
+                gpu = DaliTrainLoader(data, args.gpu_batch, num_threads=args.workers, device="cuda",
+                                      hw_decoder_load=load)
                 rows.append((f"DALI reader, device='mixed', hw_decoder_load {load}, batch {args.gpu_batch}",
                              *measure(gpu, args.epochs * 4)))
     ref_rate = rows[2][1] / rows[2][2]
