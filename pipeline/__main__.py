@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep K images per identity out of training for verification pairs")
     p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"])
+    p.add_argument("--attributes", metavar="TSV", help="per-image binary attributes to store in the label "
+                                                      "vector: a header 'path<TAB>name...', then 0/1/-1 rows")
     p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
     p.add_argument("--no-progress", action="store_true")
@@ -71,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 align=args.align, label_regex=args.label_regex, list_root=args.list_root,
                 merge_classes=args.merge_classes, keep_labels=args.keep_labels, holdout=args.holdout,
                 holdout_pairs=args.holdout_pairs, resize_mode=args.resize_mode, overwrite=args.overwrite,
+                attributes=args.attributes,
                 progress=not args.no_progress)
             m = pack(opts)
             print(f"packed {m['num_images']} images of {m['num_classes']} identities into "

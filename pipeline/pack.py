@@ -63,6 +63,7 @@ class PackOptions:
     holdout: int = 0
     holdout_pairs: int = 0
     resize_mode: str = "crop"
+    attributes: Optional[str] = None  # TSV: path<TAB>attr...; values 0/1, empty or -1 = unknown
     overwrite: bool = False
     progress: bool = True
 
@@ -71,6 +72,8 @@ class PackOptions:
         for k in ("out", "workers", "overwrite", "progress", "strict"):
             d.pop(k)
         d["sources"] = [os.path.abspath(s) for s in self.sources]
+        if self.attributes:
+            d["attributes_sha256"] = hashlib.sha256(Path(self.attributes).read_bytes()).hexdigest()
         return d
 
 
@@ -82,6 +85,7 @@ class Task:
     class_id: int
     rec_id: int
     stream: str  # "holdout" or "train"
+    attributes: tuple = ()  # values of the attribute fields, -1 where unknown
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -129,6 +133,8 @@ def _process(task: Task):
         return "skip", ("corrupt image", f"{type(e).__name__}: {e}"), digest, []
     # Framing here keeps the single writer process down to I/O and checksums.
     label = identity_label_vector(task.class_id, _WORKER["num_classes"])
+    if task.attributes:
+        label = (label or [float(task.class_id)]) + list(task.attributes)
     header = IRHeader(0, float(task.class_id) if label is None else label, task.rec_id, 0)
     return "ok", frame_record(pack_record(header, jpeg)), digest, notes
 
@@ -204,6 +210,7 @@ class Plan:
     empty_classes: list[str]
     sources: list[dict]
     fingerprint: str
+    attribute_fields: list[str] = field(default_factory=list)
 
 
 def plan_pack(opts: PackOptions) -> Plan:
@@ -250,12 +257,17 @@ def plan_pack(opts: PackOptions) -> Plan:
         for j, it in enumerate(items):
             (holdout if j in chosen else train).append((it, class_ids[key]))
     order = np.random.default_rng([opts.seed, 1]).permutation(len(train))
-    tasks = [Task(train[j][0], train[j][1], pos, "train") for pos, j in enumerate(order.tolist())]
-    tasks = [Task(it, cid, len(train) + j, "holdout") for j, (it, cid) in enumerate(holdout)] + tasks
+    attr_names, attrs_of = load_attributes(opts.attributes, listings) if opts.attributes else ([], None)
+
+    def attrs(it: Item) -> tuple:
+        return attrs_of(it) if attrs_of else ()
+
+    tasks = [Task(train[j][0], train[j][1], pos, "train", attrs(train[j][0])) for pos, j in enumerate(order.tolist())]
+    tasks = [Task(it, cid, len(train) + j, "holdout", attrs(it)) for j, (it, cid) in enumerate(holdout)] + tasks
 
     fp = hashlib.sha256(json.dumps(opts.fingerprint_fields(), sort_keys=True).encode())
     for t in tasks:
-        fp.update(f"{t.item.display}\t{t.item.size}\t{t.class_id}\t{t.rec_id}\t{t.stream}\n".encode())
+        fp.update(f"{t.item.display}\t{t.item.size}\t{t.class_id}\t{t.rec_id}\t{t.stream}\t{t.attributes}\n".encode())
     return Plan(
         tasks=tasks, class_names=class_names, num_classes=num_classes, num_train=len(train),
         num_holdout=len(holdout),
@@ -264,7 +276,52 @@ def plan_pack(opts: PackOptions) -> Plan:
         sources=[{"path": os.path.abspath(lst.root), "kind": lst.kind, "candidates": len(lst.items)}
                  for lst in listings],
         fingerprint=fp.hexdigest(),
+        attribute_fields=attr_names,
     )
+
+
+def load_attributes(path: str, listings) -> tuple[list[str], "callable"]:
+    """Per-image binary attributes (AAFace's soft biometrics) from `path<TAB>name...` lines with a header.
+
+    Paths are matched as given (absolute), relative to the attribute file, or relative to a source root.
+    Unknown values (empty, -1, nan) are stored as -1; images missing from the file get -1 everywhere.
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    if not lines or not lines[0].startswith("path\t"):
+        raise PackError(f"{path}: the first line must be a header 'path<TAB>attribute...'")
+    names = lines[0].split("\t")[1:]
+    reserved = {"identity", "identity_hi", "identity_lo", "masked"}
+    if not names or set(names) & reserved or len(set(names)) != len(names):
+        raise PackError(f"{path}: attribute names must be unique and not one of {sorted(reserved)}")
+    base = Path(path).parent
+    table: dict[str, tuple] = {}
+    for lineno, line in enumerate(lines[1:], 2):
+        cols = line.split("\t")
+        if len(cols) != len(names) + 1:
+            raise PackError(f"{path}:{lineno}: expected {len(names) + 1} columns")
+        values = []
+        for v in cols[1:]:
+            v = v.strip().lower()
+            if v in ("", "-1", "nan"):
+                values.append(-1.0)
+            elif v in ("0", "1"):
+                values.append(float(v))
+            else:
+                raise PackError(f"{path}:{lineno}: attribute values are 0, 1, or empty/-1 for unknown, not {v!r}")
+        table[cols[0]] = tuple(values)
+    roots = [Path(lst.root) for lst in listings]
+    unknown = tuple([-1.0] * len(names))
+
+    def lookup(item: Item) -> tuple:
+        p = Path(item.path)
+        candidates = [str(p), os.path.relpath(p, base)]
+        candidates += [os.path.relpath(p, r) for r in roots if r.is_dir()]
+        for c in candidates:
+            if c in table:
+                return table[c]
+        return unknown
+
+    return names, lookup
 
 
 # ---------------------------------------------------------------------------------------------- the pack
@@ -446,7 +503,7 @@ def _finalise(opts: PackOptions, plan: Plan, journal: dict, counters: Counter) -
         "image_size": list(opts.size),
         "num_images": written_train,
         "num_classes": plan.num_classes,
-        "label_fields": identity_label_fields(plan.num_classes),
+        "label_fields": identity_label_fields(plan.num_classes) + plan.attribute_fields,
         "shards": train_shards,
         "next_id": plan.num_train + plan.num_holdout,
         "classes_file": CLASSES,

@@ -242,3 +242,32 @@ def test_interrupted_pack_resumes_to_identical_result(glint24, tmp_path):
     proc = run_cli("pipeline", "pack", *args, "--seed", "3", "--out", str(out), check=False)
     assert proc.returncode == 1 and "--overwrite" in proc.stderr
     run_cli("pipeline", "pack", *args, "--seed", "3", "--out", str(out), "--overwrite")
+
+
+def test_attribute_file_extends_the_label_vector(glint24, tmp_path):
+    people = ["Barack Obama", "Halle Berry"]
+    files = [p for name in people for p in sorted((glint24 / name).glob("*.png"))]
+    rows = ["path\tmale\teyeglasses"]
+    for p in files:
+        male = "1" if p.parent.name == "Barack Obama" else "0"
+        rows.append(f"{p.parent.name}/{p.name}\t{male}\t{'' if p.name.startswith('1') else '0'}")
+    (tmp_path / "attrs.tsv").write_text("\n".join(rows) + "\n")
+    src = tmp_path / "src"
+    for name in people:
+        shutil.copytree(glint24 / name, src / name)
+    out = tmp_path / "d"
+    run_cli("pipeline", "pack", str(src), "--out", str(out), "--attributes", str(tmp_path / "attrs.tsv"),
+            "--no-progress")
+    m = load_manifest(out)
+    assert m["label_fields"] == ["identity", "male", "eyeglasses"]
+    ds = PackedDataset(out, raw=True, return_label_vector=True)
+    names = (out / "classes.tsv").read_text().splitlines()
+    obama = [line.split("\t")[0] for line in names if line.endswith("Barack Obama")][0]
+    for i in range(len(ds)):
+        _, identity, vec = ds[i]
+        assert vec[1] == (1.0 if identity == int(obama) else 0.0) and vec[2] in (-1.0, 0.0)
+    assert any(ds[i][2][2] == -1.0 for i in range(len(ds)))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("path\tmasked\nx\t1\n")
+    proc = run_cli("pipeline", "pack", str(src), "--out", str(tmp_path / "e"), "--attributes", str(bad), check=False)
+    assert proc.returncode == 1 and "not one of" in proc.stderr
