@@ -12,7 +12,8 @@ Every configuration runs in fresh processes (one per rank, gloo on the CPU, NCCL
 peak memory is its own: on CUDA torch.cuda.max_memory_allocated, on the CPU the growth of the resident
 set size (peak RSS minus the RSS before the layer was built), the max over ranks.
 
-    python bench/partial_fc.py --classes 100000 1000000 --world 1 2 --insightface /tmp/scratch/insightface/recognition/arcface_torch
+    python bench/partial_fc.py --classes 1e5 1e6 --world 1 2 \
+        --insightface /tmp/scratch/insightface/recognition/arcface_torch
 """
 from __future__ import annotations
 
@@ -47,19 +48,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classes", type=float, nargs="+", default=[1e5, 1e6],
                    help="numbers of classes (1e5 .. 1e7 where memory allows)")
-    p.add_argument("--modes", nargs="+", default=["full", "pfc1.0", "pfc0.3", "pfc0.1", "if1.0", "if0.3", "if0.1"])
+    p.add_argument("--modes", nargs="+",
+                   default=["full", "pfc1.0", "pfc0.3", "pfc0.1", "if1.0", "if0.3", "if0.1"])
     p.add_argument("--world", type=int, nargs="+", default=[1, 2], help="ranks per configuration")
     p.add_argument("--batch", type=int, default=64, help="samples per rank")
     p.add_argument("--dim", type=int, default=512, help="embedding size")
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                    help="autocast for the logits matmul (the softmax stays fp32)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per rank (0: cores / world size)")
     p.add_argument("--insightface", type=Path, default=None,
                    help="folder holding insightface's partial_fc_v2.py and losses.py")
+    p.add_argument("--pair-modes", nargs="*", default=None,
+                   help="pfc modes to time interleaved with insightface's (default: every pfc mode); "
+                        "a pair holds both layers in memory at once")
     p.add_argument("--json", type=Path, default=None, help="write every result here as JSON")
     return p.parse_args(argv)
 
@@ -126,7 +132,9 @@ def build_layer(mode: str, num_classes: int, args):
     return layer, torch.optim.SGD(layer.parameters(), **SGD)
 
 
-def worker(rank: int, world: int, port: int, mode: str, num_classes: int, args, out: str) -> None:
+def worker(rank: int, world: int, port: int, modes: list, num_classes: int, args, out: str) -> None:
+    """Builds the layer of every mode in `modes` and steps them in turn (interleaved, so that a load
+    change on the machine hits them alike); peak memory is meaningful for a single mode only."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
@@ -146,52 +154,60 @@ def worker(rank: int, world: int, port: int, mode: str, num_classes: int, args, 
             torch.cuda.reset_peak_memory_stats()
         else:
             base = rss_bytes()
-        layer, opt = build_layer(mode, num_classes, args)
-        layer.to(device).train()
-        autocast = (torch.autocast(device.type, dtype=amp) if amp is not None
-                    else contextlib.nullcontext())
-        times = []
-        for i, (emb, labels) in enumerate(batches):
-            emb = emb.to(device).requires_grad_(True)
-            labels = labels.to(device)
-            dist.barrier()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with autocast:
-                loss = layer(emb, labels)
-            loss.backward()
-            if mode == "full" and world > 1:
-                dist.all_reduce(layer.weight.grad)  # data-parallel replicas keep the weight in sync
-                layer.weight.grad.div_(world)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{mode}: loss became {loss.item()}")
+        layers = {}
+        for mode in modes:
+            layer, opt = build_layer(mode, num_classes, args)
+            layers[mode] = (layer.to(device).train(), opt)
+        times = {mode: [] for mode in modes}
+        for i, (emb_cpu, labels_cpu) in enumerate(batches):
+            for mode, (layer, opt) in layers.items():
+                emb = emb_cpu.to(device).requires_grad_(True)
+                labels = labels_cpu.to(device)
+                autocast = (torch.autocast(device.type, dtype=amp) if amp is not None
+                            else contextlib.nullcontext())
+                dist.barrier()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with autocast:
+                    loss = layer(emb, labels)
+                loss.backward()
+                if mode == "full" and world > 1:
+                    dist.all_reduce(layer.weight.grad)  # data-parallel replicas keep the weight in sync
+                    layer.weight.grad.div_(world)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(elapsed, dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+                if i >= args.warmup:
+                    times[mode].append(elapsed.item())
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"{mode}: loss became {loss.item()}")
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() - base
         else:
             peak = peak_rss_bytes() - base
-    stats = torch.tensor([sum(times) / len(times), float(peak)], dtype=torch.float64)
-    gathered = [torch.zeros_like(stats) for _ in range(world)]
-    dist.all_gather(gathered, stats)
+    peak_t = torch.tensor([float(peak)], dtype=torch.float64)
+    dist.all_reduce(peak_t, dist.ReduceOp.MAX)
     if rank == 0:
-        step = max(g[0].item() for g in gathered)
-        mem = max(g[1].item() for g in gathered)
-        Path(out).write_text(json.dumps({"step_s": step, "peak_bytes": mem, "loss": loss.item()}))
+        Path(out).write_text(json.dumps({"times": times, "peak_bytes": peak_t.item()}))
     dist.destroy_process_group()
 
 
-def run_config(mode: str, num_classes: int, world: int, args) -> dict:
+def run_config(modes: list, num_classes: int, world: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(worker, args=(world, free_port(), mode, num_classes, args, out), nprocs=world,
+        mp.start_processes(worker, args=(world, free_port(), modes, num_classes, args, out), nprocs=world,
                            join=True, start_method="forkserver")
         return json.loads(Path(out).read_text())
+
+
+def median(xs: list) -> float:
+    xs = sorted(xs)
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
 
 
 def main(argv=None) -> int:
@@ -204,34 +220,47 @@ def main(argv=None) -> int:
         print(f"error: {max(args.world)} ranks need as many GPUs", file=sys.stderr)
         return 2
     mp.set_forkserver_preload(["torch", "torch._dynamo"])
-    configs = [(w, int(c), m) for w in args.world for c in args.classes for m in modes]
-    results = []
-    for world, classes, mode in tqdm(configs, desc="partial_fc bench", unit="config"):
+    # Alone: each mode's peak memory and step time. Paired: ours and insightface's at the same rate
+    # stepped in turn in one process group, for a step-time ratio that machine load cannot skew.
+    runs = [(w, int(c), (m,)) for w in args.world for c in args.classes for m in modes]
+    if args.insightface:
+        pair_modes = args.pair_modes if args.pair_modes is not None else modes
+        runs += [(w, int(c), (m, "if" + m[3:])) for w in args.world for c in args.classes for m in modes
+                 if m.startswith("pfc") and "if" + m[3:] in modes and m in pair_modes]
+    results = {}
+    for world, classes, group in tqdm(runs, desc="partial_fc bench", unit="run"):
         try:
-            r = run_config(mode, classes, world, args)
+            r = run_config(list(group), classes, world, args)
         except Exception as exc:  # e.g. out of memory at 1e7 classes: record it, keep going
             r = {"error": str(exc).strip().splitlines()[-1][:200]}
-        results.append({"world": world, "classes": classes, "mode": mode, **r})
-        tqdm.write(json.dumps(results[-1]))
+        results[(world, classes, group)] = r
+        tqdm.write(json.dumps({"world": world, "classes": classes, "modes": group, **r}))
     print(f"\ndevice {args.device}, batch {args.batch}/rank, dim {args.dim}, amp {args.amp}, "
-          f"{args.steps} timed steps; step ms and peak MiB per rank")
-    print("| world | classes | mode | step ms | peak MiB | step vs if | mem vs if |")
+          f"{args.steps} timed steps (median); peak = max over ranks")
+    print("| world | classes | mode | step ms | peak MiB "
+          "| step / insightface's (interleaved) | peak / insightface's |")
     print("|---|---|---|---|---|---|---|")
-    by_key = {(r["world"], r["classes"], r["mode"]): r for r in results}
-    for r in results:
-        if "error" in r:
-            print(f"| {r['world']} | {r['classes']:.0e} | {r['mode']} | failed: {r['error']} | | | |")
+    for (world, classes, group), r in results.items():
+        if len(group) != 1:
             continue
-        ref = by_key.get((r["world"], r["classes"], "if" + r["mode"][3:])) if r["mode"].startswith("pfc") else None
+        mode = group[0]
+        if "error" in r:
+            print(f"| {world} | {classes:.0e} | {mode} | failed: {r['error']} | | | |")
+            continue
         ratio_t = ratio_m = ""
-        if ref and "error" not in ref:
-            ratio_t = f"{r['step_s'] / ref['step_s']:.2f}"
-            ratio_m = f"{r['peak_bytes'] / max(ref['peak_bytes'], 1):.2f}"
-        print(f"| {r['world']} | {r['classes']:.0e} | {r['mode']} | {1e3 * r['step_s']:.1f} | "
+        pair = results.get((world, classes, (mode, "if" + mode[3:]))) if mode.startswith("pfc") else None
+        if pair and "error" not in pair:
+            ours, theirs = pair["times"][mode], pair["times"]["if" + mode[3:]]
+            ratio_t = f"{median([a / b for a, b in zip(ours, theirs)]):.2f}"
+        alone = results.get((world, classes, ("if" + mode[3:],))) if mode.startswith("pfc") else None
+        if alone and "error" not in alone:
+            ratio_m = f"{r['peak_bytes'] / max(alone['peak_bytes'], 1):.2f}"
+        print(f"| {world} | {classes:.0e} | {mode} | {1e3 * median(r['times'][mode]):.0f} | "
               f"{r['peak_bytes'] / 2**20:.0f} | {ratio_t} | {ratio_m} |")
     if args.json:
+        rows = [{"world": w, "classes": c, "modes": g, **r} for (w, c, g), r in results.items()]
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": results}, indent=1))
+                                         "results": rows}, indent=1))
     return 0
 
 

@@ -38,6 +38,34 @@ MOUTH_RIGHT, MOUTH_LEFT = 61, 291  # the subject's right corner is on the image'
 _FIVE_POINT_BIAS = np.array([[0.008, -0.004], [0.020, -0.001], [0.014, -0.016], [0.015, 0.086], [0.007, 0.091]])
 
 
+# Where FaceMesh's own tracking would put its region of interest on an ArcFace-aligned crop (the box of
+# its landmarks, 1.5 times as large, squared): mean centre and side as shares of the crop, measured on
+# the glint24 crops (centre x 0.501 +- 0.080, y 0.609 +- 0.015, side 1.219 +- 0.044). Landmarks read in
+# this fixed region differ from FaceMesh's detector-driven ones by 1.05 px on average (112 px crops).
+ARCFACE_ROI = (0.501, 0.609, 1.219)
+
+_ROI_GRAPH = """
+input_stream: "image"
+input_stream: "roi"
+output_stream: "face_landmarks"
+node {
+  calculator: "FaceLandmarkCpu"
+  input_stream: "IMAGE:image"
+  input_stream: "ROI:roi"
+  input_side_packet: "WITH_ATTENTION:with_attention"
+  output_stream: "LANDMARKS:face_landmarks"
+}
+"""
+
+
+def landmarks_roi(points: np.ndarray, width: int, height: int) -> tuple[float, float, float]:
+    """The region FaceMesh's tracking derives from landmarks: their box, 1.5 times as large, squared;
+    as (centre x, centre y, side) shares of the image's larger side."""
+    lo, hi = points[:, :2].min(0) + 0.5, points[:, :2].max(0) + 0.5
+    side = 1.5 * float((hi - lo).max()) / max(width, height)
+    return float((lo[0] + hi[0]) / 2 / width), float((lo[1] + hi[1]) / 2 / height), side
+
+
 def five_points(mesh: np.ndarray) -> np.ndarray:
     """The ArcFace 5 points `[5, 2]` (eye centres, nose tip, mouth corners) from FaceMesh points `[468, >=2]`."""
     pts = np.stack([
@@ -112,10 +140,38 @@ class FaceMeshDetector:
         self._mesh = mp.solutions.face_mesh.FaceMesh(
             static_image_mode=True, max_num_faces=1, refine_landmarks=False,
             min_detection_confidence=min_confidence)
+        self._roi_graph = None
         self.pads = tuple(pads)
 
     def close(self) -> None:
         self._mesh.close()
+        if self._roi_graph is not None:
+            self._roi_graph.close()
+
+    def process_roi(self, rgb: np.ndarray, roi: tuple[float, float, float] = ARCFACE_ROI) -> Optional[np.ndarray]:
+        """FaceMesh's landmark model alone, in a known square region (centre x, y and side as shares of
+        the image width/height): no face detector, so about half the cost. None when the model's
+        face-presence score says there is no face there."""
+        rgb = as_rgb(rgb)
+        if self._roi_graph is None:
+            from google.protobuf import text_format
+            from mediapipe.framework import calculator_pb2
+            from mediapipe.python.solution_base import SolutionBase
+
+            config = text_format.Parse(_ROI_GRAPH, calculator_pb2.CalculatorGraphConfig())
+            self._roi_graph = SolutionBase(graph_config=config, side_inputs={"with_attention": False},
+                                           outputs=["face_landmarks"])
+        from mediapipe.framework.formats import rect_pb2
+
+        h, w = rgb.shape[:2]
+        cx, cy, side = roi
+        rect = rect_pb2.NormalizedRect(x_center=cx, y_center=cy, width=side * max(h, w) / w,
+                                       height=side * max(h, w) / h, rotation=0.0)
+        result = self._roi_graph.process({"image": rgb, "roi": rect})
+        if result.face_landmarks is None:
+            return None
+        pts = np.array([(p.x, p.y, p.z) for p in result.face_landmarks.landmark], dtype=np.float64)
+        return pts * (w, h, w) - (0.5, 0.5, 0.0)
 
     def __enter__(self) -> "FaceMeshDetector":
         return self

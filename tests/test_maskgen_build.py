@@ -1,0 +1,226 @@
+"""`maskgen build` on real packed data: the contract of DESIGN.md section 1 (masked shards, label vector,
+ids and id2, manifest), stratified seeded choice, re-runs that replace, interruptions that leave the
+dataset as it was, and the preview and folder commands."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from maskgen import build as build_mod
+from maskgen.build import LABEL_FIELDS, BuildOptions, Source, build, choose
+from maskgen.shapes import MASK_TYPES
+from pipeline.dataset import PackedDataset
+from pipeline.manifest import load_manifest
+from pipeline.recordio import IndexedRecordIO, unpack_record
+from pipeline.verify import verify
+
+from ._maskgen_helpers import small_image_folder
+from .conftest import run_cli
+
+IDENTITIES, PER_IDENTITY = 4, 6
+
+
+@pytest.fixture(scope="module")
+def small_packed(glint24, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("maskgen")
+    faces = small_image_folder(glint24, root, IDENTITIES, PER_IDENTITY)
+    out = root / "data"
+    run_cli("pipeline", "pack", str(faces), "--out", str(out), "--workers", "1", "--no-progress")
+    return out
+
+
+@pytest.fixture
+def data(small_packed, tmp_path) -> Path:
+    dst = tmp_path / "data"
+    shutil.copytree(small_packed, dst)
+    return dst
+
+
+def _records(data: Path, kind: str) -> list:
+    m = load_manifest(data)
+    out = []
+    for s in m["shards"]:
+        if s.get("kind", "train") != kind:
+            continue
+        with IndexedRecordIO(data / s["idx"], data / s["rec"], "r") as r:
+            for key in r.keys:
+                header, img = unpack_record(r.read_idx(key))
+                out.append((key, header, img))
+    return out
+
+
+def _files(data: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(data.iterdir()) if p.is_file()}
+
+
+def test_choose_is_stratified_seeded_and_order_free():
+    sources = [Source(0, i, i, i % 5 if i < 90 else 5, (float(i % 5),)) for i in range(100)]
+    picked = choose(sources, 0.1, seed=1)
+    assert len(picked) == 10
+    per = Counter(s.identity for s in picked)
+    assert all(per[k] in (1, 2) for k in range(5))  # 18 each: 1.8 -> 1 or 2
+    assert per[5] <= 1  # 10 images: 1.0
+    assert [s.id for s in choose(list(reversed(sources)), 0.1, seed=1)] == [s.id for s in picked]
+    assert {s.id for s in choose(sources, 0.1, seed=2)} != {s.id for s in picked}
+    assert len(choose(sources, 1.0, seed=0)) == 100
+    with pytest.raises(build_mod.BuildError):
+        choose(sources, 0.0, seed=0)
+
+
+@pytest.mark.slow
+def test_build_adds_masked_shards_by_the_contract(data):
+    before = load_manifest(data)
+    train = _records(data, "train")
+    proc = run_cli("maskgen", "build", "--data", str(data), "--ratio", "0.25", "--seed", "3", "--workers", "1",
+                   "--no-progress")
+    assert "masked 6 of 24 images" in proc.stdout
+    verify(data, decode=True, progress=False)
+    m = load_manifest(data)
+    fields = m["label_fields"]
+    assert fields[:len(before["label_fields"])] == before["label_fields"]
+    assert all(f in fields for f in LABEL_FIELDS)
+    masked = _records(data, "masked")
+    assert len(masked) == 6 == m["maskgen"]["count"]
+    assert m["num_images"] == len(train) + 6
+    by_id = {h.id: (h, img) for _, h, img in train}
+    per_identity = Counter()
+    ids = set()
+    for key, header, img in masked:
+        values = dict(zip(fields, header.label))
+        src_header, src_img = by_id[header.id2]  # id2 is the source's id
+        assert values["identity"] == float(src_header.label) and key == header.id
+        assert values["masked"] == 1 and 1 <= values["mask_type"] <= len(MASK_TYPES)
+        assert values["mask_mode"] in (1, 2) and values["mask_fallback"] in (0, 1)
+        assert header.id >= before["next_id"] and header.id not in ids
+        ids.add(header.id)
+        per_identity[int(values["identity"])] += 1
+        a = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR)
+        b = cv2.imdecode(np.frombuffer(src_img, np.uint8), cv2.IMREAD_COLOR)
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() > 3  # really masked
+        assert np.abs(a[:40].astype(int) - b[:40]).mean() < 3  # eyes and above untouched
+    assert sorted(per_identity.values()) == [1, 1, 2, 2]  # 6 images each: 1.5 per identity
+    assert m["next_id"] == max(ids) + 1
+    side = [json.loads(line) for line in (data / m["maskgen"]["sidecar"]).read_text().splitlines()]
+    assert [r["id"] for r in side] == [k for k, _, _ in masked]
+    assert {r["mask_type"] for r in side} <= set(MASK_TYPES)
+    assert all({"mode", "fallback", "colour", "nose_covered", "quality"} <= r.keys() for r in side)
+    # Readers see masked and unmasked records, the unmasked padded with zeros.
+    ds = PackedDataset(data, return_label_vector=True, raw=True)
+    assert len(ds) == len(train) + 6
+    flags = [float(ds[i][2][fields.index("masked")]) for i in range(len(ds))]
+    assert sum(flags) == 6 and set(flags) == {0.0, 1.0}
+
+
+@pytest.mark.slow
+def test_rerun_replaces_and_same_seed_gives_same_bytes(data):
+    build(BuildOptions(data, ratio=0.25, seed=5, workers=1, progress=False))
+    first = _files(data)
+    build(BuildOptions(data, ratio=0.25, seed=5, workers=1, progress=False))
+    assert _files(data) == first  # replaced, not duplicated, and byte-identical
+    build(BuildOptions(data, ratio=0.5, seed=6, mode="3d", types=("n95", "cloth"), workers=1, progress=False))
+    m = load_manifest(data)
+    assert m["maskgen"]["count"] == 12 and m["num_images"] == 36
+    assert set(m["maskgen"]["by_type"]) == set(MASK_TYPES) and m["maskgen"]["by_type"]["surgical"] == 0
+    assert m["maskgen"]["by_mode"]["2d"] == 0
+    assert sorted(p.name for p in data.iterdir() if "mask" in p.name) == \
+        ["masked-00000.idx", "masked-00000.rec", "maskgen-meta.jsonl"]
+    verify(data, progress=False)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_bytes(data, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    run_cli("maskgen", "build", "--data", str(data), "--ratio", "0.25", "--workers", "1", "--no-progress")
+    run_cli("maskgen", "build", "--data", str(other), "--ratio", "0.25", "--workers", "2", "--no-progress")
+    assert _files(data) == _files(other)
+
+
+def test_interrupted_build_leaves_the_dataset_as_it_was(data, monkeypatch):
+    before = _files(data)
+    real_run = build_mod._run
+
+    def interrupted(opts, tasks):
+        for i, item in enumerate(real_run(opts, tasks)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(build_mod, "_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(BuildOptions(data, ratio=0.25, workers=1, progress=False))
+    assert _files(data) == before
+
+
+@pytest.mark.slow
+def test_interrupted_commit_is_consistent_and_recovers(data, monkeypatch):
+    build(BuildOptions(data, ratio=0.25, workers=1, progress=False))
+
+    def broken_link(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(build_mod, "_link", broken_link)
+    with pytest.raises(OSError):
+        build(BuildOptions(data, ratio=0.5, seed=9, workers=1, progress=False))
+    # The manifest already names the new shards (under their temporary names): complete and valid.
+    verify(data, progress=False)
+    assert load_manifest(data)["maskgen"]["count"] == 12
+    monkeypatch.undo()
+    build(BuildOptions(data, ratio=0.5, seed=9, workers=1, progress=False))
+    verify(data, progress=False)
+    assert not [p for p in data.iterdir() if p.name.startswith(build_mod.TMP_PREFIX)]
+
+
+@pytest.mark.slow
+def test_preview_and_errors(data, tmp_path):
+    proc = run_cli("maskgen", "preview", "--data", str(data), "-n", "4", "--out", str(tmp_path / "s.png"), check=False)
+    assert proc.returncode == 1 and "maskgen build" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    build(BuildOptions(data, ratio=0.25, workers=1, progress=False))
+    run_cli("maskgen", "preview", "--data", str(data), "-n", "4", "--cols", "2", "--out", str(tmp_path / "s.png"))
+    sheet = cv2.imread(str(tmp_path / "s.png"))
+    assert sheet.shape[1] == 2 * (2 * 112 + 4) and sheet.shape[0] >= 2 * 112
+    proc = run_cli("maskgen", "build", "--data", str(tmp_path), "--workers", "1", check=False)
+    assert proc.returncode == 1 and "manifest.json" in proc.stderr
+    proc = run_cli("maskgen", "build", "--data", str(data), "--ratio", "1.5", check=False)
+    assert proc.returncode == 2
+
+
+@pytest.mark.slow
+def test_grey_dataset_gets_grey_masks(shared_data, tmp_path):
+    """ORL: grey, not aligned to the template (so --crops any); masks must come out grey too."""
+    faces = tmp_path / "orl"
+    for k, person in enumerate(("s1", "s2")):
+        (faces / person).mkdir(parents=True)
+        for f in sorted((shared_data / "orl" / person).glob("*.pgm"))[:4]:
+            shutil.copy(f, faces / person / f.name)
+    out = tmp_path / "data"
+    run_cli("pipeline", "pack", str(faces), "--out", str(out), "--workers", "1", "--no-progress")
+    run_cli("maskgen", "build", "--data", str(out), "--ratio", "0.5", "--crops", "any", "--workers", "1",
+            "--no-progress")
+    masked = _records(out, "masked")
+    assert len(masked) == 4
+    for _, header, img in masked:
+        rgb = cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_COLOR)
+        spread = rgb.max(-1).astype(int) - rgb.min(-1)
+        assert np.percentile(spread, 99) <= 3
+    verify(out, progress=False)
+
+
+@pytest.mark.slow
+def test_folder_command(glint24, tmp_path):
+    src = small_image_folder(glint24, tmp_path, identities=2, per_identity=2)
+    out = tmp_path / "masked"
+    proc = run_cli("maskgen", "folder", str(src), "--out", str(out), "--workers", "1", "--mode", "2d",
+                   "--no-progress")
+    assert "masked 4 of 4 images" in proc.stdout
+    written = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    assert written == sorted(p.relative_to(src) for p in src.rglob("*.png"))
+    meta = [json.loads(line) for line in (out / "maskgen-meta.jsonl").read_text().splitlines()]
+    assert len(meta) == 4 and all(r["mode"] in ("2d", "3d") for r in meta)

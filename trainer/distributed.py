@@ -1,0 +1,188 @@
+"""Small torch.distributed helpers shared by the trainer, Partial FC and the heads.
+
+Every helper also works without a process group (one process, world size 1), so the same code runs in
+`python trainer/main.py` and under `torchrun`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.10 renamed the single-tensor collectives; keep older releases working.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard_range(total: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """`(start, count)` of the contiguous block of `total` items that `rank` owns.
+
+    The first `total % world_size` ranks own one item more. A rank may own nothing when
+    `total < world_size`.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of size {world_size}")
+    if total < 0:
+        raise ValueError(f"cannot shard a negative count ({total})")
+    base, extra = divmod(total, world_size)
+    return base * rank + min(rank, extra), base + int(rank < extra)
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (`op` is "sum", "max", "min" or "mean"); a no-op on one process."""
+    if not is_distributed():
+        return tensor
+    if op == "mean":
+        dist.all_reduce(tensor, dist.ReduceOp.SUM)
+        return tensor.div_(get_world_size())
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"unknown reduce op {op!r}")
+    dist.all_reduce(tensor, ops[op])
+    return tensor
+
+
+def _supports_reduce_scatter() -> bool:
+    # Gloo gained reduce_scatter late; older builds raise. NCCL always has it.
+    return dist.get_backend() != "gloo" or hasattr(dist, "reduce_scatter_single")
+
+
+def _gather_sizes(n: int, device: torch.device) -> list[int]:
+    sizes = torch.zeros(get_world_size(), dtype=torch.int64, device=device)
+    sizes[get_rank()] = n
+    dist.all_reduce(sizes)
+    return sizes.tolist()
+
+
+def all_gather_no_grad(tensor: torch.Tensor, sizes: Optional[list[int]] = None) -> torch.Tensor:
+    """Concatenation over ranks (rank order) of each rank's `tensor` along dim 0.
+
+    Ranks may hold different numbers of rows; pass `sizes` (rows per rank) when known to save one
+    collective.
+    """
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()
+    if sizes is None:
+        sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    world, rows = get_world_size(), max(sizes)
+    padded = tensor
+    if tensor.shape[0] < rows:
+        padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+    out = tensor.new_empty((world * rows,) + tuple(tensor.shape[1:]))
+    _all_gather_single(out, padded)
+    if all(s == rows for s in sizes):
+        return out
+    return torch.cat([out[r * rows: r * rows + s] for r, s in enumerate(sizes)])
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward hands every rank the sum over ranks of the gradients of its rows.
+
+    Each rank differentiates its own share of a loss that depends on the gathered tensor, so the
+    gradient of rank r's rows is split over all ranks; a reduce-scatter adds those pieces up and gives
+    each rank its own rows.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int], grad_scale: float) -> torch.Tensor:
+        ctx.sizes, ctx.grad_scale = sizes, grad_scale
+        return all_gather_no_grad(tensor, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes, rank = ctx.sizes, get_rank()
+        rows = max(sizes)
+        grad = grad.contiguous()
+        if all(s == rows for s in sizes):
+            padded = grad
+        else:
+            padded = grad.new_zeros((len(sizes) * rows,) + tuple(grad.shape[1:]))
+            offset = 0
+            for r, s in enumerate(sizes):
+                padded[r * rows: r * rows + s] = grad[offset: offset + s]
+                offset += s
+        if _supports_reduce_scatter():
+            mine = grad.new_empty((rows,) + tuple(grad.shape[1:]))
+            _reduce_scatter_single(mine, padded)
+        else:
+            dist.all_reduce(padded)
+            mine = padded[rank * rows: (rank + 1) * rows]
+        mine = mine[: sizes[rank]]
+        if ctx.grad_scale != 1.0:
+            mine = mine * ctx.grad_scale
+        return mine, None, None
+
+
+def all_gather_with_grad(
+    tensor: torch.Tensor, grad_scale: float = 1.0, sizes: Optional[list[int]] = None
+) -> torch.Tensor:
+    """Differentiable all-gather along dim 0 (ranks may hold different numbers of rows).
+
+    The backward returns to each rank the gradient of its own rows summed over all ranks, times
+    `grad_scale`. With `grad_scale=1` that is the true gradient of a loss computed identically on every
+    rank from disjoint shares; a backbone wrapped in DistributedDataParallel, which averages gradients
+    over ranks, needs `grad_scale=world_size` to receive the gradient of the global loss.
+    """
+    if not is_distributed():
+        return tensor if grad_scale == 1.0 else _ScaleGrad.apply(tensor, grad_scale)
+    if sizes is None:
+        sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    return _AllGatherWithGrad.apply(tensor, sizes, grad_scale)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+def gather_to(tensor: torch.Tensor, dst: int = 0) -> Optional[torch.Tensor]:
+    """Concatenation (rank order, dim 0) of every rank's `tensor` on rank `dst`; None on other ranks.
+
+    Unlike an all-gather only `dst` ever holds the whole, which matters when the whole is a
+    multi-gigabyte classifier. Ranks may hold different numbers of rows.
+    """
+    if not is_distributed():
+        return tensor.clone()  # a snapshot, as on several ranks: the caller may keep training
+    tensor = tensor.contiguous()
+    sizes = _gather_sizes(tensor.shape[0], tensor.device)
+    rows = max(sizes)
+    padded = tensor
+    if tensor.shape[0] < rows:
+        padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+    if get_rank() == dst:
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.gather(padded, parts, dst=dst)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    dist.gather(padded, None, dst=dst)
+    return None

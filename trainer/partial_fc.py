@@ -1,0 +1,645 @@
+"""Partial FC: the class-centre matrix split by rows over the ranks (An et al., 2022).
+
+Rank r owns the contiguous class range `shard_range(num_classes, r, world)`; its `weight` Parameter is
+that shard, `[num_local, embedding_size]`. One step:
+
+1. every rank's embeddings (with gradient) and labels are all-gathered, so each rank sees the whole
+   global batch;
+2. each rank computes the cosines of the whole batch against its own class centres (optionally a
+   sample of them) and applies the margin loss to its block of logits;
+3. a softmax cross-entropy over all classes is computed without ever materialising the full logit
+   matrix: the row max and the row sum of exp are all-reduced, in fp32.
+
+The loss is the mean over the gathered batch, the same scalar on every rank. Backward gives each rank
+the exact gradient of that loss for its weight shard, and the gradient for its own embeddings summed
+over all ranks (see `trainer.distributed.all_gather_with_grad`).
+
+Sampling (`sample_rate < 1`): every class present in the gathered batch is kept and
+`int(sample_rate * num_local)` rows in all are drawn per step per rank (seeded). The sampled rows are
+taken from the full `weight` with `F.embedding(..., sparse=True)`, so the weight's gradient is a sparse
+tensor holding the sampled rows only. What "correct" means for the optimizer here: a row behaves as if
+it were its own parameter that is stepped only on the steps where it was sampled. An unsampled row's
+weight, momentum / Adam moments and step count are untouched (no momentum drift, no weight decay);
+row i's state always stays row i's, because the state tensors have the weight's shape and are indexed
+by the same row numbers. `RowSparseSGD` and `RowSparseAdamW` below implement that rule (torch's SGD
+would keep applying a decaying momentum to rows that were not sampled, and AdamW refuses sparse
+gradients). With a dense gradient (`sample_rate=1`) they step every row and equal torch's SGD / AdamW.
+
+Why this rule rather than insightface's PartialFC_V2 one (index the full weight, so unsampled rows get a
+zero gradient, then a dense SGD step): there, an unsampled row keeps moving along its old momentum
+and shrinks by weight decay on every step, updates computed from no data about that row, whose size
+depends on how often the row happens to be drawn. Here a row's trajectory depends only on the
+gradients it received, in order; the sampled step is exactly a step of the smaller classifier made of
+the sampled rows, which is the premise of Partial FC. It also never builds a dense [C, D] gradient,
+and the optimizer touches only the sampled rows (O(sampled rows), not O(C), per step).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_,
+    gather_to,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    shard_range,
+)
+from trainer.losses import at_least_fp32
+
+__all__ = [
+    "PartialFC",
+    "DistSoftmaxCrossEntropy",
+    "RowSparseSGD",
+    "RowSparseAdamW",
+    "slice_rows",
+    "assemble_full_state",
+]
+
+# Initial weights are drawn in fixed blocks of rows, each from its own seed, so the initial classifier
+# is the same whatever the world size (and each rank only draws the blocks it owns).
+_INIT_BLOCK_ROWS = 1 << 16
+
+
+class _DistSoftmaxCEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        if logits.shape[1] > 0:
+            row_max = logits.amax(dim=1)
+        else:  # this rank owns no class: neutral elements for the reductions below
+            row_max = logits.new_full((n,), -math.inf)
+        all_reduce_(row_max, "max")
+        probs = logits - row_max[:, None]
+        target = logits.new_zeros(n)
+        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
+        target[rows] = probs[rows, labels[rows]]
+        all_reduce_(target, "sum")  # each row's target logit lives on exactly one rank
+        probs.exp_()
+        denom = probs.sum(dim=1)
+        all_reduce_(denom, "sum")
+        probs.div_(denom[:, None])
+        ctx.save_for_backward(probs, rows, labels)
+        ctx.used = False
+        # log-sum-exp minus the target logit: stays finite where softmax(target) underflows.
+        return (denom.log() - target).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("Partial FC's cross-entropy reuses its softmax buffer: backward "
+                               "cannot run twice (retain_graph is not supported)")
+        ctx.used = True
+        probs, rows, labels = ctx.saved_tensors
+        # d(mean CE)/d logit = (softmax - onehot) / N, built in the saved buffer to spare a [N, C] copy.
+        grad = probs
+        grad[rows, labels[rows]] -= 1.0
+        grad.mul_(grad_loss / probs.shape[0])
+        return grad, None
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype an enclosing torch.autocast gives matmuls on `device_type`, None outside one."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+class _NormalizedLinear(torch.autograd.Function):
+    """cos = e @ normalize(w).T for unit rows e, computed as (e @ w.T) / ||w_j||.
+
+    Normalising the [C_local, D] weight would keep a normalised copy for backward and cost several
+    passes over it in each direction; dividing the logit columns instead keeps only the weight itself
+    and a [C_local] vector of inverse norms. Backward, with G = grad.T @ e and w_hat = w / ||w||:
+        grad_w = (G - w_hat * <w_hat, G>) / ||w||,   grad_e = grad @ w_hat.
+    """
+
+    @staticmethod
+    def forward(ctx, e: torch.Tensor, w: torch.Tensor, matmul_dtype: Optional[torch.dtype]) -> torch.Tensor:
+        inv_norm = w.norm(dim=1).clamp_min(1e-12).reciprocal()
+        cast = (lambda t: t) if matmul_dtype is None else (lambda t: t.to(matmul_dtype))
+        cos = at_least_fp32(F.linear(cast(e), cast(w))).mul_(inv_norm)
+        ctx.save_for_backward(e, w, inv_norm)
+        ctx.matmul_dtype = matmul_dtype
+        return cos
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        e, w, inv_norm = ctx.saved_tensors
+        dtype = ctx.matmul_dtype or w.dtype
+        grad_e = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # Scale whichever operand is smaller: the [N, C] gradient or the [C, D] weight.
+            if grad.shape[0] < w.shape[1]:
+                grad_e = (grad * inv_norm).to(dtype) @ w.to(dtype)
+            else:
+                grad_e = grad.to(dtype) @ (w * inv_norm[:, None]).to(dtype)
+            grad_e = grad_e.to(e.dtype)
+        if ctx.needs_input_grad[1]:
+            g = (grad.to(dtype).t() @ e.to(dtype)).to(w.dtype)  # [C, D]
+            radial = (w * g).sum(dim=1).mul_(inv_norm * inv_norm)  # <w_hat, G> / ||w||
+            grad_w = g.addcmul_(w, radial[:, None], value=-1.0).mul_(inv_norm[:, None])
+        return grad_e, grad_w, None
+
+
+class DistSoftmaxCrossEntropy(nn.Module):
+    """Mean softmax cross-entropy over classes sharded by columns across ranks.
+
+    `logits` [N, C_local] are this rank's columns for the whole (gathered) batch, `labels` [N] the
+    local column of each row's class or -1. Computed in fp32; returns the same scalar on every rank.
+    """
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _DistSoftmaxCEFunction.apply(at_least_fp32(logits), labels.reshape(-1).long())
+
+
+class PartialFC(nn.Module):
+    """Model-parallel classifier + margin softmax loss (DESIGN.md section 4).
+
+    Build it after `torch.distributed.init_process_group` (or without a process group: one rank).
+    `margin_loss` is a callable from `trainer.losses` / `trainer.heads`. If it has a true
+    `needs_norms` attribute it is called as `margin_loss(cos, labels, norms=norms)` with the L2 norms
+    of the gathered embeddings ([N], differentiable). It may return `logits` or `(logits, extra)`,
+    where `extra` is a scalar loss term computed identically on every rank from gathered quantities
+    (e.g. a feature-norm regulariser); it is added to the loss once (its gradient is divided by the
+    world size, because every rank back-propagates its own copy).
+
+    `embedding_grad_scale`: the backward gives each rank the gradient of the global mean loss for its
+    own embeddings times this factor. Keep 1.0 for the true gradient; a trainer whose backbone is
+    wrapped in DistributedDataParallel (which averages gradients over ranks) passes the world size,
+    so that the backbone receives the gradient of the global mean loss, as insightface does.
+    """
+
+    def __init__(
+        self,
+        margin_loss: Callable[..., Any],
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        *,
+        embedding_grad_scale: float = 1.0,
+        seed: int = 0,
+        init_std: float = 0.01,
+    ):
+        super().__init__()
+        if not callable(margin_loss):
+            raise TypeError(f"margin_loss must be callable, got {type(margin_loss).__name__}")
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"need embedding_size >= 1 and num_classes >= 1, got "
+                             f"{embedding_size} and {num_classes}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.margin_loss = margin_loss
+        self.embedding_size = int(embedding_size)
+        self.num_classes = int(num_classes)
+        self.sample_rate = float(sample_rate)
+        self.embedding_grad_scale = float(embedding_grad_scale)
+        self.seed = int(seed)
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.class_start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
+        self.weight = nn.Parameter(self._initial_weight(init_std))
+        self.cross_entropy = DistSoftmaxCrossEntropy()
+        # Rows of `weight` used by the last training step (all of them when not sampling).
+        self.sampled_index: Optional[torch.Tensor] = None
+        self._generator: Optional[torch.Generator] = None
+        self._pending_generator_state: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"sample_rate={self.sample_rate}, rank={self.rank}/{self.world_size}, "
+                f"classes=[{self.class_start}, {self.class_start + self.num_local})")
+
+    def _initial_weight(self, std: float) -> torch.Tensor:
+        weight = torch.empty(self.num_local, self.embedding_size)
+        end = self.class_start + self.num_local
+        first_block = self.class_start // _INIT_BLOCK_ROWS
+        for block in range(first_block, -(-end // _INIT_BLOCK_ROWS)):
+            lo, hi = block * _INIT_BLOCK_ROWS, min((block + 1) * _INIT_BLOCK_ROWS, self.num_classes)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + block)
+            rows = torch.normal(0.0, std, (hi - lo, self.embedding_size), generator=gen)
+            a, b = max(lo, self.class_start), min(hi, end)
+            weight[a - self.class_start: b - self.class_start] = rows[a - lo: b - lo]
+        return weight
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """This rank's batch (`[B, D]`, `[B]` global class ids) -> global mean loss (a scalar)."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {tuple(embeddings.shape)}")
+        labels = labels.reshape(-1).long()
+        if labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {embeddings.shape[0]} embeddings")
+        self._check_labels(labels)
+
+        sizes = None
+        if is_distributed():
+            sizes = torch.tensor([embeddings.shape[0]], device=labels.device)
+            sizes = all_gather_no_grad(sizes, [1] * self.world_size).tolist()
+        embeddings = all_gather_with_grad(embeddings, self.embedding_grad_scale, sizes)
+        labels = all_gather_no_grad(labels, sizes)
+        local_labels = self.local_labels(labels)
+
+        if self.training and self.sample_rate < 1.0:
+            index, local_labels = self.sample(local_labels)
+            # sparse=True: the weight's gradient holds the sampled rows only (see the module doc).
+            weight = F.embedding(index, self.weight, sparse=True)
+        else:
+            index, weight = None, self.weight
+        self.sampled_index = index
+
+        cosine = self.cosine(embeddings, weight)
+        device_type = cosine.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            kw = {}
+            if getattr(self.margin_loss, "needs_norms", False):
+                kw["norms"] = at_least_fp32(embeddings).norm(dim=1)
+            if getattr(self.margin_loss, "needs_class_index", False):
+                kw["class_index"] = index  # per-class head state follows the sampled rows
+            out = self.margin_loss(cosine, local_labels, **kw)
+            extra = None
+            if isinstance(out, tuple):
+                out, extra = out
+            loss = self.cross_entropy(out, local_labels)
+            if extra is not None:
+                w = self.world_size
+                loss = loss + extra / w + (extra * (w - 1) / w).detach()
+        return loss
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if labels.numel() == 0:
+            return
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if labels.is_cuda:  # no host sync on the hot path
+            torch._assert_async(~bad.any(), f"labels outside [0, {self.num_classes})")
+        elif bool(bad.any()):
+            raise ValueError(f"labels outside [0, {self.num_classes}): {labels[bad][:5].tolist()}")
+
+    def local_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Global class ids -> this shard's row numbers, -1 for classes owned by other ranks."""
+        local = labels - self.class_start
+        return local.masked_fill((local < 0) | (local >= self.num_local), -1)
+
+    def cosine(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """fp32 (fp64 for fp64 inputs) cosines [N, rows of weight]; the matmuls follow any enclosing
+        autocast, as insightface's fp16 option does: they are the FLOP-heavy part of the layer."""
+        e = F.normalize(at_least_fp32(embeddings), dim=1)
+        device_type = e.device.type
+        matmul_dtype = _autocast_dtype(device_type)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return _NormalizedLinear.apply(e, at_least_fp32(weight), matmul_dtype)
+
+    def sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows to use this step (sorted) and the labels renumbered into them.
+
+        Every positive class of the gathered batch is kept; the rest of the
+        `int(sample_rate * num_local)` rows are drawn uniformly from the negatives.
+        """
+        positive_mask = local_labels != -1
+        positive = torch.unique(local_labels[positive_mask])  # sorted
+        num_sample = int(self.sample_rate * self.num_local)
+        if positive.numel() >= num_sample:
+            index = positive
+        else:
+            score = torch.rand(self.num_local, generator=self.generator(local_labels.device),
+                               device=local_labels.device)
+            score[positive] = 2.0  # above any uniform draw: positives always make the top k
+            index = torch.topk(score, num_sample, sorted=False).indices.sort().values
+        relabelled = local_labels.clone()
+        relabelled[positive_mask] = torch.searchsorted(index, local_labels[positive_mask])
+        return index, relabelled
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != torch.device(device):
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed * 1_000_003 + 7919 * self.rank + 1)
+            if self._pending_generator_state is not None:
+                gen.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
+            self._generator = gen
+        return self._generator
+
+    # ---- checkpoint helpers ------------------------------------------------------------------
+
+    def sampler_state_dict(self) -> Dict[str, Any]:
+        """This rank's negative-sampling RNG (meaningful only when resuming on the same world size)."""
+        gen = self._generator
+        state = gen.get_state() if gen is not None else self._pending_generator_state
+        return {"rank": self.rank, "world_size": self.world_size, "generator": state}
+
+    def load_sampler_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores the RNG if it was saved by the same rank of a world of the same size; otherwise
+        keeps the fresh seeded stream (a different world size draws different negatives anyway)."""
+        if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
+            return
+        if state.get("generator") is None:
+            return
+        self._pending_generator_state = state["generator"].cpu()
+        self._generator = None
+
+    def local_state(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+        """This rank's shard (weight rows and, given the optimizer, their per-row state), on the CPU."""
+        state: Dict[str, Any] = {
+            "num_classes": self.num_classes,
+            "embedding_size": self.embedding_size,
+            "class_start": self.class_start,
+            "num_local": self.num_local,
+            "weight": self.weight.detach().cpu().clone(),
+        }
+        if optimizer is not None:
+            state["optimizer_state"] = {
+                k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                for k, v in optimizer.state.get(self.weight, {}).items()
+            }
+        return state
+
+    def full_weight_state(
+        self, optimizer: Optional[torch.optim.Optimizer] = None, dst: int = 0
+    ) -> Optional[Dict[str, Any]]:
+        """The whole classifier `[num_classes, D]` (and the per-row optimizer state) on rank `dst`.
+
+        Collective: every rank must call it. Returns the dict on `dst` (CPU tensors) and None on the
+        other ranks. The whole matrix passes through `dst`'s device (NCCL: its GPU); for classifiers
+        too large for that, save every rank's `local_state()` and join them with `assemble_full_state`.
+        Per-row optimizer tensors (first dim = rows of the shard) are gathered like the weight;
+        anything else (e.g. AdamW's scalar `step`) is taken from `dst`.
+        """
+        weight = gather_to(self.weight.detach(), dst)
+        per_row: Dict[str, Any] = {}
+        other: Dict[str, Any] = {}
+        if optimizer is not None:
+            state = optimizer.state.get(self.weight, {})
+            keys = sorted(state)
+            per_row_flags = [self._is_per_row(state[k]) for k in keys]
+            self._check_same_on_all_ranks(keys, per_row_flags)
+            for key, is_per_row in zip(keys, per_row_flags):
+                value = state[key]
+                if is_per_row:
+                    per_row[key] = gather_to(value.detach(), dst)
+                else:
+                    other[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+        if weight is None:
+            return None
+        state: Dict[str, Any] = {
+            "num_classes": self.num_classes,
+            "embedding_size": self.embedding_size,
+            "weight": weight.cpu(),
+        }
+        if optimizer is not None:
+            state["optimizer_state"] = {**other, **{k: v.cpu() for k, v in per_row.items()}}
+        return state
+
+    def _check_same_on_all_ranks(self, keys: List[str], flags: List[bool]) -> None:
+        # The gathers below pair up only if every rank walks the same keys in the same order; a rank
+        # whose optimizer never stepped would otherwise hang the others.
+        if not is_distributed():
+            return
+        code = zlib.crc32(repr((keys, flags)).encode())  # str hash() differs between processes
+        t = torch.tensor([code, -code], dtype=torch.float64, device=self.weight.device)
+        all_reduce_(t, "max")
+        if t[0].item() != code or -t[1].item() != code:
+            raise RuntimeError("ranks hold different optimizer state for the Partial FC weight "
+                               f"(this rank: {keys}); step every rank before saving")
+
+    def _is_per_row(self, value: Any) -> bool:
+        return torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == self.num_local
+
+    def load_full_weight(self, weight: torch.Tensor) -> None:
+        """Takes this rank's rows out of a whole `[num_classes, D]` classifier (any saved world size)."""
+        if tuple(weight.shape) != (self.num_classes, self.embedding_size):
+            raise ValueError(f"full weight must be [{self.num_classes}, {self.embedding_size}], "
+                             f"got {tuple(weight.shape)}")
+        with torch.no_grad():
+            self.weight.copy_(self.slice_rows(weight))
+
+    def slice_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a per-class tensor `[num_classes, ...]`."""
+        return slice_rows(full, self.num_classes, self.rank, self.world_size)
+
+    def load_full_state(
+        self, state: Dict[str, Any], optimizer: Optional[torch.optim.Optimizer] = None
+    ) -> None:
+        """Loads `full_weight_state()` / `assemble_full_state()` output, re-sharded for this world.
+
+        Given `optimizer` (which must hold `self.weight`) and a saved `optimizer_state`, this rank's
+        rows of every per-class state tensor become the optimizer's state for `weight`.
+        """
+        if state["num_classes"] != self.num_classes or state["embedding_size"] != self.embedding_size:
+            raise ValueError(f"checkpoint holds {state['num_classes']} classes x {state['embedding_size']}"
+                             f" dims, this Partial FC {self.num_classes} x {self.embedding_size}")
+        self.load_full_weight(state["weight"])
+        if optimizer is None or "optimizer_state" not in state:
+            return
+        if not any(p is self.weight for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("the optimizer does not hold this Partial FC's weight")
+        device = self.weight.device
+        new_state = {}
+        for key, value in state["optimizer_state"].items():
+            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == self.num_classes:
+                value = self.slice_rows(value)
+            new_state[key] = value.clone().to(device) if torch.is_tensor(value) else value
+        optimizer.state[self.weight] = new_state
+
+
+def slice_rows(full: torch.Tensor, num_classes: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rows of a per-class tensor `[num_classes, ...]` that `rank` of `world_size` owns."""
+    if full.shape[0] != num_classes:
+        raise ValueError(f"expected {num_classes} rows, got {full.shape[0]}")
+    start, count = shard_range(num_classes, rank, world_size)
+    return full[start: start + count]
+
+
+def assemble_full_state(shards: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
+    """Joins the `local_state()` dicts of all ranks of one run into a `full_weight_state()` dict."""
+    shards = sorted(shards, key=lambda s: s["class_start"])
+    if not shards:
+        raise ValueError("no shards given")
+    num_classes, dim = shards[0]["num_classes"], shards[0]["embedding_size"]
+    expected = 0
+    for s in shards:
+        if s["num_classes"] != num_classes or s["embedding_size"] != dim:
+            raise ValueError("shards come from different classifiers")
+        if s["class_start"] != expected:
+            raise ValueError(f"shards do not tile the classes: gap or overlap at class {expected}")
+        expected += s["num_local"]
+    if expected != num_classes:
+        raise ValueError(f"shards cover {expected} of {num_classes} classes")
+    full: Dict[str, Any] = {
+        "num_classes": num_classes,
+        "embedding_size": dim,
+        "weight": torch.cat([s["weight"] for s in shards]),
+    }
+    if all("optimizer_state" in s for s in shards):
+        opt: Dict[str, Any] = {}
+        for key in shards[0]["optimizer_state"]:
+            values = [s["optimizer_state"][key] for s in shards]
+            per_row = all(torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == s["num_local"]
+                          for v, s in zip(values, shards))
+            opt[key] = torch.cat(values) if per_row else values[0]
+        full["optimizer_state"] = opt
+    return full
+
+
+# ---- optimizers that step only the rows that received a gradient ---------------------------------
+
+def _rows_and_grad(p: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(row indices, their gradient rows); indices None means every row (dense gradient)."""
+    grad = p.grad
+    if not grad.is_sparse:
+        return None, grad
+    if grad.sparse_dim() != 1:
+        raise ValueError("row-sparse optimizers need gradients sparse in the first dimension only")
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        # One backward of Partial FC gives sorted unique rows: usable as they are. Accumulated
+        # micro-batches repeat rows, which coalesce() sums (a sort and a [k, D] copy).
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+        grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
+
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """Base: per-row state tensors shaped like the parameter plus a per-row step count.
+
+    A sparse gradient's rows are gathered (weight and state), updated in place, and written back; a
+    dense gradient updates every row in place, as torch's optimizers do.
+    """
+
+    def state_names(self, group: dict) -> tuple:
+        """Names of the [rows, D] state tensors this optimizer keeps for a parameter of `group`."""
+        raise NotImplementedError
+
+    def _row_state(self, p: torch.Tensor, names: tuple) -> Dict[str, torch.Tensor]:
+        state = self.state[p]
+        if "row_step" not in state:
+            # The step count is per row: a row's bias correction / momentum start depends on how often
+            # *it* was updated. Stored in the parameter's dtype so that load_state_dict moves it along.
+            # A state taken over from torch's optimizer has one scalar `step` for all rows.
+            prior = state.pop("step", None)
+            start = float(prior) if prior is not None else 0.0
+            state["row_step"] = torch.full((p.shape[0],), start, dtype=p.dtype, device=p.device)
+        for name in names:
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                rows, grad = _rows_and_grad(p)
+                if rows is not None and rows.numel() == 0:
+                    continue
+                names = self.state_names(group)
+                state = self._row_state(p, names)
+                grad = grad.to(p.dtype)
+                if rows is None:
+                    steps = state["row_step"].add_(1)
+                    self._update(group, p, grad, steps, {n: state[n] for n in names})
+                    continue
+                weight = p.index_select(0, rows)
+                steps = state["row_step"].index_select(0, rows).add_(1)
+                tensors = {n: state[n].index_select(0, rows) for n in names}
+                self._update(group, weight, grad, steps, tensors)
+                p.index_copy_(0, rows, weight)
+                state["row_step"].index_copy_(0, rows, steps)
+                for name in names:
+                    state[name].index_copy_(0, rows, tensors[name])
+        return loss
+
+    def _update(self, group: dict, weight: torch.Tensor, grad: torch.Tensor, steps: torch.Tensor,
+                tensors: Dict[str, torch.Tensor]) -> None:
+        """Updates `weight` and `tensors` (rows of the state) in place; `steps` counts this step."""
+        raise NotImplementedError
+
+
+class RowSparseSGD(_RowSparseOptimizer):
+    """SGD (torch.optim.SGD's update: coupled weight decay, optional Nesterov) applied per row.
+
+    Rows absent from a sparse gradient are not touched at all; a row's momentum buffer starts as its
+    first gradient, as in torch.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 0.1, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"invalid SGD settings lr={lr} momentum={momentum} weight_decay={weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    def state_names(self, group: dict) -> tuple:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _update(self, group, weight, grad, steps, tensors):
+        wd, momentum, dampening = group["weight_decay"], group["momentum"], group["dampening"]
+        if momentum == 0:
+            weight.add_(grad if wd == 0 else grad.add(weight, alpha=wd), alpha=-group["lr"])
+            return
+        buf = tensors["momentum_buffer"]
+        # torch: d_p = grad + wd * w; buf = momentum * buf + (1 - dampening) * d_p, fused here so that
+        # d_p is never materialised. A row's buffer is zero until its first step, so with no dampening
+        # this gives buf = d_p on that step, torch's start; with dampening those rows are set below.
+        buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        if wd != 0:
+            buf.add_(weight, alpha=wd * (1 - dampening))
+        if dampening != 0 or group["nesterov"]:
+            d_p = grad if wd == 0 else grad.add(weight, alpha=wd)
+            if dampening != 0:
+                first = torch.nonzero(steps == 1, as_tuple=True)[0]
+                buf.index_copy_(0, first, d_p.index_select(0, first))
+            if group["nesterov"]:
+                weight.add_(d_p.add(buf, alpha=momentum), alpha=-group["lr"])
+                return
+        weight.add_(buf, alpha=-group["lr"])
+
+
+class RowSparseAdamW(_RowSparseOptimizer):
+    """AdamW (decoupled weight decay, torch.optim.AdamW's update) with a bias correction per row."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW settings lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    def state_names(self, group: dict) -> tuple:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _update(self, group, weight, grad, steps, tensors):
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        exp_avg, exp_avg_sq = tensors["exp_avg"], tensors["exp_avg_sq"]
+        weight.mul_(1 - lr * group["weight_decay"])
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        steps64 = steps.double()
+        bias1 = (1 - beta1 ** steps64).to(weight.dtype)
+        bias2_sqrt = (1 - beta2 ** steps64).sqrt().to(weight.dtype)
+        # torch: w -= lr / bias1 * exp_avg / (sqrt(v) / sqrt(bias2) + eps), with per-row biases here.
+        denom = exp_avg_sq.sqrt().div_(bias2_sqrt[:, None]).add_(group["eps"])
+        weight.sub_(exp_avg.div(denom).mul_((lr / bias1)[:, None]))
