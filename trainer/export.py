@@ -1,0 +1,162 @@
+"""`python -m trainer.export`: a trained backbone as ONNX (dynamic batch) and TorchScript, each checked
+against PyTorch before it is put in place.
+
+    python -m trainer.export --checkpoint runs/x/model.pt [--onnx model.onnx] [--torchscript model.ts.pt]
+
+Without --onnx/--torchscript both are written beside the checkpoint. Input `input`: float32
+[batch, 3, 112, 112] RGB, (pixel - 127.5) / 127.5; output `embedding`: [batch, D], not normalised. The
+ONNX file's metadata names the network and the preprocessing. A file whose outputs differ from PyTorch's
+by more than --atol is not written (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline.manifest import fsync_dir
+from trainer.model_io import CheckpointError, load_backbone
+from trainer.verification import IMAGE_SIZE
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "embedding"
+PREPROCESSING = "RGB, float32 NCHW, (pixel - 127.5) / 127.5"
+
+
+class ExportError(RuntimeError):
+    """An exported model does not reproduce PyTorch's outputs."""
+
+
+def _example(batch: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, IMAGE_SIZE[1], IMAGE_SIZE[0], generator=g) * 2 - 1
+
+
+def _tmp_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, atol: float = 1e-4,
+                check_batches: Sequence[int] = (1, 5)) -> float:
+    """Write ONNX with a dynamic batch axis; returns onnxruntime's largest deviation from PyTorch over
+    the `check_batches` sizes (ExportError, and no file, above `atol`)."""
+    import onnx
+    import onnxruntime as ort
+
+    path = Path(path)
+    model = model.eval().cpu()
+    tmp = _tmp_beside(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript-based exporter: the torch.export-based one needs onnxscript, not installed.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (_example(2),), str(tmp), dynamo=False, input_names=[INPUT_NAME],
+                              output_names=[OUTPUT_NAME], opset_version=opset, do_constant_folding=True,
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        proto = onnx.load(str(tmp))
+        onnx.checker.check_model(proto)
+        meta = {"network": getattr(model, "network", type(model).__name__),
+                "network_kwargs": json.dumps(getattr(model, "network_kwargs", {}), default=str),
+                "preprocessing": PREPROCESSING}
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        onnx.save(proto, str(tmp))
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        worst = 0.0
+        for batch in check_batches:
+            x = _example(batch, seed=batch)
+            with torch.no_grad():
+                want = model(x).numpy()
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+            if got.shape != want.shape:
+                raise ExportError(f"ONNX output {got.shape} for batch {batch}, PyTorch gives {want.shape}")
+            worst = max(worst, float(np.abs(got - want).max()))
+        if worst > atol:
+            raise ExportError(f"onnxruntime differs from PyTorch by {worst:.3g} > {atol:g}; "
+                              f"{path} not written")
+        _publish(tmp, path)
+        return worst
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike, atol: float = 1e-4,
+                       check_batches: Sequence[int] = (1, 5)) -> float:
+    """Write a traced TorchScript module; returns its largest deviation from the eager model."""
+    path = Path(path)
+    model = model.eval().cpu()
+    tmp = _tmp_beside(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(model, _example(2), check_trace=False)  # checked below
+            torch.jit.save(traced, str(tmp))
+            loaded = torch.jit.load(str(tmp))
+            worst = 0.0
+            for batch in check_batches:
+                x = _example(batch, seed=batch)
+                worst = max(worst, float((loaded(x) - model(x)).abs().max()))
+        if worst > atol:
+            raise ExportError(f"TorchScript differs from PyTorch by {worst:.3g} > {atol:g}; "
+                              f"{path} not written")
+        _publish(tmp, path)
+        return worst
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="model.pt (or a bare state_dict with --network)")
+    ap.add_argument("--onnx", help="ONNX output path")
+    ap.add_argument("--torchscript", help="TorchScript output path")
+    ap.add_argument("--opset", type=int, default=17)
+    ap.add_argument("--atol", type=float, default=1e-4, help="largest output difference accepted")
+    ap.add_argument("--network", help="backbone name, for a bare state_dict")
+    args = ap.parse_args(argv)
+    ckpt = Path(args.checkpoint)
+    onnx_path, ts_path = args.onnx, args.torchscript
+    if onnx_path is None and ts_path is None:
+        onnx_path, ts_path = ckpt.with_suffix(".onnx"), ckpt.with_suffix(".torchscript.pt")
+    result: dict = {"checkpoint": str(ckpt)}
+    try:
+        model = load_backbone(ckpt, "cpu", network=args.network)
+        result["network"] = model.network
+        if onnx_path is not None:
+            result["onnx"] = str(onnx_path)
+            result["onnx_max_abs_diff"] = export_onnx(model, onnx_path, args.opset, args.atol)
+        if ts_path is not None:
+            result["torchscript"] = str(ts_path)
+            result["torchscript_max_abs_diff"] = export_torchscript(model, ts_path, args.atol)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ExportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
