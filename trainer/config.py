@@ -1,0 +1,171 @@
+"""Training configs: a base config, a short job module over it, and `key=value` overrides.
+
+A job config is a Python module in `trainer/configs/` (or any file) that defines `config`, a `Config`
+holding only the keys it changes. `load_config` starts from `trainer/configs/base.py`, applies the job
+module, then the command-line overrides. Every key must exist in the base config, so that a typo is an
+error instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config module, key or override value is not usable."""
+
+
+class Config(dict):
+    """A dict whose keys read and write as attributes (`config.lr`), as insightface's edict configs do."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no key {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+    def __deepcopy__(self, memo) -> "Config":
+        return Config({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+    def to_dict(self) -> dict:
+        """A plain dict (for checkpoints and JSON)."""
+        return {k: copy.deepcopy(v) for k, v in self.items()}
+
+
+def _module_from_path(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_trainer_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _find_module(name_or_path: str):
+    """`trainer/configs/cpu_demo.py`, `cpu_demo`, or `trainer.configs.cpu_demo`."""
+    path = Path(name_or_path)
+    if path.suffix == ".py" or os.sep in name_or_path:
+        if not path.is_file() and (CONFIG_DIR / path.name).is_file():
+            path = CONFIG_DIR / path.name
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        return _module_from_path(path)
+    if (CONFIG_DIR / f"{name_or_path}.py").is_file():
+        return _module_from_path(CONFIG_DIR / f"{name_or_path}.py")
+    try:
+        return importlib.import_module(name_or_path)
+    except ImportError as e:
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"no config {name_or_path!r} ({e}); known: {', '.join(known)}") from None
+
+
+def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, list(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (every key must be declared in configs/base.py)")
+
+
+def base_config() -> Config:
+    module = _module_from_path(CONFIG_DIR / "base.py")
+    return copy.deepcopy(module.config)
+
+
+_TRUE = {"1", "true", "yes", "on", "y", "t"}
+_FALSE = {"0", "false", "no", "off", "n", "f"}
+
+
+def parse_value(text: str, like: Any) -> Any:
+    """Convert override text to the type of the base value `like` (None: a Python literal, else the text)."""
+    if isinstance(like, bool):
+        low = text.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"expected a boolean, got {text!r}")
+    if isinstance(like, int):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                as_float = float(text)  # "1e6" for a step count
+            except ValueError:
+                raise ConfigError(f"expected an integer, got {text!r}") from None
+            if not as_float.is_integer():
+                raise ConfigError(f"expected an integer, got {text!r}") from None
+            return int(as_float)
+    if isinstance(like, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"expected a number, got {text!r}") from None
+    if isinstance(like, str):
+        return text
+    if isinstance(like, (list, tuple, dict)) or like is None:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            if like is None:
+                return text
+            if isinstance(like, (list, tuple)):
+                # "a,b,c" without brackets: a list of strings
+                value = [t.strip() for t in text.split(",") if t.strip()]
+            else:
+                raise ConfigError(f"expected a dict literal, got {text!r}") from None
+        if isinstance(like, tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(like, list) and isinstance(value, tuple):
+            value = list(value)
+        if isinstance(like, (list, tuple)) and isinstance(value, (str, int, float)):
+            value = type(like)([value])
+        if like is not None and not isinstance(value, type(like)):
+            raise ConfigError(f"expected a {type(like).__name__}, got {text!r}")
+        return value
+    raise ConfigError(f"cannot override a value of type {type(like).__name__}")
+
+
+def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
+    """Apply `key=value` strings in order; the value is converted to the type the key already has."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in config:
+            raise _unknown_key(key, config)
+        try:
+            config[key] = parse_value(text, config[key])
+        except ConfigError as e:
+            raise ConfigError(f"override {key}={text}: {e}") from None
+    return config
+
+
+def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> Config:
+    """Base config, then the job module's `config`, then the overrides; `config.config_name` names the job."""
+    config = base_config()
+    module = _find_module(name_or_path)
+    job = getattr(module, "config", None)
+    if not isinstance(job, dict):
+        raise ConfigError(f"config module {name_or_path} defines no `config` dict")
+    for key, value in job.items():
+        if key not in config:
+            raise _unknown_key(key, config)
+        config[key] = copy.deepcopy(value)
+    if not config.config_name:
+        config.config_name = Path(getattr(module, "__file__", name_or_path) or name_or_path).stem
+    apply_overrides(config, overrides)
+    return config

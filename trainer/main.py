@@ -1,0 +1,474 @@
+#!/usr/bin/env python
+"""Train a face-recognition backbone with model-parallel Partial FC.
+
+    torchrun --nproc_per_node=N trainer/main.py --config trainer/configs/cpu_demo.py \
+        --data DATA --output OUT [key=value ...]
+    python trainer/main.py ...                        # one process
+
+The backbone is data-parallel (DDP: every rank holds all of it); the classifier is model-parallel (Partial
+FC: every rank holds a contiguous block of classes and is never wrapped in DDP). NCCL on GPUs, gloo on CPUs,
+env:// rendezvous from torchrun. A run resumes from OUTPUT's last checkpoint by itself (so a worker killed
+under `torchrun --max-restarts=K` continues where the checkpoint left off), on any number of ranks.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (torchrun trainer/main.py): make `trainer` and `pipeline` importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import contextlib
+import inspect
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.manifest import ManifestError
+from trainer import checkpoint as ckpt
+from trainer.config import Config, ConfigError, load_config
+from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size
+from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
+from trainer.schedule import LRSchedule
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Distributed face-recognition training (backbone under DDP, Partial FC head).",
+        epilog="Any config key can be overridden as key=value, e.g. lr=0.05 max_steps=100 amp=bf16.")
+    parser.add_argument("--config", required=True, help="config module: a path or a name in trainer/configs/")
+    parser.add_argument("--data", help="packed dataset folder (DESIGN.md section 1); overrides config.data")
+    parser.add_argument("--output", help="run folder for checkpoints, model.pt, metrics.jsonl; "
+                                         "default runs/<config name>")
+    parser.add_argument("--resume", help="checkpoint folder or file, or a run folder (its last checkpoint)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_intermixed_args(argv)  # key=value may come before or after the options
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def init_distributed() -> tuple[torch.device, int]:
+    """Join torchrun's process group when launched by it; returns (device, local_rank)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        backend, timeout = ("nccl" if use_cuda else "gloo"), timedelta(minutes=30)
+        env = os.environ
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+            # torchrun's agent keeps one TCPStore across worker restarts, so a restarted worker would
+            # read the dead workers' addresses left in it and never connect. Scope this attempt's keys by
+            # the restart count, which a single agent (one node) reports alike to all its workers.
+            # Several nodes: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead.
+            if int(env.get("GROUP_WORLD_SIZE", 1)) > 1:
+                raise RuntimeError("a worker restart across several torchrun agents needs "
+                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment")
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                                  timeout=timeout)
+            store = dist.PrefixStore(f"facetrain/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+            dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    return device, local_rank
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    # Every rank differs (dropout, sampling) but a run is reproducible; DDP broadcasts rank 0's init.
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse settings that would only fail later, after the data and the model were loaded."""
+    choices = {"amp": AMP_DTYPES, "optimizer": ("sgd", "adamw"), "lr_schedule": ("poly", "cosine"),
+               "loader_backend": ("auto", "dali", "torch")}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+    for key in ("batch_size", "gradient_acc", "max_nan_steps", "frequent", "embedding_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if not 0.0 < cfg.sample_rate <= 1.0:
+        raise ConfigError(f"sample_rate must be in (0, 1], got {cfg.sample_rate}")
+    if len(cfg.margin_list) != 3:
+        raise ConfigError(f"margin_list is (m1, m2, m3), got {cfg.margin_list!r}")
+    if not cfg.data:
+        raise ConfigError("no training data: pass --data DATA (a folder made by `python -m pipeline pack`)")
+
+
+def build_margin_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """`loss = "combined"`: insightface's (m1, m2, m3) margin from `margin_list`; else a head by name."""
+    from trainer import losses
+
+    if cfg.loss == "combined":
+        return losses.build_margin_loss(cfg.margin_list, cfg.scale, cfg.interclass_filtering_threshold)
+    from trainer.heads import available_heads, build_head
+
+    try:
+        return build_head(cfg.loss, num_classes=num_classes, **cfg.loss_kwargs)
+    except KeyError:
+        raise ConfigError(f"loss {cfg.loss!r} is not 'combined' nor a head: {', '.join(available_heads())}") \
+            from None
+
+
+def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], row_sparse: bool = False
+                    ) -> torch.optim.Optimizer:
+    """SGD or AdamW. `row_sparse` (the classifier): rows Partial FC did not sample are left untouched,
+    their momentum / Adam moments included (trainer.partial_fc explains why torch's own would not)."""
+    from trainer.partial_fc import RowSparseAdamW, RowSparseSGD
+
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        cls = RowSparseSGD if row_sparse else torch.optim.SGD
+        return cls(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        cls = RowSparseAdamW if row_sparse else torch.optim.AdamW
+        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+
+
+def resolve_val_targets(cfg: Config) -> dict[str, str]:
+    """Target name -> path; a bare name is looked up in the data folder (with ".bin" added), as insightface."""
+    targets = {}
+    for item in cfg.val_targets:
+        path = Path(item)
+        candidates = [path]
+        if not path.is_absolute() and cfg.data:
+            candidates += [Path(cfg.data) / item, Path(cfg.data) / f"{item}.bin"]
+        candidates.append(Path(f"{item}.bin"))
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise ConfigError(f"val target {item!r} not found (looked for {', '.join(map(str, candidates))})")
+        targets[path.stem if path.suffix in (".bin", ".txt") else path.name] = str(found)
+    return targets
+
+
+def micro_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches across epoch boundaries (a gradient-accumulation step may straddle one)."""
+    while True:
+        yield from loader
+
+
+# ------------------------------------------------------------------------------------------ one step
+@dataclass
+class StepResult:
+    loss: float  # mean loss over the micro steps (NaN/inf when non-finite)
+    skipped: bool  # the optimizer did not step (non-finite loss or gradient on some rank)
+    loss_finite: bool
+    grad_norm: float  # L2 norm of the backbone's gradient before clipping
+
+
+def train_step(
+    backbone: torch.nn.Module,
+    partial_fc: torch.nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    optimizers: Sequence[torch.optim.Optimizer],
+    scaler: Optional[torch.amp.GradScaler],
+    amp_dtype: Optional[torch.dtype],
+    clip_grad_norm: float,
+) -> StepResult:
+    """One optimizer step over `len(batches)` micro batches, their gradients averaged.
+
+    Inner micro steps run under DDP's no_sync, so the backbone's gradients are all-reduced once. The step
+    is skipped on every rank when any rank saw a non-finite loss or gradient (a flag is all-reduced), so
+    the ranks never diverge.
+    """
+    device = batches[0][0].device
+    n = len(batches)
+    # A skipped step must leave no trace, but the forward pass already fed its (maybe NaN) batch into
+    # BatchNorm's running statistics and any head statistics: keep a copy to put back.
+    buffers = [b for m in (backbone, partial_fc) for b in m.buffers()]
+    saved_buffers = [b.detach().clone() for b in buffers]
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for i, (images, labels) in enumerate(batches):
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not isinstance(backbone, DistributedDataParallel) \
+            else backbone.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                embeddings = backbone(images)
+                loss = partial_fc(embeddings, labels)
+            # Dividing by n makes the accumulated gradient the mean over the n micro batches.
+            scaled = loss / n
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+    loss_mean = loss_sum / n
+
+    if scaler is not None:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+    backbone_params = [p for p in backbone.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        backbone_params, clip_grad_norm if clip_grad_norm > 0 else float("inf"), foreach=True)
+    # With sample_rate < 1 the classifier's gradient is sparse (the sampled rows only).
+    fc_grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                for p in partial_fc.parameters() if p.grad is not None]
+    fc_finite = torch.stack([torch.isfinite(g).all() for g in fc_grads]).all() if fc_grads \
+        else torch.ones((), dtype=torch.bool, device=device)
+    flags = torch.stack([
+        (~torch.isfinite(loss_mean)).to(torch.float32),
+        (~(torch.isfinite(grad_norm).to(device) & fc_finite)).to(torch.float32),
+    ])
+    all_reduce_(flags, "max")
+    # One host sync per step for everything the host needs.
+    bad_loss, bad_grad, loss_value, norm_value = torch.stack(
+        [flags[0], flags[1], loss_mean, grad_norm.to(device).float()]).tolist()
+    loss_finite = bad_loss == 0
+    skipped = bad_loss > 0 or bad_grad > 0
+
+    if skipped:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buf, saved in zip(buffers, saved_buffers):
+                buf.copy_(saved)
+        if scaler is not None:
+            # GradScaler.step would decide per rank; decide here for all ranks and back the scale off.
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    else:
+        for opt in optimizers:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+    return StepResult(loss_value, skipped, loss_finite, norm_value)
+
+
+# ------------------------------------------------------------------------------------------ the run
+def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
+    from pipeline.loader import build_train_loader
+
+    backend = cfg.loader_backend
+    if backend == "auto":
+        backend = "dali" if device.type == "cuda" else "torch"
+    return build_train_loader(cfg.data, batch_size=cfg.batch_size, rank=rank, world_size=world_size,
+                              seed=cfg.seed, device=device, backend=backend, num_threads=cfg.num_threads,
+                              augment=cfg.augment)
+
+
+def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, device: torch.device) -> dict:
+    """Verification accuracy on every target (rank 0 only; the backbone is put back in train mode)."""
+    from trainer.verification import evaluate_targets
+
+    was_training, threads = backbone.training, torch.get_num_threads()
+    if device.type == "cpu":
+        # The other ranks of this machine wait in a barrier meanwhile: their cores are free.
+        torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    backbone.eval()
+    try:
+        return evaluate_targets(backbone, targets, device, cfg.val_batch_size)
+    finally:
+        backbone.train(was_training)
+        torch.set_num_threads(threads)
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> dict:
+    """The whole run on this rank; returns the last logged record (and the last eval on rank 0)."""
+    device, _ = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    output = Path(cfg.output or Path("runs") / cfg.config_name)
+    cfg.output = str(output)
+    logger = setup_logging(output, rank)
+    check_config(cfg)
+    amp_dtype = AMP_DTYPES[cfg.amp]
+    targets = resolve_val_targets(cfg)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(cfg.seed, rank)
+
+    # Resume source: --resume, else (auto_resume) this run's own last checkpoint.
+    resume_dir = None
+    if resume:
+        resume_dir = ckpt.find_checkpoint(resume)
+        if resume_dir is None:
+            raise ckpt.CheckpointError(f"--resume {resume}: no complete checkpoint there")
+    elif cfg.auto_resume:
+        resume_dir = ckpt.find_checkpoint(output)
+
+    loader = build_loader(cfg, device, rank, world_size)
+    if loader.steps_per_epoch < 1:
+        raise ConfigError(f"{cfg.data} holds less than one batch of {cfg.batch_size} per rank for "
+                          f"{world_size} ranks: lower batch_size")
+    num_classes = loader.num_classes
+    from trainer.backbones import build_backbone
+    from trainer.partial_fc import PartialFC
+
+    network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs)
+    backbone = build_backbone(cfg.network, **network_kwargs).to(device)
+    if cfg.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    # DDP averages the backbone's gradients over ranks; scaling the embeddings' gradient by the world
+    # size makes that average the gradient of the global mean loss, whatever the number of ranks.
+    partial_fc = PartialFC(build_margin_loss(cfg, num_classes), cfg.embedding_size, num_classes,
+                           sample_rate=cfg.sample_rate, embedding_grad_scale=float(world_size),
+                           seed=cfg.seed).to(device)
+    opt_backbone = build_optimizer(cfg, backbone.parameters())
+    opt_fc = build_optimizer(cfg, partial_fc.parameters(), row_sparse=True)
+    optimizers = [opt_backbone, opt_fc]
+    scaler = torch.amp.GradScaler(device.type, growth_interval=100) if cfg.amp == "fp16" else None
+
+    state = ckpt.TrainState(world_size=world_size)
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(resume_dir, backbone=backbone, partial_fc=partial_fc,
+                                     opt_backbone=opt_backbone, opt_fc=opt_fc, scaler=scaler, loader=loader,
+                                     device=device)
+        logger.info("resumed from %s at step %d (saved on %d ranks, now %d)", resume_dir, state.step,
+                    state.world_size, world_size)
+        if rank == 0:
+            dropped = truncate_metrics(output, state.step)
+            if dropped:
+                logger.info("dropped %d metrics records written after that checkpoint", dropped)
+    if rank == 0:
+        ckpt.write_config(output, cfg)
+
+    if world_size > 1:
+        # DDP broadcasts rank 0's weights (a resumed backbone is the same on every rank anyway).
+        # BatchNorm statistics stay per rank, as in insightface (model.pt keeps rank 0's).
+        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+            inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
+        ddp_backbone = DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None,
+            gradient_as_bucket_view=True, **no_buffer_sync)
+    else:
+        ddp_backbone = backbone
+
+    steps_per_epoch = loader.steps_per_epoch / cfg.gradient_acc  # optimizer steps
+    # The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed
+    # with a larger max_steps follows the same schedule as one that never stopped).
+    schedule_steps = max(1, math.ceil(cfg.num_epoch * steps_per_epoch))
+    schedule = LRSchedule(cfg.lr, schedule_steps, min(schedule_steps, round(cfg.warmup_epoch * steps_per_epoch)),
+                          cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else schedule_steps
+    samples_per_step = cfg.batch_size * cfg.gradient_acc * world_size
+    logger.info("%s: %s on %d rank(s) (%s), %d classes, %d optimizer steps of %d samples, amp=%s",
+                cfg.config_name, cfg.network, world_size, device.type, num_classes, total_steps,
+                samples_per_step, cfg.amp)
+    metrics = MetricsLogger(output, rank, total_steps, state.step, samples_per_step,
+                            tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar)
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        state.step, state.epoch, state.total_steps = step, loader.epoch, total_steps
+        last_saved = step
+        path = ckpt.save_checkpoint(output, state, cfg=cfg, network_kwargs=network_kwargs, backbone=backbone,
+                                    partial_fc=partial_fc, opt_backbone=opt_backbone, opt_fc=opt_fc,
+                                    scaler=scaler, loader=loader, keep=cfg.keep_checkpoints)
+        logger.info("checkpoint %s", path)
+
+    def run_eval(step: int) -> Optional[dict]:
+        results = None
+        if targets and rank == 0:
+            t0 = time.perf_counter()
+            results = evaluate(backbone, targets, cfg, device)
+            metrics.eval(step, results)
+            logger.info("step %d eval (%.1fs): %s", step, time.perf_counter() - t0,
+                        ", ".join(f"{k} acc={v['acc']:.4f}+-{v.get('std', 0):.4f}" for k, v in results.items()))
+        barrier()  # the other ranks wait while rank 0 evaluates
+        return results
+
+    ddp_backbone.train()
+    partial_fc.train()
+    batches = micro_batches(loader)
+    step, last_record, last_eval = state.step, None, None
+    last_saved = state.step if resume_dir is not None else -1
+    epoch_at_start = loader.epoch
+    try:
+        while step < total_steps:
+            lr = schedule.apply(optimizers, step)
+            group = [next(batches) for _ in range(cfg.gradient_acc)]
+            if cfg.channels_last:
+                group = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in group]
+            result = train_step(ddp_backbone, partial_fc, group, optimizers, scaler, amp_dtype,
+                                cfg.clip_grad_norm)
+            step += 1
+            if result.skipped:
+                if result.loss_finite and scaler is not None:
+                    state.overflow_steps += 1  # fp16 gradient overflow: the scaler backs off, as usual
+                else:
+                    state.nan_steps += 1
+                    state.nan_in_a_row += 1
+                    logger.warning("step %d: non-finite %s, step skipped (%d in a row, %d in all)", step,
+                                   "gradient" if result.loss_finite else "loss", state.nan_in_a_row,
+                                   state.nan_steps)
+                    if state.nan_in_a_row >= cfg.max_nan_steps:
+                        raise NonFiniteLossError(
+                            f"{state.nan_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                            f"(max_nan_steps={cfg.max_nan_steps}); stopping at step {step}. Lower the lr, "
+                            f"use amp=bf16 or fp32, or resume from the last checkpoint in {output}")
+            else:
+                state.nan_in_a_row = 0
+            metrics.step(step, result.loss)
+
+            epoch_done = loader.epoch != epoch_at_start
+            if step % cfg.frequent == 0 or step == total_steps:
+                skipped_records = all_reduce_(
+                    torch.tensor(float(loader.skipped_records), device=device), "sum").item()
+                extra = {"nan_steps": state.nan_steps, "skipped_records": int(skipped_records),
+                         "grad_norm": result.grad_norm}
+                if scaler is not None:
+                    extra.update(loss_scale=scaler.get_scale(), overflow_steps=state.overflow_steps)
+                last_record = metrics.flush(step, loader.epoch, lr, extra) or last_record
+            if cfg.verbose > 0 and step % cfg.verbose == 0 and step < total_steps:
+                last_eval = run_eval(step) or last_eval
+            if step < total_steps and (
+                    (cfg.save_every > 0 and step % cfg.save_every == 0) or (cfg.save_epoch_end and epoch_done)):
+                save(step)
+            if epoch_done:
+                epoch_at_start = loader.epoch
+        if last_saved != step:
+            save(step)
+        if rank == 0:
+            ckpt.save_model(output / ckpt.MODEL_FILE, backbone, cfg.network, network_kwargs,
+                            extra={"step": step, "config": cfg.to_dict()})
+        last_eval = run_eval(step) or last_eval
+    finally:
+        metrics.close()
+    logger.info("done: %d steps, %d non-finite steps skipped, %d corrupt records skipped; model in %s",
+                step, state.nan_steps, int(loader.skipped_records), output / ckpt.MODEL_FILE)
+    return {"record": last_record, "eval": last_eval, "step": step}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.data:
+            cfg.data = args.data
+        if args.output:
+            cfg.output = args.output
+        train(cfg, args.resume)
+        return 0
+    except (ConfigError, ManifestError, NonFiniteLossError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
