@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.manifest import fsync_dir, sha256_file
+from pipeline.manifest import atomic_write_bytes, sha256_file
 from trainer import metrics
 from trainer.model_io import CheckpointError, load_backbone
 from trainer.verification import (IMAGE_EXTENSIONS, IMAGE_SIZE, VerificationError, embed_batches, face_crop,
@@ -110,20 +110,10 @@ def embed_folder(model: torch.nn.Module, root: str | os.PathLike, device: str | 
 
 
 def save_npz(path: str | os.PathLike, **arrays) -> None:
-    """np.savez to a temporary file beside `path`, then rename: never a half-written .npz."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """np.savez written atomically (pipeline.manifest's write-fsync-rename): never a half-written .npz."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_npz(path: str | os.PathLike,
