@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
-import os
 import platform
 import resource
 import time
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from trainer.config import Config
 from trainer.distributed import barrier, get_rank, get_world_size
 from trainer.losses import build_margin_loss
-from trainer.main import AMP_DTYPES, build_optimizer, init_distributed, train_step
+from trainer.main import AMP_DTYPES, build_optimizer, init_distributed, train_step, wrap_ddp
 from trainer.partial_fc import PartialFC
 
 
@@ -65,21 +64,18 @@ def main() -> int:
 
     from trainer.backbones import build_backbone
 
-    cfg = Config(optimizer=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999), eps=1e-8)
+    cfg = Config(optimizer=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
+                 eps=1e-8)
     backbone = build_backbone(args.network, embedding_size=args.embedding_size).to(device)
     if args.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    model = backbone
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-                                        gradient_as_bucket_view=True)
+    model = wrap_ddp(backbone, device)
     if args.compile:
         model = torch.compile(model)
     pfc = PartialFC(build_margin_loss((1.0, 0.5, 0.0)), args.embedding_size, args.num_classes,
                     sample_rate=args.sample_rate, embedding_grad_scale=float(world)).to(device)
-    optimizers = [build_optimizer(cfg, backbone.parameters()), build_optimizer(cfg, pfc.parameters(), row_sparse=True)]
+    optimizers = [build_optimizer(cfg, backbone.parameters()),
+                  build_optimizer(cfg, pfc.parameters(), row_sparse=True)]
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
     images = torch.randn(args.batch_size, 3, 112, 112, device=device).clamp_(-1, 1)

@@ -29,8 +29,9 @@ def pack_glint24(out: Path, holdout: int = 5, holdout_pairs: int = 0) -> Path:
         import pytest
 
         pytest.fail(f"the real face data {GLINT24} is missing")
-    subprocess.run([PYTHON, "-m", "pipeline", "pack", str(GLINT24), "--out", str(out), "--holdout", str(holdout),
-                    "--holdout-pairs", str(holdout_pairs), "--no-progress", "--workers", "2"],
+    subprocess.run([PYTHON, "-m", "pipeline", "pack", str(GLINT24), "--out", str(out),
+                    "--holdout", str(holdout), "--holdout-pairs", str(holdout_pairs), "--no-progress",
+                    "--workers", "2"],
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     return out
 
@@ -61,7 +62,8 @@ def trainer_env() -> dict:
 
 def torchrun_cmd(nproc: int, args: Sequence[str], *, port: int | None = None, nnodes: int = 1,
                  node_rank: int = 0, max_restarts: int = 0, rdzv_id: str = "trainer-test") -> list[str]:
-    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--max-restarts={max_restarts}"]
+    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--max-restarts={max_restarts}"]
     if nnodes == 1:
         cmd += ["--standalone"]  # c10d rendezvous on a free local port
     else:

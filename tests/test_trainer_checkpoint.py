@@ -22,11 +22,13 @@ CFG = Config(network="tiny", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay
 class Run:
     """Everything a training run checkpoints, built fresh (as a restarted process would)."""
 
-    def __init__(self, sample_rate: float = 1.0, optimizer: str = "sgd", num_classes: int = 10, seed: int = 0):
+    def __init__(self, sample_rate: float = 1.0, optimizer: str = "sgd", num_classes: int = 10,
+                 seed: int = 0):
         torch.manual_seed(seed)
         cfg = Config(CFG, optimizer=optimizer)
         self.backbone = TinyNet()
-        self.pfc = PartialFC(CombinedMarginLoss(16.0, 1.0, 0.3, 0.0), 16, num_classes, sample_rate=sample_rate,
+        self.pfc = PartialFC(CombinedMarginLoss(16.0, 1.0, 0.3, 0.0), 16, num_classes,
+                             sample_rate=sample_rate,
                              seed=5)
         self.opt_b = build_optimizer(cfg, self.backbone.parameters())
         self.opt_fc = build_optimizer(cfg, self.pfc.parameters(), row_sparse=True)
@@ -41,7 +43,8 @@ class Run:
     def steps(self, n: int) -> list[float]:
         losses = []
         for _ in range(n):
-            r = train_step(self.backbone, self.pfc, [next(self.batches)], [self.opt_b, self.opt_fc], None, None, 5.0)
+            r = train_step(self.backbone, self.pfc, [next(self.batches)], [self.opt_b, self.opt_fc],
+                           None, None, 5.0)
             self.state.step += 1
             losses.append(r.loss)
         return losses
@@ -52,7 +55,8 @@ class Run:
                                     opt_fc=self.opt_fc, scaler=None, loader=self.loader, keep=keep)
 
     def load(self, path: Path) -> None:
-        self.state = ckpt.load_checkpoint(path, backbone=self.backbone, partial_fc=self.pfc, opt_backbone=self.opt_b,
+        self.state = ckpt.load_checkpoint(path, backbone=self.backbone, partial_fc=self.pfc,
+                                          opt_backbone=self.opt_b,
                                           opt_fc=self.opt_fc, scaler=None, loader=self.loader,
                                           device=torch.device("cpu"))
         self.batches = iter(self._forever())
@@ -115,7 +119,8 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / ckpt.CHECKPOINTS / ckpt.LATEST).read_text().strip() == first.name
     assert not (tmp_path / ckpt.CHECKPOINTS / ckpt.step_dir_name(4)).exists()
     leftovers = [p.name for p in (tmp_path / ckpt.CHECKPOINTS).rglob("*") if p.name.endswith(".tmp")]
-    assert leftovers == [ckpt.step_dir_name(4) + ".tmp"]  # only the unfinished folder, never under a final name
+    # only the unfinished folder, never anything under a final name
+    assert leftovers == [ckpt.step_dir_name(4) + ".tmp"]
     b = Run(seed=3)
     b.load(ckpt.find_checkpoint(tmp_path))
     assert b.state.step == 2

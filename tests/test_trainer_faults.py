@@ -3,7 +3,6 @@ non-finite steps are skipped, counted, and stop the run after `max_nan_steps` in
 are skipped by the reader and counted in metrics.jsonl; a bad config is a one-line error."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,8 @@ def data(tmp_path_factory) -> Path:
     with IndexedRecordIO(data / "bad-00000.idx", data / "bad-00000.rec", "w") as w:
         for i in range(300):
             key = 10**6 + i
-            w.write_idx(key, pack_record(IRHeader(0, float(i % m["num_classes"]), key, 0), b"\xff\xd8\xff broken"))
+            header = IRHeader(0, float(i % m["num_classes"]), key, 0)
+            w.write_idx(key, pack_record(header, b"\xff\xd8\xff broken"))
     m["shards"].append(shard_entry(data, "bad-00000.rec", "bad-00000.idx", 300))
     m["num_images"] += 300
     write_manifest(data, m)
@@ -79,7 +79,8 @@ def test_nan_steps_skipped_and_counted_corrupt_records_counted(data, tmp_path, m
 def test_too_many_nan_steps_in_a_row_stop_the_run(data, tmp_path, monkeypatch, capsys):
     _poison(monkeypatch, {2, 3, 4, 5, 6})
     out = tmp_path / "run"
-    code = trainer_main.main([*ARGS, "--data", str(data), "--output", str(out), "max_steps=8", "max_nan_steps=3",
+    code = trainer_main.main([*ARGS, "--data", str(data), "--output", str(out), "max_steps=8",
+                              "max_nan_steps=3",
                               "save_every=1"])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -6,7 +6,6 @@ torchrun agents (--nnodes=2, c10d on loopback) repeat its first steps and must g
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -78,7 +77,8 @@ def _mean(records: list[dict]) -> float:
 def test_resume_on_one_rank_continues(base_run, data, tmp_path):
     out = tmp_path / "out1"
     # the same global batch (16) on one rank; plain `python trainer/main.py`
-    run_trainer(0, ["--config", "cpu_demo", "--data", str(data), "--output", str(out), "--resume", str(base_run),
+    run_trainer(0, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
+                    "--resume", str(base_run),
                     *FAST, "batch_size=16", f"max_steps={STEPS + 4}"])
     before = train_records(base_run)
     after = _resumed(out)
@@ -94,7 +94,8 @@ def test_resume_on_one_rank_continues(base_run, data, tmp_path):
 
 def test_resume_on_three_ranks(base_run, data, tmp_path):
     out = tmp_path / "out3"
-    run_trainer(3, ["--config", "cpu_demo", "--data", str(data), "--output", str(out), "--resume", str(base_run),
+    run_trainer(3, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
+                    "--resume", str(base_run),
                     *FAST, "batch_size=5", f"max_steps={STEPS + 2}", "val_targets=[]"])
     after = _resumed(out)
     assert [r["step"] for r in after] == [STEPS + 1, STEPS + 2]
@@ -135,8 +136,8 @@ def test_killed_worker_resumes_under_max_restarts(data, tmp_path):
     total = 10
     cmd = torchrun_cmd(2, ["--config", "cpu_demo", "--data", str(data), "--output", str(out), *FAST,
                            f"max_steps={total}", "save_every=3", "val_targets=[]"], max_restarts=1)
-    agent = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    agent = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
         while ckpt.find_checkpoint(out) is None:

@@ -1,5 +1,4 @@
 """Learning-rate schedule: warmup then poly / cosine, a pure function of the step."""
-import math
 
 import pytest
 import torch

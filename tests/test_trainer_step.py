@@ -28,7 +28,8 @@ STEPS = 3
 
 def _data(step: int):
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g), torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g)
+    images = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g)
+    return images, torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g)
 
 
 def _run(rank: int, world: int, accumulation: int, optimizer: str, nan_step: int = -1,
@@ -38,18 +39,21 @@ def _run(rank: int, world: int, accumulation: int, optimizer: str, nan_step: int
     cfg = Config(optimizer=optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999), eps=1e-8)
     net = TinyNet()
     backbone = DistributedDataParallel(net) if world > 1 else net
-    pfc = PartialFC(CombinedMarginLoss(16.0, 1.0, 0.3, 0.0), 16, NUM_CLASSES, embedding_grad_scale=world, seed=3)
+    pfc = PartialFC(CombinedMarginLoss(16.0, 1.0, 0.3, 0.0), 16, NUM_CLASSES, embedding_grad_scale=world,
+                    seed=3)
     opts = [build_optimizer(cfg, net.parameters()), build_optimizer(cfg, pfc.parameters(), row_sparse=True)]
     per_rank = GLOBAL_BATCH // world
     results = []
     for step in range(STEPS):
         images, labels = _data(step)
-        images, labels = images[rank * per_rank:(rank + 1) * per_rank], labels[rank * per_rank:(rank + 1) * per_rank]
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        images, labels = images[mine], labels[mine]
         if step == nan_step and rank == nan_rank:
             images = images.clone()
             images[0, 0, 0, 0] = float("nan")
         micro = per_rank // accumulation
-        batches = [(images[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro]) for i in range(accumulation)]
+        parts = [slice(i * micro, (i + 1) * micro) for i in range(accumulation)]
+        batches = [(images[p], labels[p]) for p in parts]
         results.append(train_step(backbone, pfc, batches, opts, None, None, clip_grad_norm=0.0))
     full = gather_to(pfc.weight.detach())
     return {"backbone": {k: v.clone() for k, v in net.state_dict().items()}, "fc": full, "results": results}
@@ -77,7 +81,8 @@ def run_world(world: int, **kwargs) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, world, port, kwargs, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    outs = {r: torch.load(io.BytesIO(b), weights_only=False) for r, b in (queue.get(timeout=120) for _ in procs)}
+    received = [queue.get(timeout=120) for _ in procs]
+    outs = {r: torch.load(io.BytesIO(b), weights_only=False) for r, b in received}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0

@@ -166,7 +166,8 @@ def _load_head_state(partial_fc: torch.nn.Module, opt_fc: torch.optim.Optimizer,
     def local(name: str, value):
         if reshard and name in per_class and torch.is_tensor(value) and value.dim() >= 1:
             if value.shape[0] != num_classes:
-                raise CheckpointError(f"head state {name} has {value.shape[0]} rows for {num_classes} classes")
+                raise CheckpointError(f"head state {name} has {value.shape[0]} rows for "
+                                      f"{num_classes} classes")
             return value[start: start + count]
         return value
 
@@ -312,11 +313,13 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
     return steps[-1][1] if steps else None
 
 
-def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: torch.nn.Module, path: Path) -> None:
+def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: torch.nn.Module,
+                      path: Path) -> None:
     if saved["num_classes"] != partial_fc.num_classes or saved["embedding_size"] != partial_fc.embedding_size:
         raise CheckpointError(
-            f"{path} was trained for {saved['num_classes']} classes x {saved['embedding_size']}-d embeddings; "
-            f"this run has {partial_fc.num_classes} x {partial_fc.embedding_size} (another dataset or config?)")
+            f"{path} was trained for {saved['num_classes']} classes x {saved['embedding_size']}-d "
+            f"embeddings; this run has {partial_fc.num_classes} x {partial_fc.embedding_size} "
+            f"(another dataset or config?)")
     current = backbone.state_dict()
     saved_keys, keys = set(saved["backbone"]), set(current)
     if saved_keys != keys:

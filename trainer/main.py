@@ -74,7 +74,8 @@ def init_distributed() -> tuple[torch.device, int]:
     if world_size > 1:
         backend, timeout = ("nccl" if use_cuda else "gloo"), timedelta(minutes=30)
         env = os.environ
-        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0:
+        restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarted:
             # torchrun's agent keeps one TCPStore across worker restarts, so a restarted worker would
             # read the dead workers' addresses left in it and never connect. Scope this attempt's keys by
             # the restart count, which a single agent (one node) reports alike to all its workers.
@@ -149,7 +150,7 @@ def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], row_spars
 
 
 def resolve_val_targets(cfg: Config) -> dict[str, str]:
-    """Target name -> path; a bare name is looked up in the data folder (with ".bin" added), as insightface."""
+    """Target name -> path; a bare name is also looked up in the data folder, ".bin" added (insightface)."""
     targets = {}
     for item in cfg.val_targets:
         path = Path(item)
@@ -162,6 +163,20 @@ def resolve_val_targets(cfg: Config) -> dict[str, str]:
             raise ConfigError(f"val target {item!r} not found (looked for {', '.join(map(str, candidates))})")
         targets[path.stem if path.suffix in (".bin", ".txt") else path.name] = str(found)
     return targets
+
+
+def wrap_ddp(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around the backbone when there are several ranks (else the backbone itself).
+
+    DDP broadcasts rank 0's weights (a resumed backbone is the same on every rank anyway). BatchNorm
+    statistics stay per rank, as in insightface (model.pt keeps rank 0's).
+    """
+    if get_world_size() == 1:
+        return backbone
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+        inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
+    return DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_buffer_sync)
 
 
 def micro_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -345,23 +360,14 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if rank == 0:
         ckpt.write_config(output, cfg)
 
-    if world_size > 1:
-        # DDP broadcasts rank 0's weights (a resumed backbone is the same on every rank anyway).
-        # BatchNorm statistics stay per rank, as in insightface (model.pt keeps rank 0's).
-        no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-            inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
-        ddp_backbone = DistributedDataParallel(
-            backbone, device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True, **no_buffer_sync)
-    else:
-        ddp_backbone = backbone
+    ddp_backbone = wrap_ddp(backbone, device)
 
     steps_per_epoch = loader.steps_per_epoch / cfg.gradient_acc  # optimizer steps
     # The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed
     # with a larger max_steps follows the same schedule as one that never stopped).
     schedule_steps = max(1, math.ceil(cfg.num_epoch * steps_per_epoch))
-    schedule = LRSchedule(cfg.lr, schedule_steps, min(schedule_steps, round(cfg.warmup_epoch * steps_per_epoch)),
-                          cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
+    warmup_steps = min(schedule_steps, round(cfg.warmup_epoch * steps_per_epoch))
+    schedule = LRSchedule(cfg.lr, schedule_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else schedule_steps
     samples_per_step = cfg.batch_size * cfg.gradient_acc * world_size
     logger.info("%s: %s on %d rank(s) (%s), %d classes, %d optimizer steps of %d samples, amp=%s",
@@ -385,8 +391,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
             t0 = time.perf_counter()
             results = evaluate(backbone, targets, cfg, device)
             metrics.eval(step, results)
-            logger.info("step %d eval (%.1fs): %s", step, time.perf_counter() - t0,
-                        ", ".join(f"{k} acc={v['acc']:.4f}+-{v.get('std', 0):.4f}" for k, v in results.items()))
+            summary = ", ".join(f"{k} acc={v['acc']:.4f}+-{v.get('std', 0):.4f}" for k, v in results.items())
+            logger.info("step %d eval (%.1fs): %s", step, time.perf_counter() - t0, summary)
         barrier()  # the other ranks wait while rank 0 evaluates
         return results
 
@@ -416,7 +422,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                                    state.nan_steps)
                     if state.nan_in_a_row >= cfg.max_nan_steps:
                         raise NonFiniteLossError(
-                            f"{state.nan_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                            f"{state.nan_in_a_row} optimizer steps in a row had a non-finite loss or "
+                            f"gradient "
                             f"(max_nan_steps={cfg.max_nan_steps}); stopping at step {step}. Lower the lr, "
                             f"use amp=bf16 or fp32, or resume from the last checkpoint in {output}")
             else:
@@ -434,8 +441,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 last_record = metrics.flush(step, loader.epoch, lr, extra) or last_record
             if cfg.verbose > 0 and step % cfg.verbose == 0 and step < total_steps:
                 last_eval = run_eval(step) or last_eval
-            if step < total_steps and (
-                    (cfg.save_every > 0 and step % cfg.save_every == 0) or (cfg.save_epoch_end and epoch_done)):
+            periodic = cfg.save_every > 0 and step % cfg.save_every == 0
+            if step < total_steps and (periodic or (cfg.save_epoch_end and epoch_done)):
                 save(step)
             if epoch_done:
                 epoch_at_start = loader.epoch

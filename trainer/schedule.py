@@ -28,7 +28,8 @@ class LRSchedule:
         if self.total_steps < 1:
             raise ValueError(f"the schedule needs at least one step, got total_steps={self.total_steps}")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must lie in [0, total_steps={self.total_steps}]")
+            raise ValueError(f"warmup_steps={self.warmup_steps} must lie in "
+                             f"[0, total_steps={self.total_steps}]")
 
     def lr(self, step: int) -> float:
         """The rate for optimizer step `step` (0-based: the first update uses lr(0))."""

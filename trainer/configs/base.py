@@ -25,7 +25,8 @@ config.loader_backend = "auto"  # "dali" on CUDA, "torch" on CPU
 config.num_threads = 2  # decoding threads per rank
 config.augment = None  # passed to pipeline.loader.build_train_loader (None: the loader's default)
 config.batch_size = 128  # per rank, per micro step
-config.gradient_acc = 1  # micro steps per optimizer step; the global batch is batch_size * gradient_acc * world
+# micro steps per optimizer step: the global batch is batch_size * gradient_acc * world size
+config.gradient_acc = 1
 
 # Optimizer: "sgd" or "adamw". One learning rate for backbone and FC, as insightface.
 config.optimizer = "sgd"
