@@ -40,6 +40,7 @@ from pipeline.pack import ShardWriter
 from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, frame_record, pack_record, read_frame,
                                read_index, unpack_record)
 
+from .lock import DatasetLock, LockBusy
 from .masker import MODE_CHOICES, MODES, NOSE_COVERED, Masker
 from .shapes import MASK_TYPES
 
@@ -313,16 +314,23 @@ def _unlink(paths) -> None:
 
 
 def build(opts: BuildOptions) -> dict:
-    """Run the build; return the new manifest."""
+    """Run the build under the dataset's lock; return the new manifest."""
     data = Path(opts.data)
     if opts.mode not in MODE_CHOICES:
         raise BuildError(f"--mode must be one of {', '.join(MODE_CHOICES)}")
     if not 0 < opts.ratio <= 1:
         raise BuildError(f"--ratio must be in (0, 1], got {opts.ratio}")
     try:
-        manifest = load_manifest(data)
+        load_manifest(data)  # a folder that is no dataset gets no lock file either
+        with DatasetLock(data):
+            return _build(opts, data, load_manifest(data))
     except ManifestError as e:
         raise BuildError(str(e)) from None
+    except LockBusy as e:
+        raise BuildError(str(e)) from None
+
+
+def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
     _unlink(_stale_files(data, manifest))
     base = [s for s in manifest["shards"] if s.get("kind", "train") != MASKED_KIND]
     old = [s for s in manifest["shards"] if s.get("kind", "train") == MASKED_KIND]

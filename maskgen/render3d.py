@@ -69,20 +69,27 @@ def rasterize_uv(vertices: np.ndarray, uv: np.ndarray, triangles: np.ndarray, wi
     inside = (la >= eps) & (lb >= eps) & (lc >= eps)
     owner, px, py, la, lb, lc = owner[inside], px[inside], py[inside], la[inside], lb[inside], lc[inside]
     t = triangles[tri[owner]]
-    z = la * vertices[t[:, 0], 2] + lb * vertices[t[:, 1], 2] + lc * vertices[t[:, 2], 2]
     pixel = py * width + px
-    # One sort by pixel, then depth within a pixel: depth rescaled into [0, 0.5) rides below the integer.
-    zr = z - z.min()
-    key = pixel + zr * (0.5 / max(float(zr.max()), 1e-12))
-    order = np.argsort(key)
-    pixel = pixel[order]
-    first = np.ones(pixel.size, bool)
-    first[1:] = pixel[1:] != pixel[:-1]
-    pick = order[first]
+    # Most pixels have one candidate: they need no depth test. The rest (shared edges, and where the
+    # nose or a turned cheek hides the surface behind) are sorted by pixel, then depth within a pixel:
+    # depth rescaled into [0, 0.5) rides below the integer; the nearest comes first.
+    shared = np.bincount(pixel, minlength=width * height)[pixel] > 1
+    pick = np.flatnonzero(~shared)
+    contested = np.flatnonzero(shared)
+    if contested.size:
+        tc_ = t[contested]
+        z = la[contested] * vertices[tc_[:, 0], 2] + lb[contested] * vertices[tc_[:, 1], 2] + \
+            lc[contested] * vertices[tc_[:, 2], 2]
+        zr = z - z.min()
+        key = pixel[contested] + zr * (0.5 / max(float(zr.max()), 1e-12))
+        order = contested[np.argsort(key)]
+        first = np.ones(order.size, bool)
+        first[1:] = pixel[order[1:]] != pixel[order[:-1]]
+        pick = np.concatenate([pick, order[first]])
     t = t[pick]
     la, lb, lc = la[pick], lb[pick], lc[pick]
     flat = uvmap.reshape(-1, 2)
-    where = pixel[first]
+    where = pixel[pick]
     for k in range(2):
         flat[where, k] = la * uv[t[:, 0], k] + lb * uv[t[:, 1], k] + lc * uv[t[:, 2], k]
     covered.reshape(-1)[where] = True
@@ -96,6 +103,8 @@ class MeshRenderer:
         self.asset = asset or load_asset()
         self.canvas = canvas
         self._uv_sign = np.sign(_uv_cross(self.asset.uv, self.asset.triangles))
+        tuv = self.asset.uv[self.asset.triangles]  # per triangle: its UV box, for triangles_in
+        self._uv_lo, self._uv_hi = tuv.min(1), tuv.max(1)
 
     def uv_map(self, landmarks: np.ndarray, width: int, height: int, triangles: Optional[np.ndarray] = None,
                pose: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -114,9 +123,8 @@ class MeshRenderer:
         u, v = c.axes()
         u_lo, u_hi = u[cols.argmax()], u[len(cols) - 1 - cols[::-1].argmax()]
         v_lo, v_hi = v[rows.argmax()], v[len(rows) - 1 - rows[::-1].argmax()]
-        tuv = self.asset.uv[self.asset.triangles]
-        keep = (tuv[..., 0].max(1) >= u_lo) & (tuv[..., 0].min(1) <= u_hi) & \
-               (tuv[..., 1].max(1) >= v_lo) & (tuv[..., 1].min(1) <= v_hi)
+        lo, hi = self._uv_lo, self._uv_hi
+        keep = (hi[:, 0] >= u_lo) & (lo[:, 0] <= u_hi) & (hi[:, 1] >= v_lo) & (lo[:, 1] <= v_hi)
         return np.flatnonzero(keep)
 
     def render(self, landmarks: np.ndarray, texture: np.ndarray, width: int, height: int,

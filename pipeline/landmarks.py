@@ -44,18 +44,177 @@ _FIVE_POINT_BIAS = np.array([[0.008, -0.004], [0.020, -0.001], [0.014, -0.016], 
 # this fixed region differ from FaceMesh's detector-driven ones by 1.05 px on average (112 px crops).
 ARCFACE_ROI = (0.501, 0.609, 1.219)
 
+# FaceMesh's landmark model alone, in a given region: what MediaPipe's FaceLandmarkCpu subgraph does
+# (region to a 192x192 tensor in [0, 1], the model, sigmoid face score, landmarks projected back), minus
+# its switch containers and gate. The graph runs on the calling thread (ApplicationThreadExecutor) and
+# the model's XNNPACK delegate on one thread: worker processes are the parallelism, and extra threads
+# per graph only hand work back and forth or spin against them (with 2 XNNPACK threads on 2 busy
+# cores a crop cost 3x the CPU time). The score is read out and gated in Python.
 _ROI_GRAPH = """
 input_stream: "image"
 input_stream: "roi"
-output_stream: "face_landmarks"
+output_stream: "landmarks"
+output_stream: "score"
+executor { type: "ApplicationThreadExecutor" }
 node {
-  calculator: "FaceLandmarkCpu"
+  calculator: "ImageToTensorCalculator"
   input_stream: "IMAGE:image"
-  input_stream: "ROI:roi"
-  input_side_packet: "WITH_ATTENTION:with_attention"
-  output_stream: "LANDMARKS:face_landmarks"
+  input_stream: "NORM_RECT:roi"
+  output_stream: "TENSORS:input_tensors"
+  options { [mediapipe.ImageToTensorCalculatorOptions.ext] {
+    output_tensor_width: 192 output_tensor_height: 192 output_tensor_float_range { min: 0 max: 1 } } }
+}
+node {
+  calculator: "InferenceCalculatorCpu"
+  input_stream: "TENSORS:input_tensors"
+  output_stream: "TENSORS:output_tensors"
+  options { [mediapipe.InferenceCalculatorOptions.ext] {
+    model_path: "mediapipe/modules/face_landmark/face_landmark.tflite"
+    delegate { xnnpack { num_threads: 1 } } } }
+}
+node {
+  calculator: "SplitTensorVectorCalculator"
+  input_stream: "output_tensors"
+  output_stream: "landmark_tensors"
+  output_stream: "flag_tensor"
+  options { [mediapipe.SplitVectorCalculatorOptions.ext] { ranges { begin: 0 end: 1 } ranges { begin: 1 end: 2 } } }
+}
+node {
+  calculator: "TensorsToFloatsCalculator"
+  input_stream: "TENSORS:flag_tensor"
+  output_stream: "FLOAT:score"
+  options { [mediapipe.TensorsToFloatsCalculatorOptions.ext] { activation: SIGMOID } }
+}
+node {
+  calculator: "TensorsToLandmarksCalculator"
+  input_stream: "TENSORS:landmark_tensors"
+  output_stream: "NORM_LANDMARKS:roi_landmarks"
+  options { [mediapipe.TensorsToLandmarksCalculatorOptions.ext] {
+    num_landmarks: 468 input_image_width: 192 input_image_height: 192 } }
+}
+node {
+  calculator: "LandmarkProjectionCalculator"
+  input_stream: "NORM_LANDMARKS:roi_landmarks"
+  input_stream: "NORM_RECT:roi"
+  output_stream: "NORM_LANDMARKS:landmarks"
 }
 """
+FACE_SCORE = 0.5  # FaceLandmarkCpu's threshold on the sigmoid face score
+_PB_STRIDE = 17  # bytes per serialised NormalizedLandmark with x, y, z only: 0a 0f 0d <x> 15 <y> 1d <z>
+
+
+def import_mediapipe(*modules: str) -> list:
+    """The named mediapipe modules, without running `mediapipe/__init__.py` when mediapipe is not loaded yet.
+
+    That file imports every solution and task API, matplotlib and sounddevice with them: about 0.7 s of
+    CPU in each worker process, for nothing the landmarks need. The packages `mediapipe` and
+    `mediapipe.python.solutions` are registered without running their __init__; the first attribute
+    another user looks up on either runs it then (PEP 562), so `import mediapipe as mp; mp.solutions...`
+    elsewhere in the process still works.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("mediapipe") is None:  # the `mask` extra
+        raise ImportError("face landmarks need mediapipe==0.10.21 (pip install 'facetrain[mask]')")
+    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging: warnings and up only
+    for name in ("mediapipe", "mediapipe.python.solutions"):
+        if name not in sys.modules:
+            _register_without_init(name)
+    return [importlib.import_module(m) for m in modules]
+
+
+def _register_without_init(name: str) -> None:
+    import importlib.util
+    import sys
+
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+
+    def complete(attr: str):
+        del module.__getattr__
+        spec.loader.exec_module(module)
+        return getattr(module, attr)
+
+    module.__getattr__ = complete
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+
+
+class RoiLandmarker:
+    """FaceMesh's landmark model in a known square region of an image: no face detector, and none of the
+    Python solution wrapper's per-call work (about 2.8 ms of CPU per 112x112 crop against 3.9 through
+    `mp.solutions` on the same graph)."""
+
+    def __init__(self) -> None:
+        text_format, calculator_pb2, rect_pb2, graph_mod, resource_util, creator, getter, frame, raw_getter = \
+            import_mediapipe(
+                "google.protobuf.text_format", "mediapipe.framework.calculator_pb2",
+                "mediapipe.framework.formats.rect_pb2", "mediapipe.python._framework_bindings.calculator_graph",
+                "mediapipe.python._framework_bindings.resource_util", "mediapipe.python.packet_creator",
+                "mediapipe.python.packet_getter", "mediapipe.python._framework_bindings.image_frame",
+                "mediapipe.python._framework_bindings._packet_getter")
+        # The calculators' option extensions must be in the protobuf pool before the graph text is parsed.
+        import_mediapipe("mediapipe.calculators.tensor.image_to_tensor_calculator_pb2",
+                         "mediapipe.calculators.tensor.inference_calculator_pb2",
+                         "mediapipe.calculators.core.split_vector_calculator_pb2",
+                         "mediapipe.calculators.tensor.tensors_to_floats_calculator_pb2",
+                         "mediapipe.calculators.tensor.tensors_to_landmarks_calculator_pb2")
+        import importlib.util
+
+        # Model paths in the graph are relative to site-packages, as MediaPipe's own solutions set it.
+        site = os.path.dirname(list(importlib.util.find_spec("mediapipe").submodule_search_locations)[0])
+        resource_util.set_resource_dir(site)
+        self._rect = rect_pb2.NormalizedRect
+        self._creator, self._getter, self._raw, self._srgb = creator, getter, raw_getter, frame.ImageFormat.SRGB
+        self._out: dict = {}
+        self._graph = graph_mod.CalculatorGraph(
+            graph_config=text_format.Parse(_ROI_GRAPH, calculator_pb2.CalculatorGraphConfig()))
+        for stream in ("landmarks", "score"):
+            self._graph.observe_output_stream(stream, lambda s, p: self._out.__setitem__(s, p))
+        self._graph.start_run()
+        self._ts = 0
+
+    def close(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
+
+    def __call__(self, rgb: np.ndarray, roi: tuple[float, float, float] = ARCFACE_ROI) -> Optional[np.ndarray]:
+        """`[468, 3]` points for the square region `roi` (centre x, y and side as shares of the image's
+        width, height and larger side), or None when the model's face score is under 0.5."""
+        rgb = as_rgb(rgb)
+        h, w = rgb.shape[:2]
+        cx, cy, side = roi
+        rect = self._rect(x_center=cx, y_center=cy, width=side * max(h, w) / w, height=side * max(h, w) / h,
+                          rotation=0.0)
+        self._ts += 1
+        self._out.clear()
+        self._graph.add_packet_to_input_stream(
+            "image", self._creator.create_image_frame(image_format=self._srgb, data=rgb).at(self._ts))
+        self._graph.add_packet_to_input_stream("roi", self._creator.create_proto(rect).at(self._ts))
+        self._graph.wait_until_idle()
+        if self._getter.get_float(self._out["score"]) < FACE_SCORE:
+            return None
+        raw = self._raw._get_serialized_proto(self._out["landmarks"])
+        return landmark_array(raw) * (w, h, w) - (0.5, 0.5, 0.0)
+
+
+def landmark_array(raw: bytes) -> np.ndarray:
+    """`[N, 3]` float64 (x, y, z) from a serialised NormalizedLandmarkList: read straight from its bytes
+    when every landmark holds exactly x, y and z (MediaPipe's output here), otherwise through protobuf."""
+    buf = np.frombuffer(raw, np.uint8)
+    if buf.size % _PB_STRIDE == 0:
+        rows = buf.reshape(-1, _PB_STRIDE)
+        if (rows[:, :3] == (0x0A, 0x0F, 0x0D)).all() and (rows[:, 7] == 0x15).all() and (rows[:, 12] == 0x1D).all():
+            values = np.ascontiguousarray(rows[:, 2:].reshape(-1, 3, 5)[:, :, 1:]).view("<f4")
+            return values.reshape(-1, 3).astype(np.float64)
+    (landmark_pb2,) = import_mediapipe("mediapipe.framework.formats.landmark_pb2")
+    parsed = landmark_pb2.NormalizedLandmarkList.FromString(raw)
+    return np.array([(p.x, p.y, p.z) for p in parsed.landmark], dtype=np.float64).reshape(-1, 3)
 
 
 def landmarks_roi(points: np.ndarray, width: int, height: int) -> tuple[float, float, float]:
@@ -129,49 +288,31 @@ class FaceMeshDetector:
 
     The detector inside FaceMesh misses faces that fill the frame; a border around the image gives it the
     context it was trained with. One instance per process: MediaPipe graphs are not shared across forks.
+    Each graph (the whole FaceMesh, the landmark model alone) is built the first time it is used.
     """
 
     def __init__(self, min_confidence: float = 0.5, pads: Sequence[float] = (0.0, 0.25, 0.5, 1.0)) -> None:
-        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging: warnings and up only
-        try:
-            import mediapipe as mp
-        except ImportError as e:  # the `mask` extra
-            raise ImportError("face landmarks need mediapipe==0.10.21 (pip install 'facetrain[mask]')") from e
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, max_num_faces=1, refine_landmarks=False,
-            min_detection_confidence=min_confidence)
-        self._roi_graph = None
+        import_mediapipe()  # fails now, with the reason, when mediapipe is missing
+        self.min_confidence = min_confidence
+        self._mesh = None
+        self._roi: Optional[RoiLandmarker] = None
         self.pads = tuple(pads)
 
     def close(self) -> None:
-        self._mesh.close()
-        if self._roi_graph is not None:
-            self._roi_graph.close()
+        if self._mesh is not None:
+            self._mesh.close()
+            self._mesh = None
+        if self._roi is not None:
+            self._roi.close()
+            self._roi = None
 
     def process_roi(self, rgb: np.ndarray, roi: tuple[float, float, float] = ARCFACE_ROI) -> Optional[np.ndarray]:
         """FaceMesh's landmark model alone, in a known square region (centre x, y and side as shares of
-        the image width/height): no face detector, so about half the cost. None when the model's
+        the image width/height): no face detector, so less than half the cost. None when the model's
         face-presence score says there is no face there."""
-        rgb = as_rgb(rgb)
-        if self._roi_graph is None:
-            from google.protobuf import text_format
-            from mediapipe.framework import calculator_pb2
-            from mediapipe.python.solution_base import SolutionBase
-
-            config = text_format.Parse(_ROI_GRAPH, calculator_pb2.CalculatorGraphConfig())
-            self._roi_graph = SolutionBase(graph_config=config, side_inputs={"with_attention": False},
-                                           outputs=["face_landmarks"])
-        from mediapipe.framework.formats import rect_pb2
-
-        h, w = rgb.shape[:2]
-        cx, cy, side = roi
-        rect = rect_pb2.NormalizedRect(x_center=cx, y_center=cy, width=side * max(h, w) / w,
-                                       height=side * max(h, w) / h, rotation=0.0)
-        result = self._roi_graph.process({"image": rgb, "roi": rect})
-        if result.face_landmarks is None:
-            return None
-        pts = np.array([(p.x, p.y, p.z) for p in result.face_landmarks.landmark], dtype=np.float64)
-        return pts * (w, h, w) - (0.5, 0.5, 0.0)
+        if self._roi is None:
+            self._roi = RoiLandmarker()
+        return self._roi(rgb, roi)
 
     def __enter__(self) -> "FaceMeshDetector":
         return self
@@ -181,6 +322,10 @@ class FaceMeshDetector:
 
     def process(self, rgb: np.ndarray) -> Optional[np.ndarray]:
         """One FaceMesh pass: `[468, 3]` float64 points, or None when it finds no face."""
+        if self._mesh is None:
+            (face_mesh,) = import_mediapipe("mediapipe.python.solutions.face_mesh")
+            self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
+                                            min_detection_confidence=self.min_confidence)
         rgb = as_rgb(rgb)
         h, w = rgb.shape[:2]
         result = self._mesh.process(rgb)

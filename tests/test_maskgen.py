@@ -333,3 +333,73 @@ def test_jpeg_quality_is_read_from_the_tables():
     png = cv2.imencode(".png", img)[1].tobytes()
     assert jpeg_quality(png) is None
     assert jpeg_quality(b"not an image") is None
+
+
+def test_landmark_bytes_are_read_as_protobuf_reads_them():
+    from mediapipe.framework.formats import landmark_pb2
+
+    from pipeline.landmarks import landmark_array
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(468, 3)).astype(np.float32)
+    plain = landmark_pb2.NormalizedLandmarkList()
+    for x, y, z in values:
+        plain.landmark.add(x=x, y=y, z=z)
+    np.testing.assert_array_equal(landmark_array(plain.SerializeToString()), values.astype(np.float64))
+    plain.landmark[5].visibility = 0.5  # another layout: the protobuf path
+    np.testing.assert_array_equal(landmark_array(plain.SerializeToString()), values.astype(np.float64))
+
+
+_REFERENCE_LANDMARKS = """
+import sys
+import numpy as np
+from google.protobuf import text_format
+from mediapipe.framework import calculator_pb2
+from mediapipe.framework.formats import rect_pb2
+from mediapipe.python.solution_base import SolutionBase
+
+crops = np.load(sys.argv[1])
+config = text_format.Parse(
+    'input_stream: "image" input_stream: "roi" output_stream: "face_landmarks" '
+    'node { calculator: "FaceLandmarkCpu" input_stream: "IMAGE:image" input_stream: "ROI:roi" '
+    'input_side_packet: "WITH_ATTENTION:with_attention" output_stream: "LANDMARKS:face_landmarks" }',
+    calculator_pb2.CalculatorGraphConfig())
+graph = SolutionBase(graph_config=config, side_inputs={"with_attention": False}, outputs=["face_landmarks"])
+cx, cy, side = (float(v) for v in sys.argv[3:6])
+rect = rect_pb2.NormalizedRect(x_center=cx, y_center=cy, width=side, height=side, rotation=0.0)
+out = np.full((len(crops), 468, 3), np.nan)
+for i, crop in enumerate(crops):
+    marks = graph.process({"image": crop, "roi": rect}).face_landmarks
+    if marks is not None:
+        out[i] = [(p.x, p.y, p.z) for p in marks.landmark]
+np.save(sys.argv[2], out)
+"""
+
+
+def test_lean_landmark_graph_equals_mediapipes_face_landmark_subgraph(glint_crops, tmp_path):
+    """pipeline.landmarks' own graph gives FaceLandmarkCpu's landmarks, bit for bit, and its no-face.
+
+    The reference is MediaPipe's subgraph through its solution wrapper, in a clean process (with the full
+    `import mediapipe`, as MediaPipe's own solutions run it)."""
+    import subprocess
+    import sys
+
+    from pipeline.landmarks import ARCFACE_ROI, RoiLandmarker
+
+    crops = np.stack(glint_crops[:6] + [np.full((112, 112, 3), 128, np.uint8)])
+    np.save(tmp_path / "crops.npy", crops)
+    subprocess.run([sys.executable, "-c", _REFERENCE_LANDMARKS, str(tmp_path / "crops.npy"), str(tmp_path / "ref.npy"),
+                    *map(str, ARCFACE_ROI)], check=True, capture_output=True)
+    reference = np.load(tmp_path / "ref.npy")
+    lean = RoiLandmarker()
+    try:
+        for crop, expected in zip(crops, reference):
+            mine = lean(crop)
+            if np.isnan(expected).all():
+                assert mine is None
+                continue
+            np.testing.assert_allclose(mine, expected * 112 - (0.5, 0.5, 0.0), atol=1e-9)
+        assert mine is None and np.isnan(reference[-1]).all()  # the grey square has no face
+        assert not np.isnan(reference[:-1]).any()
+    finally:
+        lean.close()

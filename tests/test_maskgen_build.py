@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from pipeline.recordio import IndexedRecordIO, unpack_record
 from pipeline.verify import verify
 
 from ._maskgen_helpers import small_image_folder
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 IDENTITIES, PER_IDENTITY = 4, 6
 
@@ -224,3 +227,28 @@ def test_folder_command(glint24, tmp_path):
     assert written == sorted(p.relative_to(src) for p in src.rglob("*.png"))
     meta = [json.loads(line) for line in (out / "maskgen-meta.jsonl").read_text().splitlines()]
     assert len(meta) == 4 and all(r["mode"] in ("2d", "3d") for r in meta)
+
+
+@pytest.mark.slow
+def test_concurrent_builds_are_locked_out_and_a_killed_holder_leaves_no_lock(data):
+    before = _files(data)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from maskgen.lock import DatasetLock; "
+                               "DatasetLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
+                               str(data)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = run_cli("maskgen", "build", "--data", str(data), "--ratio", "0.25", "--workers", "1",
+                       "--no-progress", check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+        assert f"pid {holder.pid}" in proc.stderr
+        with pytest.raises(build_mod.BuildError, match=f"pid {holder.pid}"):
+            build(BuildOptions(data, ratio=0.25, workers=1, progress=False))
+        assert {k: v for k, v in _files(data).items() if k != "maskgen.lock"} == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (data / "maskgen.lock").exists()  # the killed run's file stays; its flock died with it
+    build(BuildOptions(data, ratio=0.25, workers=1, progress=False))
+    assert load_manifest(data)["maskgen"]["count"] == 6
+    assert not (data / "maskgen.lock").exists()
