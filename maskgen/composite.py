@@ -1,5 +1,6 @@
 """Putting a rendered mask layer onto the photo so that it belongs there: the face's lighting, the crop's
-blur, noise and colour cast, a soft contact shadow, feathered edges, and grey masks on grey photos.
+blur, noise and colour cast, a soft contact shadow, feathered edges, and grey (or toned) masks on
+grey (or toned) photos.
 
 A sharp, clean, evenly lit mask on a blurred, noisy crop would be a shortcut a network learns instead of
 the face; every statistic the mask gets here is measured on the crop itself.
@@ -21,13 +22,20 @@ REBLUR_SIGMA = 1.0
 GRADIENT_BLUR = 0.8
 
 
+# One-hue photos (black and white, toned, duotone) vary in chroma around their tint by at most this much
+# (95th percentile of the per-pixel distance from the mean (a, b), CIELAB units): at most 3.7 on the
+# one-hue glint24 crops, at least 5.5 on the colour ones (a cold-graded still, then sepia prints).
+MONO_CHROMA = 4.5
+
+
 @dataclass(frozen=True)
 class CropStats:
     """What the mask is matched to, measured on the crop."""
 
-    grey: bool
+    grey: bool  # one hue: a black-and-white or toned photo; the mask takes its luminance and the tint
     blur: float  # Gaussian sigma of the crop's edges, pixels
     noise: float  # noise sigma, in [0, 1] units
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)  # a one-hue photo's RGB per unit of luma
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -38,21 +46,44 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return out if out.ndim == 2 else out[..., 0]
 
 
-def is_grey(rgb_u8: np.ndarray, tolerance: int = 3) -> bool:
-    """True when the channels agree (within JPEG's chroma rounding) on all but 1% of the pixels."""
+def chroma_spread(rgb_u8: np.ndarray) -> float:
+    """95th percentile of each pixel's chroma distance (CIELAB a, b) from the photo's mean chroma: near 0
+    for grey and toned photos whatever their tint. A percentile, not a maximum: JPEG's chroma rounding,
+    a coloured logo or a few stray pixels leave a photo one-hued."""
     if rgb_u8.ndim == 2 or rgb_u8.shape[2] == 1:
-        return True
-    r, g, b = cv2.split(rgb_u8)
-    spread = cv2.max(cv2.absdiff(r, g), cv2.absdiff(g, b))
-    return cv2.countNonZero(cv2.compare(spread, tolerance, cv2.CMP_GT)) <= 0.01 * spread.size
+        return 0.0
+    # Every other pixel of every other row: a percentile needs no more, and this runs on every crop.
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb_u8[::2, ::2]), cv2.COLOR_RGB2Lab)
+    mean = cv2.mean(lab)
+    a = lab[..., 1].astype(np.float32) - _F(mean[1])
+    b = lab[..., 2].astype(np.float32) - _F(mean[2])
+    dist = cv2.magnitude(a, b).ravel()
+    k = int(0.95 * (dist.size - 1))
+    return float(np.partition(dist, k)[k])
 
 
-def estimate_blur(lum: np.ndarray) -> float:
+def is_grey(rgb_u8: np.ndarray, tolerance: float = MONO_CHROMA) -> bool:
+    """True for one-hue photos: grey, or grey with one tint (sepia, a cold cast); see `chroma_spread`."""
+    return chroma_spread(rgb_u8) <= tolerance
+
+
+def photo_tint(rgb_u8: np.ndarray) -> tuple[float, float, float]:
+    """The photo's mean RGB per unit of its mean luma: (1, 1, 1) on a grey photo."""
+    if rgb_u8.ndim == 2 or rgb_u8.shape[2] == 1:
+        return (1.0, 1.0, 1.0)
+    mean = np.array(cv2.mean(rgb_u8)[:3])
+    luma = float(mean @ _LUMA)
+    if luma < 1.0:
+        return (1.0, 1.0, 1.0)
+    return tuple(float(c) for c in mean / luma)
+
+
+def estimate_blur(lum: np.ndarray, blurred_grad: np.ndarray | None = None) -> float:
     """Gaussian sigma of the image's edges by re-blurring (Zhuo & Sim, 2011): at an edge blurred by s,
     the ratio R of gradient magnitudes before and after an extra blur s0 gives s = s0 / sqrt(R^2 - 1)."""
     lum = lum.astype(np.float32)
     g1 = _grad(lum)
-    g2 = _grad(cv2.GaussianBlur(lum, (0, 0), REBLUR_SIGMA))
+    g2 = _grad(cv2.GaussianBlur(lum, (0, 0), REBLUR_SIGMA)) if blurred_grad is None else blurred_grad
     border = 3
     g1, g2 = g1[border:-border, border:-border], g2[border:-border, border:-border]
     flat = g1.ravel()
@@ -75,13 +106,15 @@ def _grad(img: np.ndarray) -> np.ndarray:
     return cv2.magnitude(gx, gy)
 
 
-def estimate_noise(lum: np.ndarray) -> float:
+def estimate_noise(lum: np.ndarray, blurred_grad: np.ndarray | None = None) -> float:
     """Noise sigma by Immerkaer's (1996) Laplacian-difference operator, over the flattest half of the
     image so that texture is not taken for noise."""
     lum = lum.astype(np.float32)
     kernel = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
     resp = np.abs(cv2.filter2D(lum, -1, kernel))[1:-1, 1:-1]
-    grad = _grad(cv2.GaussianBlur(lum, (0, 0), 1.0))[1:-1, 1:-1]
+    if blurred_grad is None:
+        blurred_grad = _grad(cv2.GaussianBlur(lum, (0, 0), REBLUR_SIGMA))
+    grad = blurred_grad[1:-1, 1:-1]
     g = grad.ravel()
     flat = resp[grad <= np.partition(g, g.size // 2)[g.size // 2]]
     if flat.size == 0:
@@ -91,16 +124,25 @@ def estimate_noise(lum: np.ndarray) -> float:
 
 def measure(rgb_u8: np.ndarray) -> CropStats:
     lum = luminance(rgb_u8.astype(np.float32) * _F(1 / 255))
-    return CropStats(grey=is_grey(rgb_u8), blur=estimate_blur(lum), noise=min(estimate_noise(lum), 0.05))
+    # Both estimators look at the luminance's gradient after the same small blur: computed once.
+    soft = _grad(cv2.GaussianBlur(lum, (0, 0), REBLUR_SIGMA))
+    grey = is_grey(rgb_u8)
+    return CropStats(grey=grey, blur=estimate_blur(lum, soft), noise=min(estimate_noise(lum, soft), 0.05),
+                     tint=photo_tint(rgb_u8) if grey else (1.0, 1.0, 1.0))
 
 
-def lighting_field(lum: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, float]:
+def lighting_field(lum: np.ndarray, alpha: np.ndarray, origin: tuple[int, int] = (0, 0),
+                   size: int | None = None) -> tuple[np.ndarray, float]:
     """(a quadratic surface fitted to the luminance where the mask goes, its mean there).
+
+    `lum` and `alpha` may be a window of a crop whose larger side is `size`, with its top-left pixel at
+    `origin` (x, y) (even, so that the window samples the crop's own grid): the surface is the crop's.
 
     A surface, not a blur: a blur of the face would print the mouth and nostrils onto the mask. One
     refit without the worst residuals keeps an open mouth or a beard from tilting it.
     """
     h, w = lum.shape
+    x0, y0 = origin
     # Every other pixel of every other row is plenty for six coefficients.
     sub = alpha[::2, ::2] > 0.5
     ys, xs = np.nonzero(sub)
@@ -108,8 +150,8 @@ def lighting_field(lum: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, floa
         ref = float(lum.mean())
         return np.full_like(lum, ref), ref
     target = lum[::2, ::2][sub].astype(np.float64)
-    scale = 2.0 / max(h, w)
-    x, y = xs * (2 * scale) - 1, ys * (2 * scale) - 1
+    scale = 2.0 / (size or max(h, w))
+    x, y = (xs * 2 + x0) * scale - 1, (ys * 2 + y0) * scale - 1
     basis = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], 1)
     keep = np.ones(target.size, bool)
     for _ in range(2):
@@ -117,11 +159,19 @@ def lighting_field(lum: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, floa
         coef = np.linalg.solve(b.T @ b + 1e-6 * np.eye(6), b.T @ target[keep])
         resid = target - basis @ coef
         keep = np.abs(resid) <= 1.5 * resid[keep].std() + 1e-6
-    gx = np.arange(w, dtype=np.float32) * _F(scale) - _F(1)
-    gy = (np.arange(h, dtype=np.float32) * _F(scale) - _F(1))[:, None]
+    gx = np.arange(x0, x0 + w, dtype=np.float32) * _F(scale) - _F(1)
+    gy = (np.arange(y0, y0 + h, dtype=np.float32) * _F(scale) - _F(1))[:, None]
     c = coef.astype(np.float32)
     field = c[0] + c[1] * gx + c[2] * gy + c[3] * gx * gx + c[4] * gx * gy + c[5] * gy * gy
     return field.astype(np.float32), float(target[keep].mean())
+
+
+def _window(alpha: np.ndarray, pad: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the box of the layer's nonzero alpha grown by `pad`, its origin even."""
+    x, y, bw, bh = cv2.boundingRect(cv2.compare(alpha, 0, cv2.CMP_GT))
+    h, w = alpha.shape
+    x0, y0 = max(x - pad, 0) & ~1, max(y - pad, 0) & ~1
+    return x0, y0, min(x + bw + pad, w), min(y + bh + pad, h)
 
 
 def composite(rgb_u8: np.ndarray, layer: np.ndarray, rng: np.random.Generator,
@@ -131,41 +181,54 @@ def composite(rgb_u8: np.ndarray, layer: np.ndarray, rng: np.random.Generator,
     `keep_out` (`[H, W]`, 1 = never) is applied after every blur, so nothing spreads back into it."""
     h, w = rgb_u8.shape[:2]
     stats = stats or measure(rgb_u8)
-    r, g, b, alpha = cv2.split(layer)
-    if not cv2.countNonZero(cv2.compare(alpha, 0, cv2.CMP_GT)):
-        return rgb_u8.copy(), alpha
-    img = rgb_u8.astype(np.float32) * _F(1 / 255)
-    lum = luminance(img)
+    if not cv2.countNonZero(cv2.compare(layer[..., 3], 0, cv2.CMP_GT)):
+        return rgb_u8.copy(), np.zeros((h, w), np.float32)
     size = max(h, w) / 112.0
+    extra = np.sqrt(max(stats.blur ** 2 - RENDER_BLUR ** 2, 0.0))
+    sigma = float(np.hypot(extra, 0.45 * size))  # never less than a feathered edge
+    shadow_sigma = 1.5 * size
+    shift = max(1, int(round(size)))
+    # Only the mask's box changes, grown by what the blur and the shadow below it reach (4 sigma: the
+    # tails beyond are under half a level): the rest of the crop is copied as it is.
+    pad = int(np.ceil(4 * sigma + 4 * shadow_sigma)) + shift
+    x0, y0, x1, y1 = _window(layer[..., 3], pad)
+    r, g, b, alpha = cv2.split(layer[y0:y1, x0:x1])
+    win_u8 = rgb_u8[y0:y1, x0:x1]
+    wh, ww = win_u8.shape[:2]
+    img = win_u8.astype(np.float32) * _F(1 / 255)
+    lum = luminance(img)
 
     # Lighting: a smooth field fitted to the face's luminance under the mask carries shadows and light
     # falloff across the mask; the overall level dims masks in dark photos.
-    light, ref = lighting_field(lum, alpha)
+    light, ref = lighting_field(lum, alpha, (x0, y0), max(h, w))
     relative = cv2.pow(cv2.min(cv2.max(light * _F(1 / max(ref, 1e-3)), 0.35), 1.6), 0.85)
     gain = relative * _F(np.clip((ref / 0.5) ** 0.4, 0.55, 1.15))
-    # The photo's colour cast (grey world), gently.
-    mean_rgb = np.array(cv2.mean(img)[:3])
-    cast = (mean_rgb / max(float(mean_rgb.mean()), 1e-3)) ** 0.35
-    planes = [p * gain * _F(c) for p, c in zip((r, g, b), cast)]
     if stats.grey:
-        y = planes[0] * _F(0.299) + planes[1] * _F(0.587) + planes[2] * _F(0.114)
-        planes = [y, y, y]
+        # A one-hue photo: the mask's own luminance in the photo's tint (grey on a grey photo).
+        y = (r * _F(0.299) + g * _F(0.587) + b * _F(0.114)) * gain
+        planes = [y * _F(t) for t in stats.tint]
+    else:
+        # The photo's colour cast (grey world, over the whole crop), gently.
+        mean_rgb = np.array(cv2.mean(rgb_u8)[:3]) / 255.0
+        cast = (mean_rgb / max(float(mean_rgb.mean()), 1e-3)) ** 0.35
+        planes = [p * gain * _F(c) for p, c in zip((r, g, b), cast)]
 
     # The crop's blur, on colour and alpha alike (premultiplied, so the edge blurs as a real edge).
-    extra = np.sqrt(max(stats.blur ** 2 - RENDER_BLUR ** 2, 0.0))
-    sigma = float(np.hypot(extra, 0.45 * size))  # never less than a feathered edge
     r, g, b, alpha = cv2.split(cv2.GaussianBlur(cv2.merge(planes + [alpha]), (0, 0), sigma))
     if stats.noise > 0:
-        grain = rng.standard_normal((h, w), dtype=np.float32) * _F(stats.noise) * alpha
-        r, g, b = r + grain, g + grain, b + grain
+        grain = rng.standard_normal((wh, ww), dtype=np.float32) * _F(stats.noise) * alpha
+        r, g, b = (p + grain * _F(t) for p, t in zip((r, g, b), stats.tint))
     if keep_out is not None:
-        allowed = _F(1) - keep_out
+        allowed = _F(1) - keep_out[y0:y1, x0:x1]
         r, g, b, alpha = r * allowed, g * allowed, b * allowed, alpha * allowed
 
     # A contact shadow just outside the mask's edge, mostly below it (light from above).
-    shadow = cv2.GaussianBlur(alpha, (0, 0), 1.5 * size)
-    shift = max(1, int(round(size)))
-    shadow = np.concatenate([np.zeros((shift, w), np.float32), shadow[:-shift]], 0)
+    shadow = cv2.GaussianBlur(alpha, (0, 0), shadow_sigma)
+    shadow = np.concatenate([np.zeros((shift, ww), np.float32), shadow[:-shift]], 0)
     keep = (_F(1) - alpha) * (_F(1) - _F(0.22) * shadow * (_F(1) - alpha))
     out = [p * keep + c for p, c in zip(cv2.split(img), (r, g, b))]
-    return cv2.convertScaleAbs(cv2.merge(out), alpha=255.0), alpha
+    image = rgb_u8.copy()
+    image[y0:y1, x0:x1] = cv2.convertScaleAbs(cv2.merge(out), alpha=255.0)
+    full_alpha = np.zeros((h, w), np.float32)
+    full_alpha[y0:y1, x0:x1] = alpha
+    return image, full_alpha

@@ -262,6 +262,49 @@ def test_composite_grey_photo_gets_grey_mask_and_keeps_the_rest(glint_crops):
     assert r > g + 40 and r > b + 40
 
 
+# glint24's black-and-white and toned Hugh Laurie crops: near grey (3376, 3393, JPEG chroma noise and a
+# slight cast) and a warm duotone (3386); 3387 is a colour photo of low saturation.
+ONE_HUE = ("Hugh Laurie/3376.png", "Hugh Laurie/3393.png", "Hugh Laurie/3386.png")
+COLOUR = ("Hugh Laurie/3387.png", "Mark Ruffalo/6290.png")
+
+
+def _chroma_from(rgb: np.ndarray, ref: np.ndarray, where: np.ndarray) -> float:
+    """95th percentile, over `where`, of the CIELAB chroma distance of `rgb` from `ref`'s mean chroma."""
+    ab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)[..., 1:].astype(np.float32)
+    centre = cv2.cvtColor(ref, cv2.COLOR_RGB2Lab)[..., 1:].reshape(-1, 2).astype(np.float32).mean(0)
+    return float(np.percentile(np.hypot(*(ab[where] - centre).T), 95))
+
+
+def test_one_hue_photos_get_masks_in_their_own_tint(masker, glint24):
+    """Near-grey and toned real photos count as one-hued and get masks of their hue, whatever colour was
+    drawn; colour photos keep the drawn colour."""
+    from maskgen.masker import draw_spec
+
+    def load(name):
+        return cv2.cvtColor(cv2.imread(str(glint24 / name)), cv2.COLOR_BGR2RGB)
+
+    for name in ONE_HUE:
+        rgb = load(name)
+        stats = measure(rgb)
+        assert stats.grey, name
+        for seed, kind in enumerate(MASK_TYPES):
+            rng = np.random.default_rng(seed)
+            result = masker.mask(rgb, rng, spec=draw_spec(rng, "3d", (kind,)))
+            under = result.alpha > 0.9
+            assert under.sum() > 500
+            # The mask's chroma sits on the photo's (a blue or red mask would be 20-60 away).
+            assert _chroma_from(result.image, rgb, under) < 6.0, (name, kind)
+            assert is_grey(result.image)
+    for name in COLOUR:
+        assert not measure(load(name)).grey, name
+    # A cold, saturated mask on the colour photo keeps its colour.
+    rgb = load(COLOUR[0])
+    layer = np.zeros((112, 112, 4), np.float32)
+    layer[60:100, 25:90] = [0.2, 0.3, 0.9, 1.0]
+    out, _ = composite(rgb, layer, np.random.default_rng(0))
+    assert _chroma_from(out, rgb, np.s_[70:90, 40:75]) > 20
+
+
 def test_measure_reports_grey_blur_noise(glint_crops):
     stats = measure(glint_crops[0])
     assert not stats.grey and 0.3 < stats.blur < 3.0 and 0 <= stats.noise < 0.05
