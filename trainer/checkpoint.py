@@ -2,7 +2,8 @@
 
 Layout of OUTPUT/checkpoints/step_00001234/ (one folder per checkpoint):
 
-    train_state.pt      rank 0: step, counters, config, backbone, backbone optimizer, GradScaler
+    train_state.pt      rank 0: step, counters, config, backbone, backbone optimizer, GradScaler, and
+                        the replicated modules (a head every rank holds alike, e.g. SST's gallery + queue)
     rank-00000.pt ...   each rank: its Partial FC shard with that shard's optimizer rows, the sampler
                         and RNG states, the data reader's position
     fc_full.pt          rank-free: the whole classifier [num_classes, D] and its per-row optimizer state,
@@ -125,9 +126,9 @@ def _head(partial_fc: torch.nn.Module) -> Optional[torch.nn.Module]:
     return head if isinstance(head, torch.nn.Module) else None
 
 
-def _head_state(partial_fc: torch.nn.Module, opt_fc: torch.optim.Optimizer) -> dict:
+def _head_state(partial_fc: Optional[torch.nn.Module], opt_fc: Optional[torch.optim.Optimizer]) -> dict:
     """A head's (trainer.heads) state: tensors, which of them are per class, their optimizer state."""
-    head = _head(partial_fc)
+    head = _head(partial_fc) if partial_fc is not None else None
     if head is None:
         return {"state": {}, "per_class": [], "optimizer": {}}
     params = dict(head.named_parameters())
@@ -188,14 +189,18 @@ def save_checkpoint(
     cfg: dict,
     network_kwargs: dict,
     backbone: torch.nn.Module,
-    partial_fc: torch.nn.Module,
+    partial_fc: Optional[torch.nn.Module],
     opt_backbone: torch.optim.Optimizer,
-    opt_fc: torch.optim.Optimizer,
+    opt_fc: Optional[torch.optim.Optimizer],
     scaler: Optional[torch.amp.GradScaler],
     loader,
     keep: int = 2,
+    replicated: Optional[dict[str, torch.nn.Module]] = None,
 ) -> Path:
-    """Collective: every rank calls it at the same step. Returns the checkpoint folder."""
+    """Collective: every rank calls it at the same step. Returns the checkpoint folder.
+
+    `partial_fc` None: a run without a classifier. `replicated`: modules every rank holds alike (saved
+    from rank 0, loaded by every rank on any world size)."""
     rank, world = get_rank(), get_world_size()
     root = Path(output) / CHECKPOINTS
     final = root / step_dir_name(state.step)
@@ -212,8 +217,8 @@ def save_checkpoint(
         "format": FORMAT,
         "rank": rank,
         "world_size": world,
-        "fc": partial_fc.local_state(opt_fc),
-        "sampler": partial_fc.sampler_state_dict(),
+        "fc": partial_fc.local_state(opt_fc) if partial_fc is not None else None,
+        "sampler": partial_fc.sampler_state_dict() if partial_fc is not None else None,
         "head": _head_state(partial_fc, opt_fc),
         "loader": loader.state_dict(),
         "rng": rng_state(),
@@ -225,9 +230,11 @@ def save_checkpoint(
             "config": dict(cfg),
             "network": cfg["network"],
             "network_kwargs": dict(network_kwargs),
-            "num_classes": partial_fc.num_classes,
-            "embedding_size": partial_fc.embedding_size,
+            "num_classes": partial_fc.num_classes if partial_fc is not None else None,
+            "embedding_size": partial_fc.embedding_size if partial_fc is not None else None,
             "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+            "replicated": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+                           for name, m in (replicated or {}).items()},
             "optimizer_backbone": opt_backbone.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
         }, tmp / TRAIN_STATE)
@@ -241,7 +248,7 @@ def save_checkpoint(
         atomic_torch_save({
             "format": FORMAT,
             "world_size": world,
-            "fc": assemble_full_state([s["fc"] for s in shards]),
+            "fc": assemble_full_state([s["fc"] for s in shards]) if partial_fc is not None else None,
             "head": _join_head_states([s["head"] for s in shards]),
         }, tmp / FC_FULL)
         del shards
@@ -313,9 +320,14 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
     return steps[-1][1] if steps else None
 
 
-def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: torch.nn.Module,
-                      path: Path) -> None:
-    if saved["num_classes"] != partial_fc.num_classes or saved["embedding_size"] != partial_fc.embedding_size:
+def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: Optional[torch.nn.Module],
+                      replicated: dict[str, torch.nn.Module], path: Path) -> None:
+    if (saved["num_classes"] is None) != (partial_fc is None):
+        raise CheckpointError(f"{path} was saved {'without' if saved['num_classes'] is None else 'with'} a "
+                              f"classifier, this run has {'none' if partial_fc is None else 'one'} "
+                              f"(another training mode?)")
+    if partial_fc is not None and (saved["num_classes"] != partial_fc.num_classes
+                                   or saved["embedding_size"] != partial_fc.embedding_size):
         raise CheckpointError(
             f"{path} was trained for {saved['num_classes']} classes x {saved['embedding_size']}-d "
             f"embeddings; this run has {partial_fc.num_classes} x {partial_fc.embedding_size} "
@@ -329,18 +341,23 @@ def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: torch.
         if tuple(v.shape) != tuple(current[k].shape):
             raise CheckpointError(f"{path}: backbone tensor {k} is {tuple(v.shape)}, this model's "
                                   f"{tuple(current[k].shape)} (another network or embedding size?)")
+    saved_replicated = saved.get("replicated", {})
+    if set(saved_replicated) != set(replicated):
+        raise CheckpointError(f"{path} holds the modules {sorted(saved_replicated)} beside the backbone, "
+                              f"this run {sorted(replicated)} (another training mode?)")
 
 
 def load_checkpoint(
     path: str | os.PathLike,
     *,
     backbone: torch.nn.Module,
-    partial_fc: torch.nn.Module,
+    partial_fc: Optional[torch.nn.Module],
     opt_backbone: torch.optim.Optimizer,
-    opt_fc: torch.optim.Optimizer,
+    opt_fc: Optional[torch.optim.Optimizer],
     scaler: Optional[torch.amp.GradScaler],
     loader,
     device: torch.device,
+    replicated: Optional[dict[str, torch.nn.Module]] = None,
 ) -> TrainState:
     """Restores everything `save_checkpoint` wrote into the given (already built) objects."""
     path = Path(path)
@@ -350,8 +367,11 @@ def load_checkpoint(
     saved = torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=False)
     if saved.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {saved.get('format')}, this trainer reads {FORMAT}")
-    _check_compatible(saved, backbone, partial_fc, path)
+    replicated = replicated or {}
+    _check_compatible(saved, backbone, partial_fc, replicated, path)
     backbone.load_state_dict(saved["backbone"])
+    for name, module in replicated.items():
+        module.load_state_dict(saved["replicated"][name])
     opt_backbone.load_state_dict(saved["optimizer_backbone"])
     if scaler is not None and saved["scaler"] is not None:
         scaler.load_state_dict(saved["scaler"])
@@ -361,21 +381,25 @@ def load_checkpoint(
     if saved_world == world:
         mine = torch.load(path / rank_file(rank), map_location="cpu", weights_only=False)
         fc = mine["fc"]
-        if (fc["class_start"], fc["num_local"]) != (partial_fc.class_start, partial_fc.num_local):
-            raise CheckpointError(f"{path}: rank {rank}'s shard covers other classes than this rank's")
-        with torch.no_grad():
-            partial_fc.weight.copy_(fc["weight"])
-        opt_fc.state[partial_fc.weight] = {k: v.clone().to(device) if torch.is_tensor(v) else v
-                                           for k, v in fc.get("optimizer_state", {}).items()}
-        partial_fc.load_sampler_state_dict(mine["sampler"])
-        _load_head_state(partial_fc, opt_fc, mine["head"], reshard=False, num_classes=partial_fc.num_classes)
+        if partial_fc is not None:
+            if (fc["class_start"], fc["num_local"]) != (partial_fc.class_start, partial_fc.num_local):
+                raise CheckpointError(f"{path}: rank {rank}'s shard covers other classes than this rank's")
+            with torch.no_grad():
+                partial_fc.weight.copy_(fc["weight"])
+            opt_fc.state[partial_fc.weight] = {k: v.clone().to(device) if torch.is_tensor(v) else v
+                                               for k, v in fc.get("optimizer_state", {}).items()}
+            partial_fc.load_sampler_state_dict(mine["sampler"])
+            _load_head_state(partial_fc, opt_fc, mine["head"], reshard=False,
+                             num_classes=partial_fc.num_classes)
         set_rng_state(mine["rng"])
         loader_state = mine["loader"]
     else:
-        full = torch.load(path / FC_FULL, map_location="cpu", mmap=True, weights_only=False)
-        partial_fc.load_full_state(full["fc"], opt_fc)
-        _load_head_state(partial_fc, opt_fc, full["head"], reshard=True, num_classes=partial_fc.num_classes)
-        del full
+        if partial_fc is not None:
+            full = torch.load(path / FC_FULL, map_location="cpu", mmap=True, weights_only=False)
+            partial_fc.load_full_state(full["fc"], opt_fc)
+            _load_head_state(partial_fc, opt_fc, full["head"], reshard=True,
+                             num_classes=partial_fc.num_classes)
+            del full
         # Another world size: the reader restarts the saved epoch, whichever rank's state it gets.
         other = torch.load(path / rank_file(min(rank, saved_world - 1)), map_location="cpu", mmap=True,
                            weights_only=False)

@@ -26,9 +26,9 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,8 @@ from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError, load_config
 from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size
 from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
+from trainer.modes import build_mode
+from trainer.modes.standard import build_margin_loss, partial_fc_loss  # noqa: F401 (bench imports it here)
 from trainer.schedule import LRSchedule
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,21 +120,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("no training data: pass --data DATA (a folder made by `python -m pipeline pack`)")
 
 
-def build_margin_loss(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """`loss = "combined"`: insightface's (m1, m2, m3) margin from `margin_list`; else a head by name."""
-    from trainer import losses
-
-    if cfg.loss == "combined":
-        return losses.build_margin_loss(cfg.margin_list, cfg.scale, cfg.interclass_filtering_threshold)
-    from trainer.heads import available_heads, build_head
-
-    try:
-        return build_head(cfg.loss, num_classes=num_classes, **cfg.loss_kwargs)
-    except KeyError:
-        raise ConfigError(f"loss {cfg.loss!r} is not 'combined' nor a head: {', '.join(available_heads())}") \
-            from None
-
-
 def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], row_sparse: bool = False
                     ) -> torch.optim.Optimizer:
     """SGD or AdamW. `row_sparse` (the classifier): rows Partial FC did not sample are left untouched,
@@ -192,6 +179,7 @@ class StepResult:
     skipped: bool  # the optimizer did not step (non-finite loss or gradient on some rank)
     loss_finite: bool
     grad_norm: float  # L2 norm of the backbone's gradient before clipping
+    parts: dict = field(default_factory=dict)  # the objective's logged parts, mean over the micro steps
 
 
 def train_step(
@@ -202,8 +190,12 @@ def train_step(
     scaler: Optional[torch.amp.GradScaler],
     amp_dtype: Optional[torch.dtype],
     clip_grad_norm: float,
+    objective: Callable = partial_fc_loss,
 ) -> StepResult:
     """One optimizer step over `len(batches)` micro batches, their gradients averaged.
+
+    `objective(backbone, partial_fc, batch) -> (loss, parts)` is a training mode's loss of one micro
+    batch (trainer.modes); `partial_fc` is the mode's head (a Partial FC, or the mode's own module).
 
     Inner micro steps run under DDP's no_sync, so the backbone's gradients are all-reduced once. The step
     is skipped on every rank when any rank saw a non-finite loss or gradient (a flag is all-reduced), so
@@ -216,14 +208,16 @@ def train_step(
     buffers = [b for m in (backbone, partial_fc) for b in m.buffers()]
     saved_buffers = [b.detach().clone() for b in buffers]
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for i, (images, labels) in enumerate(batches):
+    parts_sum: dict = {}
+    for i, batch in enumerate(batches):
         last = i == n - 1
         sync = contextlib.nullcontext() if last or not isinstance(backbone, DistributedDataParallel) \
             else backbone.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                embeddings = backbone(images)
-                loss = partial_fc(embeddings, labels)
+                loss, parts = objective(backbone, partial_fc, batch)
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value / n
             # Dividing by n makes the accumulated gradient the mean over the n micro batches.
             scaled = loss / n
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -270,11 +264,18 @@ def train_step(
             opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
-    return StepResult(loss_value, skipped, loss_finite, norm_value)
+    return StepResult(loss_value, skipped, loss_finite, norm_value, parts_sum)
 
 
 # ------------------------------------------------------------------------------------------ the run
 def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
+    """The mode's reader: (images, labels) batches, with the label vectors for AAFace's attributes;
+    (images1, images2, identities) pairs for SST."""
+    if cfg.mode == "sst":
+        from trainer.modes.sst import IdentityPairLoader
+
+        return IdentityPairLoader(cfg.data, cfg.batch_size, rank, world_size, seed=cfg.seed, device=device,
+                                  num_workers=cfg.num_threads, augment=cfg.augment, progress=cfg.progress_bar)
     from pipeline.loader import build_train_loader
 
     backend = cfg.loader_backend
@@ -282,7 +283,7 @@ def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
         backend = "dali" if device.type == "cuda" else "torch"
     return build_train_loader(cfg.data, batch_size=cfg.batch_size, rank=rank, world_size=world_size,
                               seed=cfg.seed, device=device, backend=backend, num_threads=cfg.num_threads,
-                              augment=cfg.augment)
+                              augment=cfg.augment, return_label_vectors=cfg.mode == "aaface")
 
 
 def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, device: torch.device) -> dict:
@@ -309,6 +310,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     cfg.output = str(output)
     logger = setup_logging(output, rank)
     check_config(cfg)
+    mode = build_mode(cfg)
     amp_dtype = AMP_DTYPES[cfg.amp]
     targets = resolve_val_targets(cfg)
     if cfg.deterministic:
@@ -328,29 +330,31 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if loader.steps_per_epoch < 1:
         raise ConfigError(f"{cfg.data} holds less than one batch of {cfg.batch_size} per rank for "
                           f"{world_size} ranks: lower batch_size")
+    mode.bind_data(loader)
     num_classes = loader.num_classes
     from trainer.backbones import build_backbone
     from trainer.partial_fc import PartialFC
 
-    network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs)
+    network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs,
+                          **mode.network_kwargs())
     backbone = build_backbone(cfg.network, **network_kwargs).to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    # DDP averages the backbone's gradients over ranks; scaling the embeddings' gradient by the world
-    # size makes that average the gradient of the global mean loss, whatever the number of ranks.
-    partial_fc = PartialFC(build_margin_loss(cfg, num_classes), cfg.embedding_size, num_classes,
-                           sample_rate=cfg.sample_rate, embedding_grad_scale=float(world_size),
-                           seed=cfg.seed).to(device)
+    # The mode's head: a Partial FC (model-parallel classifier), or a module every rank holds alike (SST).
+    head = mode.build_head(backbone, num_classes, world_size).to(device)
     opt_backbone = build_optimizer(cfg, backbone.parameters())
-    opt_fc = build_optimizer(cfg, partial_fc.parameters(), row_sparse=True)
-    optimizers = [opt_backbone, opt_fc]
+    opt_fc = build_optimizer(cfg, head.parameters(), row_sparse=True) \
+        if any(p.requires_grad for p in head.parameters()) else None
+    optimizers = [opt for opt in (opt_backbone, opt_fc) if opt is not None]
     scaler = torch.amp.GradScaler(device.type, growth_interval=100) if cfg.amp == "fp16" else None
+    # A Partial FC is saved per rank (its shard); another head whole, from rank 0.
+    head_parts = dict(partial_fc=head, opt_fc=opt_fc) if isinstance(head, PartialFC) else \
+        dict(partial_fc=None, opt_fc=None, replicated={"head": head})
 
     state = ckpt.TrainState(world_size=world_size)
     if resume_dir is not None:
-        state = ckpt.load_checkpoint(resume_dir, backbone=backbone, partial_fc=partial_fc,
-                                     opt_backbone=opt_backbone, opt_fc=opt_fc, scaler=scaler, loader=loader,
-                                     device=device)
+        state = ckpt.load_checkpoint(resume_dir, backbone=backbone, opt_backbone=opt_backbone, scaler=scaler,
+                                     loader=loader, device=device, **head_parts)
         logger.info("resumed from %s at step %d (saved on %d ranks, now %d)", resume_dir, state.step,
                     state.world_size, world_size)
         if rank == 0:
@@ -370,8 +374,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     schedule = LRSchedule(cfg.lr, schedule_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else schedule_steps
     samples_per_step = cfg.batch_size * cfg.gradient_acc * world_size
-    logger.info("%s: %s on %d rank(s) (%s), %d classes, %d optimizer steps of %d samples, amp=%s",
-                cfg.config_name, cfg.network, world_size, device.type, num_classes, total_steps,
+    logger.info("%s: %s, mode %s, on %d rank(s) (%s), %d classes, %d optimizer steps of %d samples, amp=%s",
+                cfg.config_name, cfg.network, mode.name, world_size, device.type, num_classes, total_steps,
                 samples_per_step, cfg.amp)
     metrics = MetricsLogger(output, rank, total_steps, state.step, samples_per_step,
                             tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar)
@@ -381,8 +385,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         state.step, state.epoch, state.total_steps = step, loader.epoch, total_steps
         last_saved = step
         path = ckpt.save_checkpoint(output, state, cfg=cfg, network_kwargs=network_kwargs, backbone=backbone,
-                                    partial_fc=partial_fc, opt_backbone=opt_backbone, opt_fc=opt_fc,
-                                    scaler=scaler, loader=loader, keep=cfg.keep_checkpoints)
+                                    opt_backbone=opt_backbone, scaler=scaler, loader=loader,
+                                    keep=cfg.keep_checkpoints, **head_parts)
         logger.info("checkpoint %s", path)
 
     def run_eval(step: int) -> Optional[dict]:
@@ -397,7 +401,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         return results
 
     ddp_backbone.train()
-    partial_fc.train()
+    head.train()
     batches = micro_batches(loader)
     step, last_record, last_eval = state.step, None, None
     last_saved = state.step if resume_dir is not None else -1
@@ -405,11 +409,19 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     try:
         while step < total_steps:
             lr = schedule.apply(optimizers, step)
+            stage = mode.begin_step(backbone, head, step / steps_per_epoch)
+            if stage is not None:
+                logger.info("step %d (epoch %.2f): %s stage %r", step, step / steps_per_epoch, mode.name,
+                            stage)
+                # Parameters frozen or thawed: DDP's gradient buckets follow requires_grad.
+                ddp_backbone = wrap_ddp(backbone, device)
             group = [next(batches) for _ in range(cfg.gradient_acc)]
             if cfg.channels_last:
-                group = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in group]
-            result = train_step(ddp_backbone, partial_fc, group, optimizers, scaler, amp_dtype,
-                                cfg.clip_grad_norm)
+                group = [(x.contiguous(memory_format=torch.channels_last), *rest) for x, *rest in group]
+            result = train_step(ddp_backbone, head, group, optimizers, scaler, amp_dtype, cfg.clip_grad_norm,
+                                objective=mode.loss)
+            if not result.skipped:
+                mode.end_step(backbone, head)
             step += 1
             if result.skipped:
                 if result.loss_finite and scaler is not None:
@@ -435,7 +447,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 skipped_records = all_reduce_(
                     torch.tensor(float(loader.skipped_records), device=device), "sum").item()
                 extra = {"nan_steps": state.nan_steps, "skipped_records": int(skipped_records),
-                         "grad_norm": result.grad_norm}
+                         "grad_norm": result.grad_norm, **result.parts, **mode.log_fields(head)}
                 if scaler is not None:
                     extra.update(loss_scale=scaler.get_scale(), overflow_steps=state.overflow_steps)
                 last_record = metrics.flush(step, loader.epoch, lr, extra) or last_record

@@ -19,6 +19,28 @@ config.interclass_filtering_threshold = 0.0
 config.loss_kwargs = {}  # extra arguments for a head from trainer.heads
 config.sample_rate = 1.0
 
+# Training mode (trainer/modes): "standard" (backbone -> Partial FC -> `loss`), or a paper's recipe:
+# "lvface", "aaface", "sst" (their keys below; a mode ignores the others' keys)
+config.mode = "standard"
+# LVFace: ArcFace (scale, margin_list[1]); epochs before the switch sub-sample negatives at `sample_rate`
+# (NCS), later ones use all negatives and mix each class's running feature mean into its centre (EPL)
+config.lvface_switch_epoch = 40.0  # the paper switches at 40 of 100 epochs
+config.lvface_epl_alpha = 0.5  # weight of the class mean in the mixed centre
+config.lvface_epl_momentum = 0.9  # EMA momentum of the class means
+# AAFace (network "aaface"): binary attributes by name from the manifest's label_fields ("masked" from
+# maskgen, or packed with `pipeline pack --attributes`); loss lambda_fr * L_FR + sum_i lambda_i * BCE_i
+config.aaface_attributes = []
+config.aaface_lambdas = []  # one per attribute; [] = 1.0 each
+config.aaface_lambda_fr = 1.0
+config.aaface_pos_weight = []  # BCE positive weight per attribute (#neg / #pos balances it); [] = 1.0 each
+config.aaface_stage_epochs = (10.0, 5.0, 5.0)  # (FR branch alone, SB branch alone, joint); sum = num_epoch
+# Semi-Siamese Training (shallow data, two images per identity; no classifier)
+config.sst_queue_size = 16384  # prototypes; a multiple of the global batch
+config.sst_scale = 30.0
+config.sst_loss_type = "softmax"  # "softmax", "am_softmax" or "arc_softmax" (with sst_margin)
+config.sst_margin = 0.0
+config.sst_alpha = 0.999  # momentum of the gallery network's moving average of the probe
+
 # Data (DESIGN.md section 1); --data sets `data`
 config.data = ""
 config.loader_backend = "auto"  # "dali" on CUDA, "torch" on CPU

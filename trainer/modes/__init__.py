@@ -10,4 +10,27 @@
 - `sst`: Semi-Siamese Training for shallow data. No Partial FC: `IdentityPairLoader` gives
   `(images1, images2, ids)`, `SemiSiameseTraining(backbone, ...)` gives the loss of a step, and
   `momentum_update(backbone)` follows each optimizer step.
+
+The trainer runs each through the interface of `trainer.modes.standard` (`config.mode` picks one; its
+keys are in trainer/configs/base.py): `StandardMode` is the plain recipe, `LVFaceMode`, `AAFaceMode` and
+`SSTMode` are the papers' glue.
 """
+from __future__ import annotations
+
+import importlib
+
+# mode name -> (module, class); imported on demand (aaface registers a backbone on import)
+MODES = {"standard": ("trainer.modes.standard", "StandardMode"),
+         "lvface": ("trainer.modes.lvface", "LVFaceMode"),
+         "aaface": ("trainer.modes.aaface", "AAFaceMode"),
+         "sst": ("trainer.modes.sst", "SSTMode")}
+
+
+def build_mode(cfg):
+    """The mode `cfg.mode` names, its config keys checked (a ConfigError says what is wrong)."""
+    from trainer.config import ConfigError
+
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    module, name = MODES[cfg.mode]
+    return getattr(importlib.import_module(module), name)(cfg)

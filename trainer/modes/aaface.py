@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from trainer import distributed
 from trainer.backbones import build_backbone, register_backbone
+from trainer.config import Config, ConfigError
+from trainer.modes.standard import StandardMode
 
 STAGES = ("fr", "sb", "joint")
 _IRESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -120,6 +122,8 @@ class AAFaceNet(nn.Module):
                                            nn.Linear(channels, num_attributes))
         self.num_attributes = num_attributes
         self.stage = "joint"
+        # Parameters the parts keep fixed by design (IResNet's embedding BN scale): no stage trains them.
+        self._always_frozen = [p for p in self.parameters() if not p.requires_grad]
 
     def stage_parts(self, stage: str) -> Tuple[nn.Module, ...]:
         """The sub-modules trained in `stage`."""
@@ -137,14 +141,17 @@ class AAFaceNet(nn.Module):
         self.stage = stage
         for child in self.children():
             child.requires_grad_(id(child) in trained)
+        for p in self._always_frozen:
+            p.requires_grad_(False)
         self.train(self.training)
 
-    def get_extra_state(self) -> dict:
-        # The stage picks the embedding path, so checkpoints and model.pt carry it.
-        return {"stage": self.stage}
+    def get_extra_state(self) -> torch.Tensor:
+        # The stage picks the embedding path, so checkpoints and model.pt carry it: as a tensor (its index
+        # in STAGES), because the trainer's checkpoints treat every state_dict value as one.
+        return torch.tensor(STAGES.index(self.stage))
 
-    def set_extra_state(self, state: dict) -> None:
-        self.set_stage(state["stage"])
+    def set_extra_state(self, state) -> None:
+        self.set_stage(state["stage"] if isinstance(state, dict) else STAGES[int(state)])
 
     def train(self, mode: bool = True) -> "AAFaceNet":
         super().train(mode)
@@ -314,5 +321,64 @@ class AAFaceObjective:
         return loss, parts
 
 
-__all__ = ["AAIModule", "AAFaceNet", "aaface", "attribute_targets", "balanced_pos_weight", "AttributeLoss",
-           "AAFaceSchedule", "AAFaceObjective", "STAGES"]
+class AAFaceMode(StandardMode):
+    """The trainer's AAFace mode: backbone "aaface", the loader's label vectors, the 3-stage schedule
+    `aaface_stage_epochs` (fr, sb, joint: they add up to num_epoch) and the loss
+    `aaface_lambda_fr * L_FR + sum_i aaface_lambdas[i] * BCE_i` over `aaface_attributes`, named in the
+    manifest's label_fields. L_FR is Partial FC with the head `loss` (AdaFace in the paper)."""
+
+    name = "aaface"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        names, n = list(cfg.aaface_attributes), len(cfg.aaface_attributes)
+        if cfg.network != "aaface":
+            raise ConfigError(f"mode aaface needs network=aaface (its base backbone in network_kwargs), "
+                              f"got network={cfg.network!r}")
+        if not names:
+            raise ConfigError("mode aaface needs aaface_attributes: names from the dataset's label_fields")
+        for key in ("aaface_lambdas", "aaface_pos_weight"):
+            if cfg[key] and len(cfg[key]) != n:
+                raise ConfigError(f"{key} has {len(cfg[key])} values for {n} aaface_attributes {names}")
+        stages = tuple(float(x) for x in cfg.aaface_stage_epochs)
+        if len(stages) != 3 or min(stages) < 0:
+            raise ConfigError(f"aaface_stage_epochs is (fr, sb, joint) epochs >= 0, "
+                              f"got {cfg.aaface_stage_epochs}")
+        if abs(sum(stages) - cfg.num_epoch) > 1e-6:
+            raise ConfigError(f"aaface_stage_epochs {stages} add up to {sum(stages):g} epochs, "
+                              f"but num_epoch is {cfg.num_epoch}")
+        self.names = names
+        self.schedule = AAFaceSchedule(stages[0], stages[1])
+        self.objective: Optional[AAFaceObjective] = None
+        self.stage: Optional[str] = None
+
+    def bind_data(self, loader) -> None:
+        fields = list(getattr(loader, "label_fields", []))
+        missing = [n for n in self.names if n not in fields]
+        if missing:
+            raise ConfigError(f"aaface_attributes {missing} are not in {self.cfg.data}'s label_fields "
+                              f"{fields} (add them with `pipeline pack --attributes FILE`, or with "
+                              "`maskgen build` for 'masked')")
+        cfg = self.cfg
+        self.objective = AAFaceObjective(self.names, fields, cfg.aaface_lambda_fr,
+                                         cfg.aaface_lambdas or None, cfg.aaface_pos_weight or None)
+
+    def network_kwargs(self) -> dict:
+        return {"num_attributes": len(self.names)}
+
+    def begin_step(self, backbone: nn.Module, head: nn.Module, epoch: float) -> Optional[str]:
+        self.schedule.apply(backbone, epoch)
+        changed, self.stage = backbone.stage != self.stage, backbone.stage
+        return self.stage if changed else None
+
+    def loss(self, model: nn.Module, head: nn.Module, batch: Sequence[torch.Tensor]
+             ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        images, labels, label_vectors = batch
+        return self.objective(model, head, images, labels, label_vectors)
+
+    def log_fields(self, head: nn.Module) -> dict:
+        return {"stage": self.stage}
+
+
+__all__ = ["AAIModule", "AAFaceNet", "aaface", "AAFaceMode", "attribute_targets", "balanced_pos_weight",
+           "AttributeLoss", "AAFaceSchedule", "AAFaceObjective", "STAGES"]

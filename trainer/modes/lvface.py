@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from trainer import distributed
+from trainer.config import Config, ConfigError
 from trainer.heads import Head
 from trainer.losses import ArcFace, at_least_fp32
+from trainer.modes.standard import StandardMode
 from trainer.partial_fc import PartialFC
 
 STAGES = ("ncs", "epl")
@@ -43,10 +45,7 @@ class EPLHead(Head):
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5,
                  alpha: float = 0.5, momentum: float = 0.9) -> None:
         super().__init__()
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"EPL mixing weight alpha must be in [0, 1], got {alpha}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"EPL momentum must be in [0, 1), got {momentum}")
+        self.check(alpha, momentum)
         self.margin = ArcFace(s=s, m=m)
         self.alpha, self.momentum = float(alpha), float(momentum)
         _, num_local = distributed.shard_range(num_classes, distributed.get_rank(),
@@ -54,6 +53,13 @@ class EPLHead(Head):
         self.register_buffer("class_mean", torch.zeros(num_local, embedding_size))
         self.register_buffer("class_seen", torch.zeros(num_local, dtype=torch.bool))
         self.epl_enabled = False
+
+    @staticmethod
+    def check(alpha: float, momentum: float) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"EPL mixing weight alpha must be in [0, 1], got {alpha}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"EPL momentum must be in [0, 1), got {momentum}")
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.margin(cosine, labels)
@@ -147,5 +153,40 @@ def build_lvface_partial_fc(embedding_size: int, num_classes: int, s: float = 64
                            **partial_fc_kwargs)
 
 
-__all__ = ["EPLHead", "LVFacePartialFC", "LVFaceCurriculum", "build_lvface_partial_fc", "STAGES"]
+class LVFaceMode(StandardMode):
+    """The trainer's LVFace mode: ArcFace (s = `scale`, m = `margin_list[1]`) through an LVFacePartialFC;
+    epochs before `lvface_switch_epoch` sub-sample negatives at `sample_rate` (NCS), later ones use EPL."""
+
+    name = "lvface"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if cfg.loss not in ("combined", "arcface"):
+            raise ConfigError(f"mode lvface trains ArcFace (scale, margin_list[1]); loss={cfg.loss!r} is not "
+                              "used: set loss=combined")
+        try:
+            self.curriculum = LVFaceCurriculum(cfg.lvface_switch_epoch, cfg.sample_rate)
+            EPLHead.check(cfg.lvface_epl_alpha, cfg.lvface_epl_momentum)
+        except ValueError as e:
+            raise ConfigError(f"mode lvface: {e}") from None
+        self.stage: Optional[str] = None
+
+    def build_head(self, backbone: torch.nn.Module, num_classes: int, world_size: int) -> LVFacePartialFC:
+        cfg = self.cfg
+        return build_lvface_partial_fc(cfg.embedding_size, num_classes, s=cfg.scale, m=cfg.margin_list[1],
+                                       ncs_sample_rate=cfg.sample_rate, epl_alpha=cfg.lvface_epl_alpha,
+                                       epl_momentum=cfg.lvface_epl_momentum,
+                                       embedding_grad_scale=float(world_size), seed=cfg.seed)
+
+    def begin_step(self, backbone: torch.nn.Module, head: LVFacePartialFC, epoch: float) -> Optional[str]:
+        stage = self.curriculum.apply(head, epoch)
+        changed, self.stage = stage != self.stage, stage
+        return stage if changed else None
+
+    def log_fields(self, head: LVFacePartialFC) -> dict:
+        return {"stage": self.stage, "sample_rate": head.sample_rate}
+
+
+__all__ = ["EPLHead", "LVFacePartialFC", "LVFaceCurriculum", "LVFaceMode", "build_lvface_partial_fc",
+           "STAGES"]
 

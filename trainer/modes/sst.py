@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from trainer import distributed
+from trainer.config import Config, ConfigError
 from trainer.losses import CombinedMarginLoss
+from trainer.modes.standard import StandardMode
 
 LOSS_TYPES = ("softmax", "am_softmax", "arc_softmax")
 
@@ -275,4 +277,51 @@ class IdentityPairLoader:
         self.step = state["step"] if same else 0
 
 
-__all__ = ["PrototypeQueue", "SemiSiameseTraining", "IdentityPairLoader", "identity_index", "LOSS_TYPES"]
+class SSTMode(StandardMode):
+    """The trainer's SST mode: no classifier; `IdentityPairLoader` batches (trainer.main.build_loader), the
+    probe is the backbone, the head a `SemiSiameseTraining` (gallery + queue: `sst_queue_size`,
+    `sst_scale`, `sst_loss_type`, `sst_margin`, gallery momentum `sst_alpha`)."""
+
+    name = "sst"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if cfg.sst_loss_type not in LOSS_TYPES:
+            raise ConfigError(f"sst_loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                              f"got {cfg.sst_loss_type!r}")
+        if not 0.0 <= cfg.sst_alpha < 1.0:
+            raise ConfigError(f"sst_alpha (the gallery's moving-average momentum) must be in [0, 1), "
+                              f"got {cfg.sst_alpha}")
+
+    def bind_data(self, loader) -> None:
+        global_batch = loader.batch_size * loader.world_size
+        if self.cfg.sst_queue_size < global_batch or self.cfg.sst_queue_size % global_batch:
+            raise ConfigError(f"sst_queue_size {self.cfg.sst_queue_size} must be a multiple of the global "
+                              f"batch {global_batch} (batch_size x ranks)")
+
+    def build_head(self, backbone: nn.Module, num_classes: int, world_size: int) -> SemiSiameseTraining:
+        cfg = self.cfg
+        sst = SemiSiameseTraining(backbone, feat_dim=cfg.embedding_size, queue_size=cfg.sst_queue_size,
+                                  scale=cfg.sst_scale, loss_type=cfg.sst_loss_type, margin=cfg.sst_margin,
+                                  alpha=cfg.sst_alpha, seed=cfg.seed)
+        if distributed.is_distributed():
+            # Each rank initialised its own probe; DDP will give every probe rank 0's weights, so the
+            # galleries start from rank 0's too.
+            for tensor in sst.gallery.state_dict().values():
+                torch.distributed.broadcast(tensor, 0)
+        return sst
+
+    def loss(self, model: nn.Module, head: SemiSiameseTraining, batch) -> Tuple[torch.Tensor, dict]:
+        images1, images2, ids = batch
+        return head(model, images1, images2, ids), {}
+
+    def end_step(self, backbone: nn.Module, head: SemiSiameseTraining) -> None:
+        head.momentum_update(backbone)
+
+    def log_fields(self, head: SemiSiameseTraining) -> dict:
+        queue = head.prototypes
+        return {"queue_filled": int((queue.queue_ids >= 0).sum())}
+
+
+__all__ = ["PrototypeQueue", "SemiSiameseTraining", "IdentityPairLoader", "SSTMode", "identity_index",
+           "LOSS_TYPES"]
