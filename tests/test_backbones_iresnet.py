@@ -105,3 +105,19 @@ def test_bf16_autocast_and_channels_last():
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
     cos = torch.nn.functional.cosine_similarity(half.float(), ref)
     assert (cos > 0.99).all()
+
+
+def test_mobilefacenet_lower_resolution_is_an_area_downsample_of_the_crop():
+    # The CPU demo trains a narrow MobileFaceNet at 56x56: the same 112x112 crops come in, the network
+    # averages 2x2 blocks first, and the GDC kernel shrinks to the last map (56 -> 28 -> 14 -> 7 -> 4).
+    torch.manual_seed(0)
+    model = build_backbone("mbf", embedding_size=64, scale=1, units=(1, 2, 3, 1), resolution=56).eval()
+    assert model.features.layers[0].layers[0].kernel_size == (4, 4)
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        direct = model(x)
+        pooled = model(torch.nn.functional.avg_pool2d(x, 2))
+    assert direct.shape == (3, 64)
+    assert torch.allclose(direct, pooled, atol=1e-5)
+    with pytest.raises(ValueError, match="resolution"):
+        build_backbone("mbf", resolution=8)

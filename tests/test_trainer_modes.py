@@ -149,13 +149,15 @@ def test_sst_fills_its_queue_and_resume_restores_it(data, tmp_path):
 
 def test_masked_recipe_trains_on_data_with_masked_copies(data, tmp_path):
     out = tmp_path / "ressanet_masked"
-    # The recipe as it is (CosFace s=64 m=0.4 through Partial FC, SGD lr 0.05) on a small backbone.
+    # The recipe as it is (CosFace s=64 m=0.4 through Partial FC, SGD lr 0.05) on the CPU demo's small
+    # backbone (MobileFaceNet at 56x56), long enough for the loss to fall well past its batch-to-batch spread.
     run("--config", "ressanet_masked", "--data", str(data), "--output", str(out), *FAST, "network=mbf",
-        "batch_size=8", "embedding_size=64", "warmup_epoch=0", "max_steps=12")
+        'network_kwargs={"scale": 1, "units": [1, 2, 3, 1], "resolution": 56}', "channels_last=True",
+        "batch_size=32", "embedding_size=64", "warmup_epoch=0", "max_steps=40")
     cfg = json.loads((out / ckpt.CONFIG_FILE).read_text())
     assert (cfg["loss"], cfg["loss_kwargs"], cfg["optimizer"], cfg["lr"], cfg["mode"]) == \
         ("cosface", {"s": 64.0, "m": 0.4}, "sgd", 0.05, "standard")
     losses = [r["loss"] for r in train_records(out)]
-    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
-    # Not asserted: the loss falling. At s=64 it falls by ~2 over 60 steps of 8 images, under a batch-to-
-    # batch spread of +-4: a reliable check needs more steps than this file's time budget.
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < first - 3.0, losses  # it learns

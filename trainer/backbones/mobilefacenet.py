@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from trainer.backbones import register_backbone
 
@@ -92,10 +93,10 @@ class ResidualStage(nn.Module):
 class GDC(nn.Module):
     """Global depthwise conv over the 7x7 map, then FC (no bias: BN follows) and BN."""
 
-    def __init__(self, channels: int, embedding_size: int, dropout: float = 0.0):
+    def __init__(self, channels: int, embedding_size: int, dropout: float = 0.0, map_size: int = 7):
         super().__init__()
         self.layers = nn.Sequential(
-            ConvBN(channels, channels, kernel=7, groups=channels),
+            ConvBN(channels, channels, kernel=map_size, groups=channels),
             nn.Flatten(),
             nn.Linear(channels, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size),
@@ -109,11 +110,19 @@ class GDC(nn.Module):
 
 
 class MobileFaceNet(nn.Module):
-    """`[B, 3, 112, 112]` in [-1, 1] -> `[B, embedding_size]` (not normalised)."""
+    """`[B, 3, 112, 112]` in [-1, 1] -> `[B, embedding_size]` (not normalised).
+
+    `resolution` < 112 shrinks the input (area average) before the stem: every feature map is then
+    smaller by that factor squared, which is what makes a CPU run of a few minutes learn (the CPU
+    demo trains at 56x56). The GDC kernel follows the last map's size.
+    """
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, units: Sequence[int] = (1, 4, 6, 2),
-                 scale: int = 2):
+                 scale: int = 2, resolution: int = 112):
         super().__init__()
+        if not 16 <= resolution <= 112:
+            raise ValueError(f"MobileFaceNet resolution must lie in [16, 112], got {resolution}")
+        self.resolution = resolution
         if len(units) != 4:
             raise ValueError(f"MobileFaceNet has 4 stages of units, got {tuple(units)}")
         c1, c2 = 64 * scale, 128 * scale
@@ -130,7 +139,10 @@ class MobileFaceNet(nn.Module):
             ResidualStage(c2, units[3], width=256),
         ])
         self.conv_sep = ConvBNPReLU(c2, 512, 1)
-        self.features = GDC(512, embedding_size, dropout)
+        map_size = resolution
+        for _ in range(4):  # four stride-2 3x3 convs with padding 1
+            map_size = (map_size + 1) // 2
+        self.features = GDC(512, embedding_size, dropout, map_size=map_size)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -144,6 +156,8 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="area")
         for layer in self.layers:
             x = layer(x)
         return self.features(self.conv_sep(x))
@@ -151,11 +165,11 @@ class MobileFaceNet(nn.Module):
 
 @register_backbone("mbf")
 def mobilefacenet(embedding_size: int = 512, dropout: float = 0.0, **kwargs) -> MobileFaceNet:
-    """MobileFaceNet, arcface_torch's `mbf`: scale 2, units (1, 4, 6, 2)."""
-    return MobileFaceNet(embedding_size, dropout, units=(1, 4, 6, 2), scale=2, **kwargs)
+    """MobileFaceNet, arcface_torch's `mbf`: scale 2, units (1, 4, 6, 2) unless given (`network_kwargs`)."""
+    return MobileFaceNet(embedding_size, dropout, **{"units": (1, 4, 6, 2), "scale": 2, **kwargs})
 
 
 @register_backbone("mbf_large")
 def mobilefacenet_large(embedding_size: int = 512, dropout: float = 0.0, **kwargs) -> MobileFaceNet:
-    """arcface_torch's `mbf_large`: scale 4, units (2, 8, 12, 4)."""
-    return MobileFaceNet(embedding_size, dropout, units=(2, 8, 12, 4), scale=4, **kwargs)
+    """arcface_torch's `mbf_large`: scale 4, units (2, 8, 12, 4) unless given (`network_kwargs`)."""
+    return MobileFaceNet(embedding_size, dropout, **{"units": (2, 8, 12, 4), "scale": 4, **kwargs})
