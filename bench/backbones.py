@@ -12,6 +12,7 @@ for those backbones (compilation time reported separately), to show where it hel
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                                "entry needs a model_name)")
     p.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                    help="default: cpu, plus cuda when available")
-    p.add_argument("--batch", type=int, default=0, help="images per pass (default: 4 on CPU, 128 on CUDA)")
+    p.add_argument("--batch", type=int, default=0, help="images per pass (default: 8 on CPU, 128 on CUDA)")
     p.add_argument("--iters", type=int, default=0, help="timed passes (default: 2 on CPU, 10 on CUDA)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first (CUDA: at least 3)")
     p.add_argument("--amp", choices=sorted(AMP), default=None, help="autocast dtype (default: none on CPU, "
@@ -89,7 +90,7 @@ def measure(name: str, device: torch.device, args: argparse.Namespace, amp: Opti
     torch.manual_seed(0)
     model = build_backbone(name).to(device)
     row: Dict[str, object] = {}
-    batch = args.batch or (128 if device.type == "cuda" else 4)
+    batch = args.batch or (128 if device.type == "cuda" else 8)
     iters = args.iters or (10 if device.type == "cuda" else 2)
     warmup = max(args.warmup, 3 if device.type == "cuda" else 0)
     x = torch.randn(batch, 3, 112, 112, device=device)
@@ -121,6 +122,25 @@ def main(argv=None) -> int:
         print("bench/backbones.py: --devices cuda but CUDA is not available", file=sys.stderr)
         return 2
     rows: List[Dict[str, object]] = []
+    # A timeout's SIGTERM or a Ctrl-C ends the loop but still prints (and records) the rows measured so far.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    interrupted = False
+    try:
+        measure_all(names, devices, args, rows)
+    except KeyboardInterrupt:
+        interrupted = True
+    table = format_table(rows, devices if not args.no_speed else [], args)
+    if interrupted:
+        table += f"\ninterrupted (timeout or Ctrl-C) after {len(rows)} of {len(names)} backbones."
+    print(table)
+    if args.record:
+        record("Backbones: size and images/s at 112x112", "python bench/backbones.py " + " ".join(sys.argv[1:]),
+               table)
+    return 0
+
+
+def measure_all(names: List[str], devices: List[str], args: argparse.Namespace, rows: List[Dict[str, object]]
+                ) -> None:
     for name in tqdm(names, desc="backbones", unit="model"):
         try:
             with torch.device("meta"):
@@ -139,12 +159,6 @@ def main(argv=None) -> int:
                     row[f"{dev}_{key}"] = value
         rows.append(row)
         tqdm.write(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    table = format_table(rows, devices if not args.no_speed else [], args)
-    print(table)
-    if args.record:
-        record("Backbones: size and images/s at 112x112", "python bench/backbones.py " + " ".join(sys.argv[1:]),
-               table)
-    return 0
 
 
 def format_table(rows: List[Dict[str, object]], devices: List[str], args: argparse.Namespace) -> str:
@@ -161,7 +175,7 @@ def format_table(rows: List[Dict[str, object]], devices: List[str], args: argpar
     lines = ["| " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(fmt.format(r[key]) if key in r else "-" for _, key, fmt in cols) + " |")
-    batch = args.batch or "4 (CPU) / 128 (CUDA)"
+    batch = args.batch or "8 (CPU) / 128 (CUDA)"
     lines.append(f"\nbatch {batch}; GMACs: multiply-adds of one 112x112 image (conv, linear, matmul, attention).")
     return "\n".join(lines)
 

@@ -25,5 +25,9 @@ pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   "${pip[@]}" install torch==2.13.0
 fi
-"${pip[@]}" install "$DALI_PACKAGE" -e ".[mask,export,test]"
+# timm (the `timm` extra) needs torchvision: the release matching the installed torch (2.N -> 0.N+15),
+# without dependencies, so that neither a CPU nor a kept CUDA torch is ever swapped for PyPI's CUDA build.
+tv="$(.venv/bin/python -c 'import torch; print("0.%d.*" % (int(torch.__version__.split(".")[1]) + 15))')"
+"${pip[@]}" install --no-deps "torchvision==$tv"
+"${pip[@]}" install "$DALI_PACKAGE" -e ".[mask,export,test,timm]"
 echo "$want" > "$stamp"

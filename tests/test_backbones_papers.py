@@ -21,9 +21,11 @@ from trainer.flops import count_flops, count_gmacs, count_params
 OWN = ["ressanet50", "ressanet100", "ressanet50_ibsa", "ressanet100_ibsa", "vit_t", "vit_s", "vit_b", "vit_l",
        "crossscan_r50", "lightcnn9", "lightcnn29", "lightcnn29_v2", "attention56", "attention92"]
 TIMM = sorted(FACEX_ZOO_TIMM)
-# The deep twins of a block design already run forward/backward through their small sibling in the fast set.
-HEAVY = {"ressanet100", "ressanet100_ibsa", "vit_l", "vit_b", "attention92", "crossscan_r50", "repvgg_b1",
-         "swin_s", "resnest50d", "hrnet_w18"}
+# Forward + backward with real numbers at 112x112 for one network of each block design; the others (deeper or
+# wider twins, and timm's models, whose code timm tests) run the exact same pass on the meta device: every
+# shape and every parameter's gradient of the full-size network, without the minutes of CPU arithmetic.
+REAL = ["ressanet50", "vit_t", "crossscan_r50", "lightcnn9", "lightcnn29", "lightcnn29_v2", "attention56"]
+REAL_TIMM = ["efficientnet_b0", "ghostnet_100", "repvgg_a0"]
 needs_timm = pytest.mark.skipif(not timm_available(), reason="timm is not installed (see scripts/setup.sh)")
 
 
@@ -156,23 +158,30 @@ def _forward_backward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _cases(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
-
-
-@pytest.mark.parametrize("name", _cases(OWN))
+@pytest.mark.parametrize("name", REAL)
 def test_forward_backward(name, faces):
     torch.manual_seed(0)
     _forward_backward(build_backbone(name), faces)
 
 
 @needs_timm
-@pytest.mark.parametrize("name", _cases(TIMM))
+@pytest.mark.parametrize("name", REAL_TIMM)
 def test_timm_forward_backward(name, faces):
     torch.manual_seed(0)
     model = build_backbone(name)
     assert not any(p.is_meta for p in model.parameters())
     _forward_backward(model, faces)
+
+
+@pytest.mark.parametrize("name", [n for n in OWN if n not in REAL] +
+                         [pytest.param(n, marks=needs_timm) for n in TIMM if n not in REAL_TIMM])
+def test_forward_backward_full_size_on_meta(name):
+    model = on_meta(name).train()
+    y = model(torch.zeros(2, 3, 112, 112, device="meta"))
+    assert y.shape == (2, 512)
+    y.mul(torch.ones(y.shape, device="meta")).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
 
 
 @needs_timm
@@ -199,39 +208,62 @@ def test_missing_timm_is_a_clear_error(monkeypatch):
 
 # --- mixed precision and channels_last ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["ressanet50_ibsa", "vit_t", "lightcnn29_v2",
-                                  pytest.param("crossscan_r50", marks=pytest.mark.slow),
-                                  pytest.param("efficientnet_b0", marks=needs_timm)])
-def test_bf16_autocast_and_channels_last_inference(name, faces):
+# A small instance of every backbone with the same block types and options (masking, checkpointing, IBSA...):
+# on a CPU without native bf16, PyTorch runs bf16 convolutions (depth-wise and dilated ones above all)
+# through slow reference kernels, minutes for the full-size networks. The convolutional ones run at 48x48.
+IBSA = ("ibasic", "se_f", "se_f", "ibsa")
+
+
+def _small(name: str, **kwargs):
+    return lambda: build_backbone(name, **kwargs)
+
+
+SMALL = {
+    "ressanet50": lambda: ResSaNet([1, 1, 1, 1], input_size=48),
+    "ressanet100": lambda: ResSaNet([1, 1, 1, 1], input_size=48),
+    "ressanet50_ibsa": lambda: ResSaNet([1, 1, 1, 1], stage_blocks=IBSA, input_size=48),
+    "ressanet100_ibsa": lambda: ResSaNet([1, 1, 1, 1], stage_blocks=IBSA, input_size=48),
+    **{n: _small(n, embed_dim=64, depth=2, heads=4) for n in ("vit_t", "vit_s", "vit_b", "vit_l")},
+    "crossscan_r50": _small("crossscan_r50", input_size=48, vit_dim=32, vit_depth=1, vit_heads=4,
+                            aspp_channels=32),
+    **{n: _small(n, input_size=48) for n in ("lightcnn9", "lightcnn29", "lightcnn29_v2", "attention56",
+                                             "attention92")},
+}
+INPUT_SIZE = {n: 48 for n in SMALL if not n.startswith("vit")}  # 48x48: a fifth of the arithmetic of 112x112
+
+
+def test_every_backbone_has_a_mixed_precision_test():
+    assert set(SMALL) == set(OWN)
+
+
+@pytest.mark.parametrize("name", OWN + [pytest.param(n, marks=needs_timm) for n in TIMM])
+def test_bf16_autocast_and_channels_last(name, faces):
+    """Inference: channels_last gives the fp32 result, bf16 autocast a close one in bf16. Our own networks
+    (the timm ones are timm's code) also take a bf16 training step, masking and checkpointing included."""
     torch.manual_seed(0)
-    model = build_backbone(name).eval()
+    model = (SMALL[name]() if name in SMALL else build_backbone(name)).eval()
+    side = INPUT_SIZE.get(name, 112)
+    x = faces if side == 112 else F.interpolate(faces, size=(side, side), mode="bilinear",
+                                                align_corners=False)
     with torch.no_grad():
-        ref = model(faces)
+        ref = model(x)
         model = model.to(memory_format=torch.channels_last)
-        x = faces.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         same = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x)
-    assert torch.allclose(same, ref, atol=1e-3, rtol=1e-3)
+    # relative to the whole output: fresh pre-activation nets (AttentionNet) give outputs in the thousands
+    assert (same - ref).norm() / ref.norm() < 1e-4
+    assert low.dtype == torch.bfloat16 and low.shape == (2, 512)
     assert F.cosine_similarity(low.float(), ref).min() > 0.98
-
-
-@pytest.mark.parametrize("make", [
-    lambda: ResSaNet([1, 1, 1, 1]),  # SE, FReLU, relative-position MHSA and MBConv blocks, one each
-    lambda: FaceViT(embed_dim=64, depth=2, heads=4),
-    lambda: build_backbone("lightcnn9"),
-], ids=["ressanet", "vit", "lightcnn"])
-def test_bf16_autocast_training_step_channels_last(make, faces):
-    # Small instances: on a CPU without native bf16, PyTorch runs bf16 depth-wise and dilated conv
-    # backward through its slow reference kernels (minutes for a full EfficientNet or ResSaNet-50).
-    torch.manual_seed(0)
-    model = make().to(memory_format=torch.channels_last).train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = model(faces.contiguous(memory_format=torch.channels_last))
-    assert y.dtype == torch.bfloat16 and y.shape == (2, 512)
-    y.float().square().mean().backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if name in SMALL:
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        assert y.dtype == torch.bfloat16
+        y.float().mul(torch.randn(y.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 # --- the parts that carry the papers' ideas -----------------------------------------------------------------
@@ -265,7 +297,8 @@ def test_cross_scan_orders_and_inverse():
     assert rows_rev[0, :2, 0].tolist() == [19, 18]              # from the last pixel backwards
     assert cols[0, :3, 0].tolist() == [0, 5, 10]                # down the first column
     assert cols_rev[0, :2, 0].tolist() == [19, 14]              # up the last column
-    assert torch.equal(CrossScanViT.unscan([rows, rows_rev, cols, cols_rev], 4, 5), x.expand(4, -1, -1, -1, -1))
+    restored = CrossScanViT.unscan([rows, rows_rev, cols, cols_rev], 4, 5)
+    assert torch.equal(restored, x.expand(4, -1, -1, -1, -1))
 
 
 def test_direction_fusion_is_a_convex_combination():

@@ -27,7 +27,9 @@ timm needs torchvision. PyPI's torchvision wheels link the CUDA build of torch; 
 their C++ ops do not load and `import torchvision` fails while registering fake kernels for `nms` and
 `qnms` (the only two ops it registers without checking that the library loaded). timm uses only
 torchvision's pure-Python parts, so `import_timm` declares those two op schemas (without kernels: calling
-torchvision.ops.nms still fails loudly) when the library cannot load, then imports timm.
+torchvision.ops.nms still fails loudly) when the library cannot load, then imports timm. scripts/setup.sh
+installs that torchvision with --no-deps (so it never replaces the installed torch) and timm through the
+`timm` extra of setup.cfg.
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ import torch.nn.functional as F
 from . import register_backbone
 from .ressanet import FaceEmbeddingHead
 
-INSTALL_HINT = ("pip install --no-deps torchvision==0.28.0 timm==1.0.31 (torchvision matching the installed "
-                "torch; scripts/setup.sh does this)")
+INSTALL_HINT = ("pip install --no-deps torchvision==0.N+15.* (the release matching torch 2.N), then "
+                "pip install -e '.[timm]'; scripts/setup.sh does both")
 
 # registry name -> (timm model name, create_model kwargs, input side fed to the timm model)
 FACEX_ZOO_TIMM: Dict[str, Tuple[str, Dict[str, Any], Optional[int]]] = {
