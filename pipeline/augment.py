@@ -20,6 +20,11 @@ class AugmentConfig:
     contrast: float = 0.0  # scale around the mean by U(1-c, 1+c)
     saturation: float = 0.0
     grey_p: float = 0.0  # probability of a greyscale copy
+    # Random erasing (Zhong et al., 2020): with probability erase_p, a rectangle of U(0.02, erase_area)
+    # of the image, aspect ratio in [0.3, 3.3], is filled with mid grey (0 after normalisation), so that
+    # no single part of the face can carry the identity alone.
+    erase_p: float = 0.0
+    erase_area: float = 0.25
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "AugmentConfig":
@@ -54,6 +59,10 @@ def augment_numpy(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
         img = cv2.resize(img[y0:y0 + ch, x0:x0 + cw], (w, h), interpolation=cv2.INTER_LINEAR)
     if cfg.flip and rng.random() < 0.5:
         img = img[:, ::-1]
+    if cfg.erase_p > 0 and rng.random() < cfg.erase_p:
+        img = np.array(img)
+        ex, ey, ew, eh = erase_box(h, w, cfg.erase_area, rng)
+        img[ey:ey + eh, ex:ex + ew] = int(MEAN + 0.5)
     if not (cfg.brightness or cfg.contrast or cfg.saturation or cfg.grey_p):
         return img
     out = img.astype(np.float32)
@@ -69,6 +78,15 @@ def augment_numpy(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
         if cfg.grey_p > 0 and rng.random() < cfg.grey_p:
             out = np.repeat(grey, 3, axis=2)
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def erase_box(h: int, w: int, max_area: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(x, y, width, height) of a random-erasing rectangle inside an h x w image."""
+    area = rng.uniform(0.02, max(max_area, 0.02)) * h * w
+    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    ew = int(min(w, max(1, round(np.sqrt(area * aspect)))))
+    eh = int(min(h, max(1, round(np.sqrt(area / aspect)))))
+    return int(rng.integers(0, w - ew + 1)), int(rng.integers(0, h - eh + 1)), ew, eh
 
 
 def normalise(batch_uint8_chw):

@@ -116,8 +116,10 @@ class DaliTrainLoader:
                     saturation=fn.random.uniform(range=[1 - aug.saturation, 1 + aug.saturation]))
             if aug.grey_p > 0:
                 # saturation 0 makes an RGB grey image, keeping 3 channels for the backbone
-                grey = fn.random.coin_flip(probability=aug.grey_p, dtype=types.FLOAT)
+                grey = fn.cast(fn.random.coin_flip(probability=aug.grey_p), dtype=types.FLOAT)
                 images = fn.hsv(images, saturation=1.0 - grey)
+            if aug.erase_p > 0:
+                images = _random_erase(images, aug.erase_p, aug.erase_area)
             mirror = fn.random.coin_flip(probability=0.5) if aug.flip else 0
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                               mean=[MEAN] * 3, std=[STD] * 3, mirror=mirror)
@@ -210,4 +212,24 @@ def identities_from_label_vectors(labels: torch.Tensor, label_fields: list[str])
         lo = labels[:, label_fields.index(SPLIT_IDENTITY_FIELDS[1])].long()
         return (hi << SPLIT_BITS) + lo
     return labels[:, 0].long()
+
+
+def _random_erase(images, p: float, max_area: float):
+    """DALI's twin of `pipeline.augment.erase_box`: with probability p, a rectangle of U(0.02, max_area)
+    of the image, aspect ratio in [0.3, 3.3], set to mid grey. A sample that is not erased gets a
+    zero-sized region, so that every sample goes through the same operator."""
+    import math
+
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    area = fn.random.uniform(range=[0.02, max(max_area, 0.02)])
+    aspect = dmath.exp(fn.random.uniform(range=[math.log(0.3), math.log(3.3)]))
+    on = fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+    width = dmath.min(dmath.sqrt(area * aspect), 1.0) * on
+    height = dmath.min(dmath.sqrt(area / aspect), 1.0) * on
+    x = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - width)
+    y = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - height)
+    return fn.erase(images, anchor=fn.stack(y, x), shape=fn.stack(height, width), axis_names="HW",
+                    normalized_anchor=True, normalized_shape=True, fill_value=float(int(MEAN + 0.5)))
 

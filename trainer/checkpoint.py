@@ -344,7 +344,8 @@ def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: Option
     saved_replicated = saved.get("replicated", {})
     if set(saved_replicated) != set(replicated):
         raise CheckpointError(f"{path} holds the modules {sorted(saved_replicated)} beside the backbone, "
-                              f"this run {sorted(replicated)} (another training mode?)")
+                              f"this run {sorted(replicated)} (another training mode, or ema_decay set in "
+                              f"one run only?)")
 
 
 def load_checkpoint(

@@ -39,6 +39,7 @@ from pipeline.manifest import ManifestError
 from trainer import checkpoint as ckpt
 from trainer.config import Config, ConfigError, load_config
 from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size
+from trainer.ema import ModelEMA
 from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
 from trainer.modes import build_mode
 from trainer.modes.standard import build_margin_loss, partial_fc_loss  # noqa: F401 (bench imports it here)
@@ -348,8 +349,13 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     optimizers = [opt for opt in (opt_backbone, opt_fc) if opt is not None]
     scaler = torch.amp.GradScaler(device.type, growth_interval=100) if cfg.amp == "fp16" else None
     # A Partial FC is saved per rank (its shard); another head whole, from rank 0.
-    head_parts = dict(partial_fc=head, opt_fc=opt_fc) if isinstance(head, PartialFC) else \
+    head_parts = dict(partial_fc=head, opt_fc=opt_fc, replicated={}) if isinstance(head, PartialFC) else \
         dict(partial_fc=None, opt_fc=None, replicated={"head": head})
+    # The weights' moving average (ema_decay > 0) is what gets evaluated and exported.
+    ema = ModelEMA(backbone, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        head_parts["replicated"]["ema"] = ema
+    final_backbone = ema.module if ema is not None else backbone
 
     state = ckpt.TrainState(world_size=world_size)
     if resume_dir is not None:
@@ -393,7 +399,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         results = None
         if targets and rank == 0:
             t0 = time.perf_counter()
-            results = evaluate(backbone, targets, cfg, device)
+            results = evaluate(final_backbone, targets, cfg, device)
             metrics.eval(step, results)
             summary = ", ".join(f"{k} acc={v['acc']:.4f}+-{v.get('std', 0):.4f}" for k, v in results.items())
             logger.info("step %d eval (%.1fs): %s", step, time.perf_counter() - t0, summary)
@@ -422,6 +428,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                                 objective=mode.loss)
             if not result.skipped:
                 mode.end_step(backbone, head)
+                if ema is not None:
+                    ema.update(backbone)
             step += 1
             if result.skipped:
                 if result.loss_finite and scaler is not None:
@@ -461,7 +469,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         if last_saved != step:
             save(step)
         if rank == 0:
-            ckpt.save_model(output / ckpt.MODEL_FILE, backbone, cfg.network, network_kwargs,
+            ckpt.save_model(output / ckpt.MODEL_FILE, final_backbone, cfg.network, network_kwargs,
                             extra={"step": step, "config": cfg.to_dict()})
         last_eval = run_eval(step) or last_eval
     finally:

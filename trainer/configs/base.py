@@ -49,6 +49,11 @@ config.augment = None  # passed to pipeline.loader.build_train_loader (None: the
 config.batch_size = 128  # per rank, per micro step
 # micro steps per optimizer step: the global batch is batch_size * gradient_acc * world size
 config.gradient_acc = 1
+# Batch mixing (trainer/mixing.py, standard mode, sample_rate 1.0): "" off, "cutmix" or "mixup"; a batch is
+# mixed with probability mix_p, its share lam ~ Beta(mix_alpha, mix_alpha)
+config.mix = ""
+config.mix_p = 0.5
+config.mix_alpha = 1.0
 
 # Optimizer: "sgd" or "adamw". One learning rate for backbone and FC, as insightface.
 config.optimizer = "sgd"
@@ -58,6 +63,9 @@ config.weight_decay = 5e-4
 config.betas = (0.9, 0.999)  # AdamW
 config.eps = 1e-8  # AdamW
 config.clip_grad_norm = 5.0  # max L2 norm of the backbone's gradient; 0 disables
+# > 0: keep a moving average of the backbone's weights (trainer/ema.py) with this decay per optimizer
+# step; the average is what is evaluated and saved as model.pt. 0: the weights as trained.
+config.ema_decay = 0.0
 
 # Schedule: linear warmup, then "poly" (lr * (1 - t)^lr_power) or "cosine", down to min_lr
 config.num_epoch = 20

@@ -52,6 +52,18 @@ class StandardMode:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        if cfg.mix:
+            from trainer.mixing import MIX_KINDS
+
+            if cfg.mix not in MIX_KINDS:
+                raise ConfigError(f"mix must be '' or one of {MIX_KINDS}, got {cfg.mix!r}")
+            if self.name != "standard":
+                raise ConfigError(f"mix is for mode 'standard', not {self.name!r}")
+            if cfg.sample_rate < 1.0:
+                # Two Partial FC calls per step would sample two sets of negatives for one optimizer step.
+                raise ConfigError("mix needs sample_rate 1.0 (Partial FC samples negatives once per step)")
+        self._step_key: tuple = (cfg.seed, 0.0)  # what the mixing draws depend on (see trainer/mixing.py)
+        self._micro = 0
 
     def bind_data(self, loader) -> None:
         """Checks what the mode needs of the data (the loader is built)."""
@@ -71,11 +83,21 @@ class StandardMode:
 
     def begin_step(self, backbone: nn.Module, head: nn.Module, epoch: float) -> Optional[str]:
         """Sets up the step at `epoch` (fractional); returns the stage name when it changed, else None."""
+        self._step_key, self._micro = (self.cfg.seed, float(epoch).hex()), 0
         return None
 
     def loss(self, model: nn.Module, head: nn.Module, batch: Sequence[torch.Tensor]
              ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """(loss of one micro batch, parts to log) with `model` the (maybe DDP-wrapped) backbone."""
+        if self.cfg.mix:
+            from trainer.mixing import mixed_loss
+
+            from trainer.distributed import get_rank
+
+            cfg = self.cfg
+            self._micro += 1
+            return mixed_loss(model, head, batch[0], batch[1], cfg.mix, cfg.mix_p, cfg.mix_alpha,
+                              key=(*self._step_key, self._micro), rank=get_rank()), {}
         return partial_fc_loss(model, head, batch)
 
     def end_step(self, backbone: nn.Module, head: nn.Module) -> None:
