@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import mmap
-import multiprocessing as mp
 import os
 import secrets
 import struct
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from pipeline.manifest import (ManifestError, atomic_write_bytes, decode_identity, fsync_dir, load_manifest,
                                sha256_file, write_manifest)
+from pipeline.landmarks import worker_context
 from pipeline.pack import ShardWriter
 from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, frame_record, pack_record, read_frame,
                                read_index, unpack_record)
@@ -260,9 +260,8 @@ def _run(opts: BuildOptions, tasks: list[Task]):
                 bar.update()
                 yield task, res
             return
-        # spawn: MediaPipe graphs do not survive a fork, and the workers must not share BLAS threads.
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=init) as pool:
+        # fork unless this process holds MediaPipe (its graphs do not survive a fork): pipeline.landmarks
+        with worker_context().Pool(opts.workers, initializer=_init_worker, initargs=init) as pool:
             for task, res in zip(tasks, pool.imap(_process, tasks, chunksize=8)):
                 bar.update()
                 yield task, res

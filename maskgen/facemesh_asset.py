@@ -15,7 +15,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -53,7 +53,13 @@ class MeshAsset:
 
     def pose(self, landmarks: np.ndarray) -> np.ndarray:
         """The best affine map `[3, 4]` from the canonical mesh to detected landmarks `[468, 3]`."""
-        return fit_affine3d(self.vertices[:NUM_LANDMARKS], landmarks)
+        return (self._pose_solver @ landmarks).T
+
+    @cached_property
+    def _pose_solver(self) -> np.ndarray:
+        # The canonical side of the least-squares fit never changes: its pseudo-inverse `[4, 468]` is
+        # computed once, and each face's fit is one product (as `fit_affine3d`, to rounding).
+        return np.linalg.pinv(_homogeneous(self.vertices[:NUM_LANDMARKS]))
 
     def extended_vertices(self, landmarks: np.ndarray, pose: Optional[np.ndarray] = None) -> np.ndarray:
         """All vertices `[V, 3]` for detected landmarks `[468, 3]`: extension vertices follow their anchor,
@@ -69,10 +75,13 @@ def head_yaw(pose: np.ndarray) -> float:
     return float(np.degrees(np.arcsin(np.clip(forward[0] / max(np.linalg.norm(forward), 1e-12), -1, 1))))
 
 
+def _homogeneous(points: np.ndarray) -> np.ndarray:
+    return np.concatenate([points, np.ones((len(points), 1))], axis=1)
+
+
 def fit_affine3d(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares affine `[3, 4]` with dst ~= A @ [src, 1]."""
-    x = np.concatenate([src, np.ones((len(src), 1))], axis=1)
-    sol, *_ = np.linalg.lstsq(x, dst, rcond=None)
+    sol, *_ = np.linalg.lstsq(_homogeneous(src), dst, rcond=None)
     return sol.T
 
 

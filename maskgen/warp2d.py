@@ -75,6 +75,10 @@ class SplineWarper:
         self.canvas = canvas
         self.smoothing = smoothing
         self.ids = np.array(sorted(set(self.asset.chain.tolist()) | set(INNER) | set(LOWER_LIDS)))
+        # The best affine map UV -> image over all landmarks is a least-squares fit whose UV side never
+        # changes: the rows of its pseudo-inverse that give the linear part, `[2, 468]`, computed once.
+        uv = self.asset.uv[:NUM_LANDMARKS]
+        self._uv_solver = np.linalg.pinv(np.concatenate([uv, np.ones((NUM_LANDMARKS, 1))], 1))[:2]
 
     def control_points(self, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(image points `[N, 2]`, their UV `[N, 2]`)."""
@@ -82,8 +86,7 @@ class SplineWarper:
         xy = landmarks[:, :2]
         uv = asset.uv[:NUM_LANDMARKS]
         # Pixels per UV unit near the face: from the best affine map UV -> image over all landmarks.
-        a = np.concatenate([uv, np.ones((NUM_LANDMARKS, 1))], 1)
-        lin = np.linalg.lstsq(a, xy, rcond=None)[0][:2]
+        lin = self._uv_solver @ xy
         px_per_uv = float(np.sqrt(abs(np.linalg.det(lin))))
         chain = asset.chain
         normals = outward_normals(xy[chain])

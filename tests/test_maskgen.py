@@ -446,3 +446,18 @@ def test_lean_landmark_graph_equals_mediapipes_face_landmark_subgraph(glint_crop
         assert not np.isnan(reference[:-1]).any()
     finally:
         lean.close()
+
+
+def test_workers_fork_only_while_no_mediapipe_is_loaded():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, '.')\n"
+            "from pipeline.landmarks import worker_context, import_mediapipe\n"
+            "a = worker_context().get_start_method()\n"
+            "import_mediapipe('mediapipe.framework.formats.landmark_pb2')\n"
+            "print(a, worker_context().get_start_method())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["fork", "spawn"]
