@@ -59,7 +59,7 @@ class MeshAsset:
     def _pose_solver(self) -> np.ndarray:
         # The canonical side of the least-squares fit never changes: its pseudo-inverse `[4, 468]` is
         # computed once, and each face's fit is one product (as `fit_affine3d`, to rounding).
-        return np.linalg.pinv(_homogeneous(self.vertices[:NUM_LANDMARKS]))
+        return affine_solver(self.vertices[:NUM_LANDMARKS])
 
     def extended_vertices(self, landmarks: np.ndarray, pose: Optional[np.ndarray] = None) -> np.ndarray:
         """All vertices `[V, 3]` for detected landmarks `[468, 3]`: extension vertices follow their anchor,
@@ -77,6 +77,12 @@ def head_yaw(pose: np.ndarray) -> float:
 
 def _homogeneous(points: np.ndarray) -> np.ndarray:
     return np.concatenate([points, np.ones((len(points), 1))], axis=1)
+
+
+def affine_solver(src: np.ndarray) -> np.ndarray:
+    """`[D + 1, N]`: for fixed source points `[N, D]`, `(affine_solver(src) @ dst).T` is `fit_affine3d`'s
+    least-squares affine map to any `dst` `[N, K]`, one product per fit."""
+    return np.linalg.pinv(_homogeneous(src))
 
 
 def fit_affine3d(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .facemesh_asset import NUM_LANDMARKS, RING_UV, RINGS, MeshAsset, load_asset
+from .facemesh_asset import NUM_LANDMARKS, RING_UV, RINGS, MeshAsset, affine_solver, load_asset
 from .render3d import sample_texture
 from .textures import UVCanvas
 
@@ -77,8 +77,7 @@ class SplineWarper:
         self.ids = np.array(sorted(set(self.asset.chain.tolist()) | set(INNER) | set(LOWER_LIDS)))
         # The best affine map UV -> image over all landmarks is a least-squares fit whose UV side never
         # changes: the rows of its pseudo-inverse that give the linear part, `[2, 468]`, computed once.
-        uv = self.asset.uv[:NUM_LANDMARKS]
-        self._uv_solver = np.linalg.pinv(np.concatenate([uv, np.ones((NUM_LANDMARKS, 1))], 1))[:2]
+        self._uv_solver = affine_solver(self.asset.uv[:NUM_LANDMARKS])[:2]
 
     def control_points(self, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(image points `[N, 2]`, their UV `[N, 2]`)."""

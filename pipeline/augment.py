@@ -8,6 +8,11 @@ import numpy as np
 
 MEAN = 127.5  # insightface normalises faces to [-1, 1]
 STD = 127.5
+# Random erasing's box: area share from U(ERASE_MIN_AREA, erase_area), aspect ratio log-uniform in
+# ERASE_ASPECT; filled with the grey that normalises to 0. Shared by the numpy and DALI readers.
+ERASE_MIN_AREA = 0.02
+ERASE_ASPECT = (0.3, 3.3)
+ERASE_FILL = int(MEAN + 0.5)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ def augment_numpy(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     if cfg.erase_p > 0 and rng.random() < cfg.erase_p:
         img = np.array(img)
         ex, ey, ew, eh = erase_box(h, w, cfg.erase_area, rng)
-        img[ey:ey + eh, ex:ex + ew] = int(MEAN + 0.5)
+        img[ey:ey + eh, ex:ex + ew] = ERASE_FILL
     if not (cfg.brightness or cfg.contrast or cfg.saturation or cfg.grey_p):
         return img
     out = img.astype(np.float32)
@@ -82,8 +87,8 @@ def augment_numpy(rgb: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
 
 def erase_box(h: int, w: int, max_area: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """(x, y, width, height) of a random-erasing rectangle inside an h x w image."""
-    area = rng.uniform(0.02, max(max_area, 0.02)) * h * w
-    aspect = np.exp(rng.uniform(np.log(0.3), np.log(3.3)))
+    area = rng.uniform(ERASE_MIN_AREA, max(max_area, ERASE_MIN_AREA)) * h * w
+    aspect = np.exp(rng.uniform(*np.log(ERASE_ASPECT)))
     ew = int(min(w, max(1, round(np.sqrt(area * aspect)))))
     eh = int(min(h, max(1, round(np.sqrt(area / aspect)))))
     return int(rng.integers(0, w - ew + 1)), int(rng.integers(0, h - eh + 1)), ew, eh

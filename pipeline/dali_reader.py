@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .augment import MEAN, STD, AugmentConfig
+from .augment import ERASE_ASPECT, ERASE_FILL, ERASE_MIN_AREA, MEAN, STD, AugmentConfig
 from .manifest import SPLIT_BITS, SPLIT_IDENTITY_FIELDS, load_manifest, shard_paths
 from .recordio import read_index
 
@@ -215,21 +215,20 @@ def identities_from_label_vectors(labels: torch.Tensor, label_fields: list[str])
 
 
 def _random_erase(images, p: float, max_area: float):
-    """DALI's twin of `pipeline.augment.erase_box`: with probability p, a rectangle of U(0.02, max_area)
-    of the image, aspect ratio in [0.3, 3.3], set to mid grey. A sample that is not erased gets a
+    """DALI's twin of `pipeline.augment.erase_box` (the same constants): with probability p, a rectangle
+    of U(ERASE_MIN_AREA, max_area) of the image set to mid grey. A sample that is not erased gets a
     zero-sized region, so that every sample goes through the same operator."""
     import math
 
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
-    area = fn.random.uniform(range=[0.02, max(max_area, 0.02)])
-    aspect = dmath.exp(fn.random.uniform(range=[math.log(0.3), math.log(3.3)]))
+    area = fn.random.uniform(range=[ERASE_MIN_AREA, max(max_area, ERASE_MIN_AREA)])
+    aspect = dmath.exp(fn.random.uniform(range=[math.log(a) for a in ERASE_ASPECT]))
     on = fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
     width = dmath.min(dmath.sqrt(area * aspect), 1.0) * on
     height = dmath.min(dmath.sqrt(area / aspect), 1.0) * on
     x = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - width)
     y = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - height)
     return fn.erase(images, anchor=fn.stack(y, x), shape=fn.stack(height, width), axis_names="HW",
-                    normalized_anchor=True, normalized_shape=True, fill_value=float(int(MEAN + 0.5)))
-
+                    normalized_anchor=True, normalized_shape=True, fill_value=float(ERASE_FILL))

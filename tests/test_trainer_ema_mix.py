@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests._trainer_helpers import pack_glint24, run_trainer, train_records
+from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +39,7 @@ def test_stopped_and_resumed_run_equals_the_whole_run(data, tmp_path):
         assert torch.allclose(ma[k].float(), mb[k].float(), rtol=1e-4, atol=1e-6), k
 
     # model.pt is the average: it differs from the trained weights in the last checkpoint.
-    ckpts = sorted((whole / "checkpoints").glob("step_*"))
-    state = torch.load(ckpts[-1] / "rank_00000.pt", map_location="cpu", weights_only=False) \
-        if (ckpts[-1] / "rank_00000.pt").exists() else None
-    trained = _trained_weights(ckpts[-1]) if state is None else state["backbone"]
+    last = sorted((whole / "checkpoints").glob("step_*"))[-1]
+    trained = torch.load(last / ckpt.TRAIN_STATE, map_location="cpu", weights_only=False)["backbone"]
     key = next(k for k in ma if k.endswith("weight") and ma[k].dim() == 4)
     assert not torch.allclose(ma[key], trained[key])
-
-
-def _trained_weights(step_dir: Path) -> dict:
-    for f in sorted(step_dir.glob("*.pt")):
-        saved = torch.load(f, map_location="cpu", weights_only=False)
-        if isinstance(saved, dict) and "backbone" in saved:
-            return saved["backbone"]
-    raise AssertionError(f"no backbone weights in {step_dir}")

@@ -62,8 +62,9 @@ class StandardMode:
             if cfg.sample_rate < 1.0:
                 # Two Partial FC calls per step would sample two sets of negatives for one optimizer step.
                 raise ConfigError("mix needs sample_rate 1.0 (Partial FC samples negatives once per step)")
-        self._step_key: tuple = (cfg.seed, 0.0)  # what the mixing draws depend on (see trainer/mixing.py)
-        self._micro = 0
+        # The step's epoch and micro batch: with the seed, what the mixing draws depend on
+        # (trainer/mixing.py).
+        self._epoch, self._micro = 0.0, 0
 
     def bind_data(self, loader) -> None:
         """Checks what the mode needs of the data (the loader is built)."""
@@ -83,21 +84,20 @@ class StandardMode:
 
     def begin_step(self, backbone: nn.Module, head: nn.Module, epoch: float) -> Optional[str]:
         """Sets up the step at `epoch` (fractional); returns the stage name when it changed, else None."""
-        self._step_key, self._micro = (self.cfg.seed, float(epoch).hex()), 0
+        self._epoch, self._micro = float(epoch), 0
         return None
 
     def loss(self, model: nn.Module, head: nn.Module, batch: Sequence[torch.Tensor]
              ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """(loss of one micro batch, parts to log) with `model` the (maybe DDP-wrapped) backbone."""
         if self.cfg.mix:
-            from trainer.mixing import mixed_loss
-
             from trainer.distributed import get_rank
+            from trainer.mixing import mixed_loss
 
             cfg = self.cfg
             self._micro += 1
             return mixed_loss(model, head, batch[0], batch[1], cfg.mix, cfg.mix_p, cfg.mix_alpha,
-                              key=(*self._step_key, self._micro), rank=get_rank()), {}
+                              key=(cfg.seed, self._epoch.hex(), self._micro), rank=get_rank()), {}
         return partial_fc_loss(model, head, batch)
 
     def end_step(self, backbone: nn.Module, head: nn.Module) -> None:
