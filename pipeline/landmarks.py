@@ -46,63 +46,14 @@ _FIVE_POINT_BIAS = np.array([[0.008, -0.004], [0.020, -0.001], [0.014, -0.016], 
 # this fixed region differ from FaceMesh's detector-driven ones by 1.05 px on average (112 px crops).
 ARCFACE_ROI = (0.501, 0.609, 1.219)
 
-# FaceMesh's landmark model alone, in a given region: what MediaPipe's FaceLandmarkCpu subgraph does
-# (region to a 192x192 tensor in [0, 1], the model, sigmoid face score, landmarks projected back), minus
-# its switch containers and gate. The graph runs on the calling thread (ApplicationThreadExecutor) and
-# the model's XNNPACK delegate on one thread: worker processes are the parallelism, and extra threads
-# per graph only hand work back and forth or spin against them (with 2 XNNPACK threads on 2 busy
-# cores a crop cost 3x the CPU time). The score is read out and gated in Python.
-_ROI_GRAPH = """
-input_stream: "image"
-input_stream: "roi"
-output_stream: "landmarks"
-output_stream: "score"
-executor { type: "ApplicationThreadExecutor" }
-node {
-  calculator: "ImageToTensorCalculator"
-  input_stream: "IMAGE:image"
-  input_stream: "NORM_RECT:roi"
-  output_stream: "TENSORS:input_tensors"
-  options { [mediapipe.ImageToTensorCalculatorOptions.ext] {
-    output_tensor_width: 192 output_tensor_height: 192 output_tensor_float_range { min: 0 max: 1 } } }
-}
-node {
-  calculator: "InferenceCalculatorCpu"
-  input_stream: "TENSORS:input_tensors"
-  output_stream: "TENSORS:output_tensors"
-  options { [mediapipe.InferenceCalculatorOptions.ext] {
-    model_path: "mediapipe/modules/face_landmark/face_landmark.tflite"
-    delegate { xnnpack { num_threads: 1 } } } }
-}
-node {
-  calculator: "SplitTensorVectorCalculator"
-  input_stream: "output_tensors"
-  output_stream: "landmark_tensors"
-  output_stream: "flag_tensor"
-  options { [mediapipe.SplitVectorCalculatorOptions.ext] { ranges { begin: 0 end: 1 } ranges { begin: 1 end: 2 } } }
-}
-node {
-  calculator: "TensorsToFloatsCalculator"
-  input_stream: "TENSORS:flag_tensor"
-  output_stream: "FLOAT:score"
-  options { [mediapipe.TensorsToFloatsCalculatorOptions.ext] { activation: SIGMOID } }
-}
-node {
-  calculator: "TensorsToLandmarksCalculator"
-  input_stream: "TENSORS:landmark_tensors"
-  output_stream: "NORM_LANDMARKS:roi_landmarks"
-  options { [mediapipe.TensorsToLandmarksCalculatorOptions.ext] {
-    num_landmarks: 468 input_image_width: 192 input_image_height: 192 } }
-}
-node {
-  calculator: "LandmarkProjectionCalculator"
-  input_stream: "NORM_LANDMARKS:roi_landmarks"
-  input_stream: "NORM_RECT:roi"
-  output_stream: "NORM_LANDMARKS:landmarks"
-}
-"""
+# FaceMesh's landmark model (MediaPipe's bundled face_landmark.tflite: a 192x192 RGB tensor in [0, 1] in,
+# 468 points in tensor pixels and a face-presence logit out) run directly by LiteRT, as MediaPipe's
+# FaceLandmarkCpu subgraph runs it, minus the graph: a crop costs 1.2-1.3 ms of CPU against 2.0-2.1
+# through a lean MediaPipe graph of the same model. One XNNPACK thread: worker processes are the
+# parallelism, and extra threads per model only spin against them on busy cores.
+LANDMARK_MODEL = ("modules", "face_landmark", "face_landmark.tflite")  # inside the mediapipe package
+LANDMARK_INPUT = 192
 FACE_SCORE = 0.5  # FaceLandmarkCpu's threshold on the sigmoid face score
-_PB_STRIDE = 17  # bytes per serialised NormalizedLandmark with x, y, z only: 0a 0f 0d <x> 15 <y> 1d <z>
 
 
 def import_mediapipe(*modules: str) -> list:
@@ -162,44 +113,44 @@ def _register_without_init(name: str) -> None:
         setattr(sys.modules[parent], child, module)
 
 
+def mediapipe_model(*parts: str) -> str:
+    """Path of a model file bundled in the mediapipe wheel, found without importing mediapipe."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mediapipe")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("face landmarks need mediapipe==0.10.21 (pip install 'facetrain[mask]')")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: mediapipe 0.10.21 bundles it, 1.x does not")
+    return path
+
+
 class RoiLandmarker:
-    """FaceMesh's landmark model in a known square region of an image: no face detector, and none of the
-    Python solution wrapper's per-call work (about 2.8 ms of CPU per 112x112 crop against 3.9 through
-    `mp.solutions` on the same graph)."""
+    """FaceMesh's landmark model in a known square region of an image: no face detector and no MediaPipe
+    graph, only the model under LiteRT.
 
-    def __init__(self) -> None:
-        text_format, calculator_pb2, rect_pb2, graph_mod, resource_util, creator, getter, frame, raw_getter = \
-            import_mediapipe(
-                "google.protobuf.text_format", "mediapipe.framework.calculator_pb2",
-                "mediapipe.framework.formats.rect_pb2", "mediapipe.python._framework_bindings.calculator_graph",
-                "mediapipe.python._framework_bindings.resource_util", "mediapipe.python.packet_creator",
-                "mediapipe.python.packet_getter", "mediapipe.python._framework_bindings.image_frame",
-                "mediapipe.python._framework_bindings._packet_getter")
-        # The calculators' option extensions must be in the protobuf pool before the graph text is parsed.
-        import_mediapipe("mediapipe.calculators.tensor.image_to_tensor_calculator_pb2",
-                         "mediapipe.calculators.tensor.inference_calculator_pb2",
-                         "mediapipe.calculators.core.split_vector_calculator_pb2",
-                         "mediapipe.calculators.tensor.tensors_to_floats_calculator_pb2",
-                         "mediapipe.calculators.tensor.tensors_to_landmarks_calculator_pb2")
-        import importlib.util
+    The region is cut as MediaPipe's ImageToTensorCalculator cuts it (the rectangle's corners onto the
+    tensor's corners, bilinear, edge pixels replicated) and the points are projected back as its
+    LandmarkProjectionCalculator does, so the landmarks are FaceLandmarkCpu's to within 0.05 px.
+    """
 
-        # Model paths in the graph are relative to site-packages, as MediaPipe's own solutions set it.
-        site = os.path.dirname(list(importlib.util.find_spec("mediapipe").submodule_search_locations)[0])
-        resource_util.set_resource_dir(site)
-        self._rect = rect_pb2.NormalizedRect
-        self._creator, self._getter, self._raw, self._srgb = creator, getter, raw_getter, frame.ImageFormat.SRGB
-        self._out: dict = {}
-        self._graph = graph_mod.CalculatorGraph(
-            graph_config=text_format.Parse(_ROI_GRAPH, calculator_pb2.CalculatorGraphConfig()))
-        for stream in ("landmarks", "score"):
-            self._graph.observe_output_stream(stream, lambda s, p: self._out.__setitem__(s, p))
-        self._graph.start_run()
-        self._ts = 0
+    def __init__(self, num_threads: int = 1) -> None:
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as e:
+            raise ImportError("face landmarks need ai-edge-litert (pip install 'facetrain[mask]')") from e
+        self._model = Interpreter(model_path=mediapipe_model(*LANDMARK_MODEL), num_threads=num_threads)
+        self._model.allocate_tensors()
+        (inp,) = self._model.get_input_details()
+        if tuple(inp["shape"]) != (1, LANDMARK_INPUT, LANDMARK_INPUT, 3):
+            raise ValueError(f"unexpected FaceMesh landmark model input {tuple(inp['shape'])}")
+        self._input = self._model.tensor(inp["index"])
+        outs = {int(np.prod(d["shape"])): d["index"] for d in self._model.get_output_details()}
+        self._points, self._score = outs[468 * 3], outs[1]
 
     def close(self) -> None:
-        if self._graph is not None:
-            self._graph.close()
-            self._graph = None
+        self._model = self._input = None
 
     def __call__(self, rgb: np.ndarray, roi: tuple[float, float, float] = ARCFACE_ROI) -> Optional[np.ndarray]:
         """`[468, 3]` points for the square region `roi` (centre x, y and side as shares of the image's
@@ -207,32 +158,21 @@ class RoiLandmarker:
         rgb = as_rgb(rgb)
         h, w = rgb.shape[:2]
         cx, cy, side = roi
-        rect = self._rect(x_center=cx, y_center=cy, width=side * max(h, w) / w, height=side * max(h, w) / h,
-                          rotation=0.0)
-        self._ts += 1
-        self._out.clear()
-        self._graph.add_packet_to_input_stream(
-            "image", self._creator.create_image_frame(image_format=self._srgb, data=rgb).at(self._ts))
-        self._graph.add_packet_to_input_stream("roi", self._creator.create_proto(rect).at(self._ts))
-        self._graph.wait_until_idle()
-        if self._getter.get_float(self._out["score"]) < FACE_SCORE:
+        side_px = side * max(h, w)
+        x0, y0 = cx * w - side_px / 2, cy * h - side_px / 2
+        k = LANDMARK_INPUT / side_px  # image pixels -> tensor pixels
+        crop = cv2.warpAffine(rgb, np.array([[k, 0.0, -x0 * k], [0.0, k, -y0 * k]]),
+                              (LANDMARK_INPUT, LANDMARK_INPUT), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REPLICATE)
+        np.multiply(crop, np.float32(1 / 255), out=self._input()[0], casting="unsafe")
+        self._model.invoke()
+        logit = float(self._model.get_tensor(self._score).reshape(-1)[0])
+        if logit < np.log(FACE_SCORE / (1 - FACE_SCORE)):  # sigmoid(logit) < FACE_SCORE
             return None
-        raw = self._raw._get_serialized_proto(self._out["landmarks"])
-        return landmark_array(raw) * (w, h, w) - (0.5, 0.5, 0.0)
-
-
-def landmark_array(raw: bytes) -> np.ndarray:
-    """`[N, 3]` float64 (x, y, z) from a serialised NormalizedLandmarkList: read straight from its bytes
-    when every landmark holds exactly x, y and z (MediaPipe's output here), otherwise through protobuf."""
-    buf = np.frombuffer(raw, np.uint8)
-    if buf.size % _PB_STRIDE == 0:
-        rows = buf.reshape(-1, _PB_STRIDE)
-        if (rows[:, :3] == (0x0A, 0x0F, 0x0D)).all() and (rows[:, 7] == 0x15).all() and (rows[:, 12] == 0x1D).all():
-            values = np.ascontiguousarray(rows[:, 2:].reshape(-1, 3, 5)[:, :, 1:]).view("<f4")
-            return values.reshape(-1, 3).astype(np.float64)
-    (landmark_pb2,) = import_mediapipe("mediapipe.framework.formats.landmark_pb2")
-    parsed = landmark_pb2.NormalizedLandmarkList.FromString(raw)
-    return np.array([(p.x, p.y, p.z) for p in parsed.landmark], dtype=np.float64).reshape(-1, 3)
+        points = self._model.get_tensor(self._points).reshape(468, 3).astype(np.float64) / k
+        points[:, 0] += x0 - 0.5  # tensor corners are image edges; pixel centres sit 0.5 inside
+        points[:, 1] += y0 - 0.5
+        return points
 
 
 def landmarks_roi(points: np.ndarray, width: int, height: int) -> tuple[float, float, float]:

@@ -378,21 +378,6 @@ def test_jpeg_quality_is_read_from_the_tables():
     assert jpeg_quality(b"not an image") is None
 
 
-def test_landmark_bytes_are_read_as_protobuf_reads_them():
-    from mediapipe.framework.formats import landmark_pb2
-
-    from pipeline.landmarks import landmark_array
-
-    rng = np.random.default_rng(0)
-    values = rng.normal(size=(468, 3)).astype(np.float32)
-    plain = landmark_pb2.NormalizedLandmarkList()
-    for x, y, z in values:
-        plain.landmark.add(x=x, y=y, z=z)
-    np.testing.assert_array_equal(landmark_array(plain.SerializeToString()), values.astype(np.float64))
-    plain.landmark[5].visibility = 0.5  # another layout: the protobuf path
-    np.testing.assert_array_equal(landmark_array(plain.SerializeToString()), values.astype(np.float64))
-
-
 _REFERENCE_LANDMARKS = """
 import sys
 import numpy as np
@@ -419,8 +404,9 @@ np.save(sys.argv[2], out)
 """
 
 
-def test_lean_landmark_graph_equals_mediapipes_face_landmark_subgraph(glint_crops, tmp_path):
-    """pipeline.landmarks' own graph gives FaceLandmarkCpu's landmarks, bit for bit, and its no-face.
+def test_litert_landmarks_equal_mediapipes_face_landmark_subgraph(glint_crops, tmp_path):
+    """The landmark model under LiteRT gives FaceLandmarkCpu's landmarks (to 0.1 px: another resampler and
+    another XNNPACK build than MediaPipe's), and its no-face.
 
     The reference is MediaPipe's subgraph through its solution wrapper, in a clean process (with the full
     `import mediapipe`, as MediaPipe's own solutions run it)."""
@@ -441,7 +427,7 @@ def test_lean_landmark_graph_equals_mediapipes_face_landmark_subgraph(glint_crop
             if np.isnan(expected).all():
                 assert mine is None
                 continue
-            np.testing.assert_allclose(mine, expected * 112 - (0.5, 0.5, 0.0), atol=1e-9)
+            np.testing.assert_allclose(mine, expected * 112 - (0.5, 0.5, 0.0), atol=0.1)
         assert mine is None and np.isnan(reference[-1]).all()  # the grey square has no face
         assert not np.isnan(reference[:-1]).any()
     finally:
