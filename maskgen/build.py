@@ -18,7 +18,6 @@ before any masks) and the source's id in `id2`, and carries a label vector named
 """
 from __future__ import annotations
 
-import io
 import json
 import mmap
 import os
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from pipeline.manifest import (ManifestError, atomic_write_bytes, decode_identity, fsync_dir, load_manifest,
                                sha256_file, write_manifest)
+from pipeline.imageio import jpeg_quality
 from pipeline.landmarks import worker_context
 from pipeline.pack import ShardWriter
 from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, frame_record, pack_record, read_frame,
@@ -42,6 +42,7 @@ from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, fram
 
 from .lock import DatasetLock, LockBusy
 from .masker import MODE_CHOICES, MODES, NOSE_COVERED, Masker
+from .seeds import image_rng, image_seeds, seeded_key
 from .shapes import MASK_TYPES
 
 MASKED_KIND = "masked"
@@ -144,15 +145,6 @@ def scan_sources(data: Path, manifest: dict, progress: bool = True) -> list[Sour
 
 
 # ---------------------------------------------------------------------------------------------- choosing
-def seeded_key(seed: int, ids: np.ndarray, stream: int) -> np.ndarray:
-    """A seeded pseudo-random 64-bit key per id (splitmix64), independent of the ids' order."""
-    x = ids.astype(np.uint64) + np.uint64((seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9) % (1 << 64))
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def choose(sources: Sequence[Source], ratio: float, seed: int) -> list[Source]:
     """`round(ratio * N)` sources, stratified per identity, in a seeded shuffled (write) order."""
     if not 0 < ratio <= 1:
@@ -197,28 +189,6 @@ def _read_payload(path: str, offset: int) -> bytes:
     return unpack_record(read_frame(maps[path], offset)[0])[1]
 
 
-def jpeg_quality(data: bytes) -> Optional[int]:
-    """The IJG quality a JPEG was written with, from its luminance quantisation table (None: not a JPEG)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            tables = getattr(im, "quantization", None)
-    except Exception:
-        return None
-    if not tables:
-        return None
-    q = np.asarray(tables[min(tables)], dtype=np.float64)
-    # The IJG scale factor is the table over the standard table (order-free as a ratio of sums).
-    scale = 100.0 * q.sum() / _IJG_LUMA_SUM
-    quality = (200.0 - scale) / 2.0 if scale <= 100 else 5000.0 / scale
-    return int(np.clip(round(quality), 1, 100))
-
-
-# Sum of the IJG standard luminance table (ITU T.81 Annex K, Table K.1).
-_IJG_LUMA_SUM = 3688.0
-
-
 def mask_record(payload: bytes, seed: int, masker: Masker):
     """(encoded masked JPEG, metadata) for one record's image bytes, or (None, reason)."""
     arr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -226,7 +196,7 @@ def mask_record(payload: bytes, seed: int, masker: Masker):
         return None, "undecodable image"
     grey_source = arr.ndim == 2
     rgb = cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB if grey_source else cv2.COLOR_BGR2RGB)
-    result = masker.mask(rgb, np.random.default_rng([seed, 0x6D61736B]))
+    result = masker.mask(rgb, image_rng(seed))
     if result is None:
         return None, "no face found"
     quality = jpeg_quality(payload) or 95
@@ -347,7 +317,7 @@ def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
     if not chosen:
         raise BuildError(f"--ratio {opts.ratio} of {len(sources)} images is no image at all")
     shard_paths = [str(data / s["rec"]) for s in manifest["shards"]]
-    seeds = (seeded_key(opts.seed, np.array([s.id for s in chosen]), 4) >> np.uint64(1)).tolist()
+    seeds = image_seeds(opts.seed, np.array([s.id for s in chosen]))
     tasks = [Task(s, shard_paths[s.shard], int(k)) for s, k in zip(chosen, seeds)]
 
     fields = label_fields_for(manifest["label_fields"])

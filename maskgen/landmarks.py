@@ -2,9 +2,9 @@
 
 Aligned crops (MS1M, Glint360K, WebFace, and `pack --align` output) put every face on the ArcFace
 5-point template. FaceMesh still misses some of them (tight crops, profiles, occlusions), so:
-1. FaceMesh's landmark model in the region where the template puts the face (no detector, and a lean
-   graph: 2.8 ms of CPU per crop against 3.8 through MediaPipe's solution wrapper), then the whole
-   FaceMesh on the crop and on padded copies (`pipeline.landmarks.FaceMeshDetector`);
+1. FaceMesh's landmark model in the region where the template puts the face (no detector and no
+   MediaPipe graph: the model alone under LiteRT, under half the CPU of MediaPipe's solution wrapper),
+   then the whole FaceMesh on the crop and on padded copies (`pipeline.landmarks.FaceMeshDetector`);
 2. a result whose 5 points are far from the template is treated as a miss (a face in the background);
 3. the last resort is MediaPipe's canonical (mean) mesh fitted to the template by a similarity
    transform, recorded as a fallback so that users can filter those images out.

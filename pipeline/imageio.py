@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from typing import Callable, Optional
 
 import cv2
@@ -129,6 +130,76 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
                                       colorsubsampling="420")
     except Exception as e:
         raise ImageRejected("encode failed", str(e)) from None
+
+
+def jpeg_quality(data: bytes) -> Optional[int]:
+    """The IJG quality a JPEG was written with, from its luminance quantisation table (None: not a JPEG)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            tables = getattr(im, "quantization", None)
+    except Exception:
+        return None
+    if not tables:
+        return None
+    q = np.asarray(tables[min(tables)], dtype=np.float64)
+    # The IJG scale factor is the table over the standard table (order-free as a ratio of sums).
+    scale = 100.0 * q.sum() / _IJG_LUMA_SUM
+    quality = (200.0 - scale) / 2.0 if scale <= 100 else 5000.0 / scale
+    return int(np.clip(round(quality), 1, 100))
+
+
+# Sum of the IJG standard luminance table (ITU T.81 Annex K, Table K.1).
+_IJG_LUMA_SUM = 3688.0
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """8-bit RGB PNG of an HxWx3 uint8 array, lossless, at about 2/3 of libpng's CPU through OpenCV.
+
+    One filter for every row (Up: faces change slowly downwards) instead of libpng's per-row search,
+    and zlib's fastest level with run-length matching; the files come out a little smaller than OpenCV's.
+    """
+    rgb = np.ascontiguousarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        raise ValueError(f"encode_png takes an HxWx3 uint8 image, got {rgb.dtype} {rgb.shape}")
+    h, w = rgb.shape[:2]
+    flat = rgb.reshape(h, w * 3)
+    rows = np.empty((h, w * 3 + 1), np.uint8)
+    rows[0, 0] = 0  # filter None: no row above
+    rows[0, 1:] = flat[0]
+    rows[1:, 0] = 2  # filter Up: the byte minus the one above, modulo 256
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    idat = z.compress(rows.data) + z.flush()
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, adaptive filters, no interlace
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def encode_image(rgb: np.ndarray, suffix: str, quality: int = 95) -> bytes:
+    """RGB uint8 `[H, W, 3]` as the file type its suffix names ('.png', '.jpg', or any OpenCV writes)."""
+    suffix = suffix.lower()
+    if suffix == ".png":
+        return encode_png(rgb)
+    if suffix in (".jpg", ".jpeg"):
+        return encode_jpeg(rgb, quality)
+    ok, buf = cv2.imencode(suffix, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ImageRejected("encode failed", f"OpenCV cannot write {suffix}")
+    return buf.tobytes()
+
+
+def decode_any(data: bytes) -> Optional[np.ndarray]:
+    """Any image OpenCV reads as upright HxWx3 RGB uint8 (libspng for plain 8-bit RGB PNG, which gives
+    the same pixels at half the cost), or None when it does not decode."""
+    if _plain_png(data):
+        rgb = decode_fast(data, "PNG")
+        if rgb is not None:
+            return rgb
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if arr is None else cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
 
 
 def _plain_png(data: bytes) -> bool:

@@ -275,6 +275,28 @@ def _chroma_from(rgb: np.ndarray, ref: np.ndarray, where: np.ndarray) -> float:
     return float(np.percentile(np.hypot(*(ab[where] - centre).T), 95))
 
 
+def test_chroma_spread_is_opencvs_cielab_on_every_glint24_crop(glint24):
+    """The CIELAB computed here (no OpenCV tables to build per worker) gives OpenCV's 8-bit Lab within its
+    rounding, and the same one-hue decision on every real crop."""
+    from maskgen.composite import MONO_CHROMA, chroma_spread
+
+    def opencv_spread(rgb):
+        lab = cv2.cvtColor(np.ascontiguousarray(rgb[::2, ::2]), cv2.COLOR_RGB2Lab).reshape(-1, 3)[:, 1:]
+        ab = lab.astype(np.float32) - lab.astype(np.float32).mean(0)
+        return float(np.percentile(np.hypot(ab[:, 0], ab[:, 1]), 95, method="lower"))
+
+    ours, theirs = [], []
+    for path in sorted(glint24.rglob("*.png")):
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        ours.append(chroma_spread(rgb))
+        theirs.append(opencv_spread(rgb))
+    ours, theirs = np.array(ours), np.array(theirs)
+    assert np.abs(ours - theirs).max() < 1.5
+    np.testing.assert_array_equal(ours <= MONO_CHROMA, theirs <= MONO_CHROMA)
+    assert 20 < (ours <= MONO_CHROMA).sum() < 100  # glint24 has a few dozen one-hue photos
+    assert chroma_spread(np.full((8, 8, 3), 128, np.uint8)) < 1e-3
+
+
 def test_one_hue_photos_get_masks_in_their_own_tint(masker, glint24):
     """Near-grey and toned real photos count as one-hued and get masks of their hue, whatever colour was
     drawn; colour photos keep the drawn colour."""
@@ -367,7 +389,7 @@ def test_changed_region_fills_the_mask(glint_crops):
 
 
 def test_jpeg_quality_is_read_from_the_tables():
-    from maskgen.build import jpeg_quality
+    from pipeline.imageio import jpeg_quality
 
     img = (np.random.default_rng(0).uniform(0, 255, (64, 64, 3))).astype(np.uint8)
     for q in (50, 75, 90, 95):
