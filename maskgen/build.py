@@ -41,7 +41,7 @@ from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, fram
                                read_index, unpack_record)
 
 from .lock import DatasetLock, LockBusy
-from .masker import MODE_CHOICES, MODES, NOSE_COVERED, Masker
+from .masker import MASK_BATCH, MODE_CHOICES, MODES, NOSE_COVERED, Masker
 from .seeds import image_rng, image_seeds, seeded_key
 from .shapes import MASK_TYPES
 
@@ -189,53 +189,79 @@ def _read_payload(path: str, offset: int) -> bytes:
     return unpack_record(read_frame(maps[path], offset)[0])[1]
 
 
-def mask_record(payload: bytes, seed: int, masker: Masker):
-    """(encoded masked JPEG, metadata) for one record's image bytes, or (None, reason)."""
-    arr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_UNCHANGED)
-    if arr is None or arr.dtype != np.uint8:
-        return None, "undecodable image"
-    grey_source = arr.ndim == 2
-    rgb = cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB if grey_source else cv2.COLOR_BGR2RGB)
-    result = masker.mask(rgb, image_rng(seed))
-    if result is None:
-        return None, "no face found"
-    quality = jpeg_quality(payload) or 95
-    out = cv2.cvtColor(result.image, cv2.COLOR_RGB2GRAY if grey_source else cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        return None, "encode failed"
-    meta = dict(result.meta, quality=quality)
-    return buf.tobytes(), meta
+def mask_records(payloads: Sequence[bytes], seeds: Sequence[int], masker: Masker) -> list[tuple]:
+    """Per record's image bytes: (encoded masked JPEG, metadata) or (None, reason), masked together
+    (`Masker.mask_many`)."""
+    out: list = [None] * len(payloads)
+    decoded = {}
+    for k, payload in enumerate(payloads):
+        arr = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is None or arr.dtype != np.uint8:
+            out[k] = (None, "undecodable image")
+            continue
+        grey = arr.ndim == 2
+        decoded[k] = (cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB if grey else cv2.COLOR_BGR2RGB), grey)
+    keys = list(decoded)
+    results = masker.mask_many([decoded[k][0] for k in keys], [image_rng(seeds[k]) for k in keys])
+    for k, result in zip(keys, results):
+        if result is None:
+            out[k] = (None, "no face found")
+            continue
+        quality = jpeg_quality(payloads[k]) or 95
+        image = cv2.cvtColor(result.image, cv2.COLOR_RGB2GRAY if decoded[k][1] else cv2.COLOR_RGB2BGR)
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        out[k] = (buf.tobytes(), dict(result.meta, quality=quality)) if ok else (None, "encode failed")
+    return out
 
 
-def _process(task: Task):
+def _process(tasks: list[Task]) -> list[tuple]:
+    out: list = [None] * len(tasks)
+    payloads, seeds, where = [], [], []
+    for k, task in enumerate(tasks):
+        try:
+            payloads.append(_read_payload(task.rec_path, task.source.offset))
+        except (OSError, RecordIOError, ValueError) as e:
+            out[k] = (None, f"unreadable record: {e}")
+            continue
+        seeds.append(task.seed)
+        where.append(k)
+    masker = _WORKER["masker"]
     try:
-        payload = _read_payload(task.rec_path, task.source.offset)
-    except (OSError, RecordIOError, ValueError) as e:
-        return None, f"unreadable record: {e}"
-    try:
-        return mask_record(payload, task.seed, _WORKER["masker"])
-    except Exception as e:  # one bad image must not end a multi-hour build
-        return None, f"{type(e).__name__}: {e}"
+        done = mask_records(payloads, seeds, masker)
+    except Exception:
+        # One bad image must not end a multi-hour build, nor cost the others of its batch: one by one.
+        done = []
+        for payload, seed in zip(payloads, seeds):
+            try:
+                done += mask_records([payload], [seed], masker)
+            except Exception as e:
+                done.append((None, f"{type(e).__name__}: {e}"))
+    for k, res in zip(where, done):
+        out[k] = res
+    return out
 
 
 def _run(opts: BuildOptions, tasks: list[Task]):
     init = (opts.mode, tuple(opts.types), opts.aligned, opts.nose_covered)
     bar = tqdm(total=len(tasks), desc="maskgen", unit="img", disable=not opts.progress, smoothing=0.05)
+    pool = None
     try:
+        batches = [tasks[i:i + MASK_BATCH] for i in range(0, len(tasks), MASK_BATCH)]
         if opts.workers <= 1:
             _init_worker(*init)
-            for task in tasks:
-                res = _process(task)
-                bar.update()
-                yield task, res
-            return
-        # fork unless this process holds MediaPipe (its graphs do not survive a fork): pipeline.landmarks
-        with worker_context().Pool(opts.workers, initializer=_init_worker, initargs=init) as pool:
-            for task, res in zip(tasks, pool.imap(_process, tasks, chunksize=8)):
+            results = map(_process, batches)
+        else:
+            # fork unless this process holds MediaPipe (its graphs do not survive a fork): pipeline.landmarks
+            pool = worker_context().Pool(opts.workers, initializer=_init_worker, initargs=init)
+            results = pool.imap(_process, batches)
+        for batch, done in zip(batches, results):
+            for task, res in zip(batch, done):
                 bar.update()
                 yield task, res
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         bar.close()
 
 

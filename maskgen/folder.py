@@ -2,18 +2,19 @@
 or to compare with other tools on the same files)."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.imageio import ImageRejected, decode_any, encode_image, jpeg_quality
 from pipeline.landmarks import worker_context
 
-from .masker import NOSE_COVERED, Masker
+from .masker import MASK_BATCH, NOSE_COVERED, Masker
 from .seeds import image_rng, image_seeds
 from .shapes import MASK_TYPES
 
@@ -44,13 +45,18 @@ def _init(mode, types, aligned, nose_covered) -> None:
     _WORKER["masker"] = Masker(mode, types, aligned, nose_covered)
 
 
-def _one(job: tuple[str, str, int]):
-    src, dst, seed = job
-    data = Path(src).read_bytes()
-    rgb = decode_any(data)
-    if rgb is None:
-        return src, None, "undecodable image"
-    result = _WORKER["masker"].mask(rgb, image_rng(seed))
+def _batch(jobs: list[tuple[str, str, int]]) -> list[tuple[str, Optional[dict], str]]:
+    """(source, metadata or None, reason skipped) per job, masked together (`Masker.mask_many`)."""
+    data = [Path(src).read_bytes() for src, _, _ in jobs]
+    images = [decode_any(d) for d in data]
+    todo = [k for k, rgb in enumerate(images) if rgb is not None]
+    results = _WORKER["masker"].mask_many([images[k] for k in todo], [image_rng(jobs[k][2]) for k in todo])
+    out = {k: _write(jobs[k], data[k], result) for k, result in zip(todo, results)}
+    return [out.get(k, (job[0], None, "undecodable image")) for k, job in enumerate(jobs)]
+
+
+def _write(job: tuple[str, str, int], data: bytes, result) -> tuple[str, Optional[dict], str]:
+    src, dst, _ = job
     if result is None:
         return src, None, "no face found"
     suffix = Path(dst).suffix.lower()
@@ -75,13 +81,14 @@ def mask_folder(opts: FolderOptions) -> dict:
     jobs = [(str(p), str(opts.out / p.relative_to(opts.src)), int(s)) for p, s in zip(files, seeds)]
     opts.out.mkdir(parents=True, exist_ok=True)
     init = (opts.mode, tuple(opts.types), opts.aligned, opts.nose_covered)
+    batches = [jobs[i:i + MASK_BATCH] for i in range(0, len(jobs), MASK_BATCH)]
     if opts.workers <= 1:
         _init(*init)
-        results = map(_one, jobs)
+        results = map(_batch, batches)
         pool = None
     else:
         pool = worker_context().Pool(opts.workers, initializer=_init, initargs=init)
-        results = pool.imap(_one, jobs, chunksize=8)
+        results = pool.imap(_batch, batches)
     try:
         # Imported after the workers start, not with the module: they never draw a progress bar, and
         # tqdm's import (50 ms, most of it reading every installed package's metadata) overlaps their start.
@@ -90,7 +97,7 @@ def mask_folder(opts: FolderOptions) -> dict:
         done = skipped = fallback = 0
         with open(opts.out / "maskgen-meta.jsonl", "w", encoding="utf-8") as meta_file, \
                 tqdm(total=len(jobs), desc="maskgen", unit="img", disable=not opts.progress) as bar:
-            for src, meta, reason in results:
+            for src, meta, reason in itertools.chain.from_iterable(results):
                 bar.update()
                 rel = str(Path(src).relative_to(opts.src))
                 if meta is None:

@@ -469,3 +469,16 @@ def test_workers_fork_only_while_no_mediapipe_is_loaded():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["fork", "spawn"]
+
+
+def test_mask_many_gives_what_mask_gives_one_image_at_a_time(masker, glint_crops):
+    """Landmarks of the whole batch first, then the masks: the same bytes, fallbacks and metadata."""
+    blank = np.full((112, 112, 3), 128, np.uint8)  # no face: the template fallback
+    images = glint_crops[:6] + [blank] + glint_crops[6:9]
+    together = masker.mask_many(images, [np.random.default_rng(i) for i in range(len(images))])
+    for i, (rgb, got) in enumerate(zip(images, together)):
+        want = masker.mask(rgb, np.random.default_rng(i))
+        np.testing.assert_array_equal(got.image, want.image)
+        np.testing.assert_array_equal(got.landmarks, want.landmarks)
+        assert got.meta == want.meta and got.fallback == want.fallback
+    assert together[6].fallback and not any(r.fallback for r in together[:6])

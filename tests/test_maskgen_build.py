@@ -252,3 +252,38 @@ def test_concurrent_builds_are_locked_out_and_a_killed_holder_leaves_no_lock(dat
     build(BuildOptions(data, ratio=0.25, workers=1, progress=False))
     assert load_manifest(data)["maskgen"]["count"] == 6
     assert not (data / "maskgen.lock").exists()
+
+
+def test_a_bad_image_costs_only_itself_in_its_batch(glint24, monkeypatch):
+    """Records are masked in batches; an undecodable one, or one whose masking raises, is skipped with
+    its reason and the rest of its batch is masked as it would be alone."""
+    from maskgen.masker import Masker
+
+    payloads = [p.read_bytes() for p in sorted(glint24.rglob("*.png"))[:4]]
+    payloads.insert(2, b"\xff\xd8\xff not a jpeg")
+    masker = Masker()
+    try:
+        out = build_mod.mask_records(payloads, list(range(5)), masker)
+        assert out[2] == (None, "undecodable image")
+        assert all(o[0] is not None and o[1]["quality"] == 95 for k, o in enumerate(out) if k != 2)
+        alone = build_mod.mask_records([payloads[3]], [3], masker)[0]
+        assert alone[0] == out[3][0]
+
+        real = Masker.mask
+
+        def flaky(self, rgb, rng, *a, **kw):
+            if rgb.shape == (112, 112, 3) and np.array_equal(rgb, cv2.cvtColor(
+                    cv2.imdecode(np.frombuffer(payloads[1], np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)):
+                raise RuntimeError("boom")
+            return real(self, rgb, rng, *a, **kw)
+
+        monkeypatch.setattr(Masker, "mask", flaky)
+        monkeypatch.setattr(build_mod, "_read_payload", lambda path, offset: payloads[offset])
+        monkeypatch.setitem(build_mod._WORKER, "masker", masker)
+        tasks = [build_mod.Task(Source(shard=0, offset=k, id=k, identity=0, label=(0.0,)), "rec", k) for k in range(5)]
+        got = build_mod._process(tasks)
+        assert got[1] == (None, "RuntimeError: boom")
+        assert got[2] == (None, "undecodable image")
+        assert got[3][0] == out[3][0] and got[0][0] == out[0][0] and got[4][0] == out[4][0]
+    finally:
+        masker.close()
