@@ -42,7 +42,7 @@ from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, fram
 
 from .lock import DatasetLock, LockBusy
 from .masker import MASK_BATCH, MODE_CHOICES, MODES, NOSE_COVERED, Masker
-from .seeds import image_rng, image_seeds, seeded_key
+from .seeds import image_seeds, seeded_key
 from .shapes import MASK_TYPES
 
 MASKED_KIND = "masked"
@@ -191,7 +191,7 @@ def _read_payload(path: str, offset: int) -> bytes:
 
 def mask_records(payloads: Sequence[bytes], seeds: Sequence[int], masker: Masker) -> list[tuple]:
     """Per record's image bytes: (encoded masked JPEG, metadata) or (None, reason), masked together
-    (`Masker.mask_many`)."""
+    (`Masker.mask_batch`: an image whose masking raises is skipped with its reason, alone)."""
     out: list = [None] * len(payloads)
     decoded = {}
     for k, payload in enumerate(payloads):
@@ -202,10 +202,13 @@ def mask_records(payloads: Sequence[bytes], seeds: Sequence[int], masker: Masker
         grey = arr.ndim == 2
         decoded[k] = (cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB if grey else cv2.COLOR_BGR2RGB), grey)
     keys = list(decoded)
-    results = masker.mask_many([decoded[k][0] for k in keys], [image_rng(seeds[k]) for k in keys])
+    results = masker.mask_batch([decoded[k][0] for k in keys], [seeds[k] for k in keys])
     for k, result in zip(keys, results):
         if result is None:
             out[k] = (None, "no face found")
+            continue
+        if isinstance(result, Exception):
+            out[k] = (None, f"{type(result).__name__}: {result}")
             continue
         quality = jpeg_quality(payloads[k]) or 95
         image = cv2.cvtColor(result.image, cv2.COLOR_RGB2GRAY if decoded[k][1] else cv2.COLOR_RGB2BGR)
@@ -225,18 +228,7 @@ def _process(tasks: list[Task]) -> list[tuple]:
             continue
         seeds.append(task.seed)
         where.append(k)
-    masker = _WORKER["masker"]
-    try:
-        done = mask_records(payloads, seeds, masker)
-    except Exception:
-        # One bad image must not end a multi-hour build, nor cost the others of its batch: one by one.
-        done = []
-        for payload, seed in zip(payloads, seeds):
-            try:
-                done += mask_records([payload], [seed], masker)
-            except Exception as e:
-                done.append((None, f"{type(e).__name__}: {e}"))
-    for k, res in zip(where, done):
+    for k, res in zip(where, mask_records(payloads, seeds, _WORKER["masker"])):
         out[k] = res
     return out
 

@@ -15,7 +15,7 @@ from pipeline.imageio import ImageRejected, decode_any, encode_image, jpeg_quali
 from pipeline.landmarks import worker_context
 
 from .masker import MASK_BATCH, NOSE_COVERED, Masker
-from .seeds import image_rng, image_seeds
+from .seeds import image_seeds
 from .shapes import MASK_TYPES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
@@ -46,11 +46,11 @@ def _init(mode, types, aligned, nose_covered) -> None:
 
 
 def _batch(jobs: list[tuple[str, str, int]]) -> list[tuple[str, Optional[dict], str]]:
-    """(source, metadata or None, reason skipped) per job, masked together (`Masker.mask_many`)."""
+    """(source, metadata or None, reason skipped) per job, masked together (`Masker.mask_batch`)."""
     data = [Path(src).read_bytes() for src, _, _ in jobs]
     images = [decode_any(d) for d in data]
     todo = [k for k, rgb in enumerate(images) if rgb is not None]
-    results = _WORKER["masker"].mask_many([images[k] for k in todo], [image_rng(jobs[k][2]) for k in todo])
+    results = _WORKER["masker"].mask_batch([images[k] for k in todo], [jobs[k][2] for k in todo])
     out = {k: _write(jobs[k], data[k], result) for k, result in zip(todo, results)}
     return [out.get(k, (job[0], None, "undecodable image")) for k, job in enumerate(jobs)]
 
@@ -59,6 +59,8 @@ def _write(job: tuple[str, str, int], data: bytes, result) -> tuple[str, Optiona
     src, dst, _ = job
     if result is None:
         return src, None, "no face found"
+    if isinstance(result, Exception):
+        return src, None, f"{type(result).__name__}: {result}"
     suffix = Path(dst).suffix.lower()
     quality = (jpeg_quality(data) or 95) if suffix in (".jpg", ".jpeg") else 95
     try:

@@ -11,6 +11,7 @@ import numpy as np
 from .composite import composite, measure
 from .facemesh_asset import head_yaw
 from .landmarks import CropLandmarker, eye_keep_out
+from .seeds import image_rng
 from .render3d import MeshRenderer
 from .shapes import MASK_TYPES, MaskShape, draw_shape
 from .textures import Style, UVCanvas, draw_style, render_texture
@@ -94,6 +95,23 @@ class Masker:
         found = [self.landmarker(rgb) for rgb in images]
         return [None if points is None else self.mask(rgb, rng, landmarks=points, fallback=fallback)
                 for rgb, rng, (points, fallback) in zip(images, rngs, found)]
+
+    def mask_batch(self, images: Sequence[np.ndarray], seeds: Sequence[int]
+                   ) -> list[MaskResult | Exception | None]:
+        """`mask_many` with each image's stream from its seed, where an image whose masking raises costs
+        only itself: the batch is then redone one image at a time and that image gets its exception.
+
+        A multi-hour build must not end, nor lose the rest of a batch, over one bad image."""
+        try:
+            return self.mask_many(images, [image_rng(seed) for seed in seeds])
+        except Exception:
+            out: list[MaskResult | Exception | None] = []
+            for rgb, seed in zip(images, seeds):
+                try:
+                    out.append(self.mask(rgb, image_rng(seed)))  # a fresh stream: the failed pass drew from one
+                except Exception as e:
+                    out.append(e)
+            return out
 
     def mask(self, rgb: np.ndarray, rng: np.random.Generator, spec: Optional[MaskSpec] = None,
              landmarks: Optional[np.ndarray] = None, fallback: bool = False) -> Optional[MaskResult]:

@@ -229,6 +229,38 @@ def test_folder_command(glint24, tmp_path):
     assert len(meta) == 4 and all(r["mode"] in ("2d", "3d") for r in meta)
 
 
+def test_a_bad_image_costs_only_itself_in_a_folder_batch(glint24, tmp_path, monkeypatch):
+    """`maskgen folder` masks in batches too: an image whose masking raises is skipped with its reason in
+    the metadata, and the rest of its batch is written as it would be alone."""
+    from maskgen import folder as folder_mod
+    from maskgen.masker import Masker
+
+    sources = sorted(glint24.rglob("*.png"))[:4]
+    jobs = [(str(p), str(tmp_path / "out" / f"{k}.png"), 100 + k) for k, p in enumerate(sources)]
+    masker = Masker()
+    try:
+        monkeypatch.setitem(folder_mod._WORKER, "masker", masker)
+        alone = {k: folder_mod._batch([job])[0] for k, job in enumerate(jobs)}
+        expected = {k: Path(jobs[k][1]).read_bytes() for k in alone}
+        bad = cv2.cvtColor(cv2.imread(str(sources[2])), cv2.COLOR_BGR2RGB)
+        real = Masker.mask
+
+        def flaky(self, rgb, rng, *a, **kw):
+            if np.array_equal(rgb, bad):
+                raise RuntimeError("boom")
+            return real(self, rgb, rng, *a, **kw)
+
+        monkeypatch.setattr(Masker, "mask", flaky)
+        for job in jobs:
+            Path(job[1]).unlink()
+        got = folder_mod._batch(jobs)
+        assert got[2] == (jobs[2][0], None, "RuntimeError: boom") and not Path(jobs[2][1]).exists()
+        for k in (0, 1, 3):
+            assert got[k] == alone[k] and Path(jobs[k][1]).read_bytes() == expected[k]
+    finally:
+        masker.close()
+
+
 @pytest.mark.slow
 def test_concurrent_builds_are_locked_out_and_a_killed_holder_leaves_no_lock(data):
     before = _files(data)
