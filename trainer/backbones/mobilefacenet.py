@@ -22,13 +22,14 @@ Module names follow arcface_torch's, so its released MobileFaceNet weights load 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from trainer.backbones import register_backbone
+from trainer.backbones.input_norm import build_input_norm
 
 __all__ = ["MobileFaceNet"]
 
@@ -114,12 +115,14 @@ class MobileFaceNet(nn.Module):
 
     `resolution` < 112 shrinks the input (area average) before the stem: every feature map is then
     smaller by that factor squared, which is what makes a CPU run of a few minutes learn (the CPU
-    demo trains at 56x56). The GDC kernel follows the last map's size.
+    demo trains at 56x56). The GDC kernel follows the last map's size. `input_norm` (`"lcn"`) runs
+    before that, on the full crop (`trainer.backbones.input_norm`).
     """
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, units: Sequence[int] = (1, 4, 6, 2),
-                 scale: int = 2, resolution: int = 112):
+                 scale: int = 2, resolution: int = 112, input_norm: Optional[str] = None):
         super().__init__()
+        self.input_norm = build_input_norm(input_norm)
         if not 16 <= resolution <= 112:
             raise ValueError(f"MobileFaceNet resolution must lie in [16, 112], got {resolution}")
         self.resolution = resolution
@@ -156,6 +159,11 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.input_norm, nn.Identity):
+            channels_last = x.is_contiguous(memory_format=torch.channels_last)
+            x = self.input_norm(x)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="area")
         for layer in self.layers:

@@ -10,13 +10,15 @@ Why these settings (tuning runs on 2 CPU cores, bench/RESULTS.md): 822 training 
 network long before the time is up (the training loss reaches ~0), so the run spends its minutes on
 epochs rather than on pixels: a narrow MobileFaceNet that sees the crop at 56x56 (2x2 area average)
 runs ~2.5x faster than at 112x112 and verifies as well or better. Random crops and colour jitter cost
-accuracy here; CosFace trains from scratch on few identities where ArcFace stalls.
+accuracy here; CosFace trains from scratch on few identities where ArcFace stalls. Local contrast
+normalisation of the input (`input_norm="lcn"`) keeps the network from telling people apart by print tint
+and lighting: held-out verification 0.856-0.892 over 4 seeds (mean 0.878) against 0.80-0.88 without it.
 """
 from trainer.config import Config
 
 config = Config()
 config.network = "mbf"
-config.network_kwargs = {"scale": 1, "units": (1, 2, 3, 1), "resolution": 56}
+config.network_kwargs = {"scale": 1, "units": (1, 2, 3, 1), "resolution": 56, "input_norm": "lcn"}
 config.channels_last = True
 config.embedding_size = 128
 config.margin_list = (1.0, 0.0, 0.35)  # CosFace
