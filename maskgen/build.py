@@ -35,15 +35,15 @@ from tqdm import tqdm
 from pipeline.manifest import (ManifestError, atomic_write_bytes, decode_identity, fsync_dir, load_manifest,
                                sha256_file, write_manifest)
 from pipeline.imageio import jpeg_quality
-from pipeline.landmarks import worker_context
 from pipeline.pack import ShardWriter
 from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, frame_record, pack_record, read_frame,
                                read_index, unpack_record)
 
 from .lock import DatasetLock, LockBusy
-from .masker import MASK_BATCH, MODE_CHOICES, MODES, NOSE_COVERED, Masker
+from .masker import MODE_CHOICES, MODES, NOSE_COVERED, Masker
 from .seeds import image_seeds, seeded_key
 from .shapes import MASK_TYPES
+from .workers import batched_map
 
 MASKED_KIND = "masked"
 PREFIX = "masked"
@@ -236,24 +236,12 @@ def _process(tasks: list[Task]) -> list[tuple]:
 def _run(opts: BuildOptions, tasks: list[Task]):
     init = (opts.mode, tuple(opts.types), opts.aligned, opts.nose_covered)
     bar = tqdm(total=len(tasks), desc="maskgen", unit="img", disable=not opts.progress, smoothing=0.05)
-    pool = None
     try:
-        batches = [tasks[i:i + MASK_BATCH] for i in range(0, len(tasks), MASK_BATCH)]
-        if opts.workers <= 1:
-            _init_worker(*init)
-            results = map(_process, batches)
-        else:
-            # fork unless this process holds MediaPipe (its graphs do not survive a fork): pipeline.landmarks
-            pool = worker_context().Pool(opts.workers, initializer=_init_worker, initargs=init)
-            results = pool.imap(_process, batches)
-        for batch, done in zip(batches, results):
-            for task, res in zip(batch, done):
+        with batched_map(_process, tasks, opts.workers, _init_worker, init) as results:
+            for task, res in results:
                 bar.update()
                 yield task, res
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         bar.close()
 
 

@@ -2,7 +2,6 @@
 or to compare with other tools on the same files)."""
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -12,11 +11,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from pipeline.imageio import ImageRejected, decode_any, encode_image, jpeg_quality
-from pipeline.landmarks import worker_context
 
-from .masker import MASK_BATCH, NOSE_COVERED, Masker
+from .masker import NOSE_COVERED, Masker
 from .seeds import image_seeds
 from .shapes import MASK_TYPES
+from .workers import batched_map
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -83,15 +82,7 @@ def mask_folder(opts: FolderOptions) -> dict:
     jobs = [(str(p), str(opts.out / p.relative_to(opts.src)), int(s)) for p, s in zip(files, seeds)]
     opts.out.mkdir(parents=True, exist_ok=True)
     init = (opts.mode, tuple(opts.types), opts.aligned, opts.nose_covered)
-    batches = [jobs[i:i + MASK_BATCH] for i in range(0, len(jobs), MASK_BATCH)]
-    if opts.workers <= 1:
-        _init(*init)
-        results = map(_batch, batches)
-        pool = None
-    else:
-        pool = worker_context().Pool(opts.workers, initializer=_init, initargs=init)
-        results = pool.imap(_batch, batches)
-    try:
+    with batched_map(_batch, jobs, opts.workers, _init, init) as results:
         # Imported after the workers start, not with the module: they never draw a progress bar, and
         # tqdm's import (50 ms, most of it reading every installed package's metadata) overlaps their start.
         from tqdm import tqdm
@@ -99,7 +90,7 @@ def mask_folder(opts: FolderOptions) -> dict:
         done = skipped = fallback = 0
         with open(opts.out / "maskgen-meta.jsonl", "w", encoding="utf-8") as meta_file, \
                 tqdm(total=len(jobs), desc="maskgen", unit="img", disable=not opts.progress) as bar:
-            for src, meta, reason in itertools.chain.from_iterable(results):
+            for _, (src, meta, reason) in results:
                 bar.update()
                 rel = str(Path(src).relative_to(opts.src))
                 if meta is None:
@@ -109,8 +100,4 @@ def mask_folder(opts: FolderOptions) -> dict:
                 done += 1
                 fallback += int(meta["fallback"])
                 meta_file.write(json.dumps({"file": rel, **meta}, separators=(",", ":")) + "\n")
-    finally:
-        if pool is not None:  # every result is in (or the run failed): nothing left to wait for
-            pool.terminate()
-            pool.join()
     return {"images": len(files), "masked": done, "skipped": skipped, "fallbacks": fallback}
