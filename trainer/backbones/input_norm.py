@@ -47,9 +47,12 @@ class LocalContrastNorm(nn.Module):
         return x.reshape(b, c, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()  # reflect padding of a channels-last tensor is slower than the copy
+        """In the memory format it was given (channels-last stays channels-last)."""
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        x = x.contiguous()  # the channel fold of `_smooth` needs NCHW
         x = x - self._smooth(x)
-        return x / (self._smooth(x * x).sqrt() + self.eps) * self.gain
+        x = x / (self._smooth(x * x).sqrt() + self.eps) * self.gain
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def extra_repr(self) -> str:
         return f"radius={self.radius}, eps={self.eps}, gain={self.gain}"

@@ -159,11 +159,7 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.input_norm, nn.Identity):
-            channels_last = x.is_contiguous(memory_format=torch.channels_last)
-            x = self.input_norm(x)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+        x = self.input_norm(x)
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             x = F.interpolate(x, size=(self.resolution, self.resolution), mode="area")
         for layer in self.layers:
