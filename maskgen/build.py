@@ -40,7 +40,7 @@ from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, fram
                                read_index, unpack_record)
 
 from .lock import DatasetLock, LockBusy
-from .masker import MODE_CHOICES, MODES, NOSE_COVERED, Masker
+from .masker import MODE_CHOICES, MODES, NOSE_COVERED, Masker, skip_reason
 from .seeds import image_seeds, seeded_key
 from .shapes import MASK_TYPES
 from .workers import batched_map
@@ -204,11 +204,9 @@ def mask_records(payloads: Sequence[bytes], seeds: Sequence[int], masker: Masker
     keys = list(decoded)
     results = masker.mask_batch([decoded[k][0] for k in keys], [seeds[k] for k in keys])
     for k, result in zip(keys, results):
-        if result is None:
-            out[k] = (None, "no face found")
-            continue
-        if isinstance(result, Exception):
-            out[k] = (None, f"{type(result).__name__}: {result}")
+        reason = skip_reason(result)
+        if reason is not None:
+            out[k] = (None, reason)
             continue
         quality = jpeg_quality(payloads[k]) or 95
         image = cv2.cvtColor(result.image, cv2.COLOR_RGB2GRAY if decoded[k][1] else cv2.COLOR_RGB2BGR)

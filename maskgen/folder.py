@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.imageio import ImageRejected, decode_any, encode_image, jpeg_quality
 
-from .masker import NOSE_COVERED, Masker
+from .masker import NOSE_COVERED, Masker, skip_reason
 from .seeds import image_seeds
 from .shapes import MASK_TYPES
 from .workers import batched_map
@@ -56,10 +56,9 @@ def _batch(jobs: list[tuple[str, str, int]]) -> list[tuple[str, Optional[dict], 
 
 def _write(job: tuple[str, str, int], data: bytes, result) -> tuple[str, Optional[dict], str]:
     src, dst, _ = job
-    if result is None:
-        return src, None, "no face found"
-    if isinstance(result, Exception):
-        return src, None, f"{type(result).__name__}: {result}"
+    reason = skip_reason(result)
+    if reason is not None:
+        return src, None, reason
     suffix = Path(dst).suffix.lower()
     quality = (jpeg_quality(data) or 95) if suffix in (".jpg", ".jpeg") else 95
     try:

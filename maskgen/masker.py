@@ -62,6 +62,16 @@ class MaskResult:
     meta: dict = field(default_factory=dict)
 
 
+def skip_reason(result: MaskResult | Exception | None) -> Optional[str]:
+    """Why `Masker.mask_batch` gave no masked image for one input (the one-line reason that manifests and
+    maskgen-meta.jsonl record), or None where it gave one."""
+    if result is None:
+        return "no face found"
+    if isinstance(result, Exception):
+        return f"{type(result).__name__}: {result}"
+    return None
+
+
 class Masker:
     """Masks face crops. One per process (it holds a MediaPipe graph)."""
 
