@@ -82,7 +82,7 @@ def bench_all_pairs(args, device) -> str:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
-    lines = [f"| images | pairs | genuine | seconds | Mpairs/s | peak memory | TAR@FAR=1e-6 | 1e-4 | 1e-2 |",
+    lines = ["| images | pairs | genuine | seconds | Mpairs/s | peak memory | TAR@FAR=1e-6 | 1e-4 | 1e-2 |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| {args.images} | {r.pairs} | {r.n_genuine} | {dt:.1f} | {r.pairs / dt / 1e6:.1f} | "
              f"{peak_memory(device, rss)} | {_tar(r, 1e-6)} | {_tar(r, 1e-4)} | {_tar(r, 1e-2)} |"]

@@ -144,8 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         from .folder import FolderOptions, mask_folder
 
-        counts = mask_folder(FolderOptions(args.src, args.out, args.mode, args.seed, args.types, args.nose_covered,
-                                           args.crops == "aligned", max(1, args.workers), not args.no_progress))
+        counts = mask_folder(FolderOptions(src=args.src, out=args.out, mode=args.mode, seed=args.seed,
+                                           types=args.types, nose_covered=args.nose_covered,
+                                           aligned=args.crops == "aligned", workers=max(1, args.workers),
+                                           progress=not args.no_progress))
         print(f"masked {counts['masked']} of {counts['images']} images into {args.out} "
               f"({counts['fallbacks']} fallbacks, {counts['skipped']} skipped)")
         return 0

@@ -24,7 +24,7 @@ import os
 import secrets
 import struct
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,7 +40,7 @@ from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, fram
                                read_index, unpack_record)
 
 from .lock import DatasetLock, LockBusy
-from .masker import MODE_CHOICES, MODES, NOSE_COVERED, Masker, skip_reason
+from .masker import MODE_CHOICES, MODES, Masker, MaskingOptions, skip_reason
 from .seeds import image_seeds, seeded_key
 from .shapes import MASK_TYPES
 from .workers import batched_map
@@ -60,17 +60,10 @@ class BuildError(RuntimeError):
 
 
 @dataclass
-class BuildOptions:
+class BuildOptions(MaskingOptions):
     data: Path
     ratio: float = 0.05
-    mode: str = "mixed"
-    seed: int = 0
-    types: Sequence[str] = MASK_TYPES
-    nose_covered: float = NOSE_COVERED
-    aligned: bool = True
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     shard_size_mb: float = 1024.0
-    progress: bool = True
 
     def settings(self) -> dict:
         d = asdict(self)
@@ -232,10 +225,9 @@ def _process(tasks: list[Task]) -> list[tuple]:
 
 
 def _run(opts: BuildOptions, tasks: list[Task]):
-    init = (opts.mode, tuple(opts.types), opts.aligned, opts.nose_covered)
     bar = tqdm(total=len(tasks), desc="maskgen", unit="img", disable=not opts.progress, smoothing=0.05)
     try:
-        with batched_map(_process, tasks, opts.workers, _init_worker, init) as results:
+        with batched_map(_process, tasks, opts.workers, _init_worker, opts.masker_args()) as results:
             for task, res in results:
                 bar.update()
                 yield task, res

@@ -3,34 +3,25 @@ or to compare with other tools on the same files)."""
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from pipeline.imageio import ImageRejected, decode_any, encode_image, jpeg_quality
 
-from .masker import NOSE_COVERED, Masker, skip_reason
+from .masker import Masker, MaskingOptions, skip_reason
 from .seeds import image_seeds
-from .shapes import MASK_TYPES
 from .workers import batched_map
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
 
 @dataclass
-class FolderOptions:
+class FolderOptions(MaskingOptions):
     src: Path
     out: Path
-    mode: str = "mixed"
-    seed: int = 0
-    types: Sequence[str] = MASK_TYPES
-    nose_covered: float = NOSE_COVERED
-    aligned: bool = True
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    progress: bool = True
 
 
 def list_images(root: Path) -> list[Path]:
@@ -80,8 +71,7 @@ def mask_folder(opts: FolderOptions) -> dict:
     seeds = image_seeds(opts.seed, np.arange(len(files)))
     jobs = [(str(p), str(opts.out / p.relative_to(opts.src)), int(s)) for p, s in zip(files, seeds)]
     opts.out.mkdir(parents=True, exist_ok=True)
-    init = (opts.mode, tuple(opts.types), opts.aligned, opts.nose_covered)
-    with batched_map(_batch, jobs, opts.workers, _init, init) as results:
+    with batched_map(_batch, jobs, opts.workers, _init, opts.masker_args()) as results:
         # Imported after the workers start, not with the module: they never draw a progress bar, and
         # tqdm's import (50 ms, most of it reading every installed package's metadata) overlaps their start.
         from tqdm import tqdm

@@ -3,6 +3,7 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -70,6 +71,23 @@ def skip_reason(result: MaskResult | Exception | None) -> Optional[str]:
     if isinstance(result, Exception):
         return f"{type(result).__name__}: {result}"
     return None
+
+
+@dataclass(kw_only=True)
+class MaskingOptions:
+    """How masks are drawn and by how many processes: what `maskgen build` and `maskgen folder` share."""
+
+    mode: str = "mixed"
+    seed: int = 0
+    types: Sequence[str] = MASK_TYPES
+    nose_covered: float = NOSE_COVERED
+    aligned: bool = True
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    progress: bool = True
+
+    def masker_args(self) -> tuple:
+        """`Masker(*args)` for each worker process (a picklable tuple: the masker itself is not)."""
+        return (self.mode, tuple(self.types), self.aligned, self.nose_covered)
 
 
 class Masker:

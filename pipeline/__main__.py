@@ -65,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "pack":
-            from .pack import PackError, PackOptions, pack
+            from .pack import PackOptions, pack
 
             opts = PackOptions(
                 sources=args.sources, out=args.out, size=args.size, quality=args.quality,
@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{len(m['shards'])} shards in {args.out}; skipped {m['skipped']['count']} "
                   f"(see {args.out / m['skipped']['file']})")
             return 0
-        from .verify import VerifyError, verify
+        from .verify import verify
 
         counts = verify(args.data, decode=args.decode, progress=not args.no_progress)
         print(f"ok: {counts['records']} records in {counts['shards']} shards")

@@ -186,8 +186,8 @@ def list_rec(rec_path: Path, source: int, progress: bool = True) -> SourceListin
                 out.skips.append(Skip(f"{rec_path}@{off}", "corrupt record", str(e)))
                 continue
             if off == 0 and header.flag > 0 and not image:
-                a, b = int(header.label[0]), int(header.label[1])
-                image_keys = range(1, a)
+                # insightface's header record: label (first identity record's key, end); images before it
+                image_keys = range(1, int(header.label[0]))
                 continue
             if image_keys is not None and key is not None and key not in image_keys:
                 continue  # an identity record: (start, end) of its images, no pixels

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +54,24 @@ def _publish(tmp: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _check_and_publish(what: str, run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, tmp: Path,
+                       path: Path, atol: float, check_batches: Sequence[int]) -> float:
+    """Put the exported file `tmp` in place at `path` if `run` (that file, loaded back) gives the eager
+    model's outputs within `atol` on every batch size of `check_batches`; returns the largest deviation."""
+    worst = 0.0
+    for batch in check_batches:
+        x = _example(batch, seed=batch)
+        with torch.no_grad():
+            want, got = model(x).numpy(), run(x)
+        if got.shape != want.shape:
+            raise ExportError(f"{what} output {got.shape} for batch {batch}, PyTorch gives {want.shape}")
+        worst = max(worst, float(np.abs(got - want).max()))
+    if worst > atol:
+        raise ExportError(f"{what} differs from PyTorch by {worst:.3g} > {atol:g}; {path} not written")
+    _publish(tmp, path)
+    return worst
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, atol: float = 1e-4,
                 check_batches: Sequence[int] = (1, 5)) -> float:
     """Write ONNX with a dynamic batch axis; returns onnxruntime's largest deviation from PyTorch over
@@ -81,20 +99,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, atol
             entry.key, entry.value = key, str(value)
         onnx.save(proto, str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        worst = 0.0
-        for batch in check_batches:
-            x = _example(batch, seed=batch)
-            with torch.no_grad():
-                want = model(x).numpy()
-            got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-            if got.shape != want.shape:
-                raise ExportError(f"ONNX output {got.shape} for batch {batch}, PyTorch gives {want.shape}")
-            worst = max(worst, float(np.abs(got - want).max()))
-        if worst > atol:
-            raise ExportError(f"onnxruntime differs from PyTorch by {worst:.3g} > {atol:g}; "
-                              f"{path} not written")
-        _publish(tmp, path)
-        return worst
+        return _check_and_publish("ONNX", lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0],
+                                  model, tmp, path, atol, check_batches)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -111,15 +117,8 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, atol: float = 
             traced = torch.jit.trace(model, _example(2), check_trace=False)  # checked below
             torch.jit.save(traced, str(tmp))
             loaded = torch.jit.load(str(tmp))
-            worst = 0.0
-            for batch in check_batches:
-                x = _example(batch, seed=batch)
-                worst = max(worst, float((loaded(x) - model(x)).abs().max()))
-        if worst > atol:
-            raise ExportError(f"TorchScript differs from PyTorch by {worst:.3g} > {atol:g}; "
-                              f"{path} not written")
-        _publish(tmp, path)
-        return worst
+        return _check_and_publish("TorchScript", lambda x: loaded(x).numpy(), model, tmp, path, atol,
+                                  check_batches)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -17,13 +17,14 @@ weights load as they are). The issue quotes 43.57M for IResNet-50; arcface_torch
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from trainer.backbones import register_backbone
+from trainer.backbones._blocks import run_blocks
 
 __all__ = ["IBasicBlock", "IResNet", "IRESNET_UNITS"]
 
@@ -125,13 +126,8 @@ class IResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The 512x7x7 feature map after the last stage (before the output BN)."""
         x = self.prelu(self.bn1(self.conv1(x)))
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                for block in stage:
-                    x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = stage(x)
-        return x
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return run_blocks(chain(*stages), x, self.grad_checkpoint and self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn2(self.forward_features(x))

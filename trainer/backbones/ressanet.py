@@ -29,14 +29,15 @@ Details the paper leaves open, chosen so that the sizes land on its table (ResSa
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import register_backbone
+from ._blocks import run_blocks
 from .iresnet import STAGE_WIDTHS, IBasicBlock
 
 BN_EPS = 1e-5  # insightface's IResNet value
@@ -221,13 +222,8 @@ class ResSaNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(x)))
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                for block in stage:
-                    x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = stage(x)
-        return self.head(x)
+        stages = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return self.head(run_blocks(chain(*stages), x, self.grad_checkpoint and self.training))
 
 
 def _block(kind: str, in_ch: int, out_ch: int, stride: int, out_size: Tuple[int, int], heads: int,

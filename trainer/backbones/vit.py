@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from . import register_backbone
+from ._blocks import run_blocks
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -116,11 +116,7 @@ class FaceViT(nn.Module):
         masking = self.training and self.mask_ratio > 0
         if masking:
             x, restore = self._mask(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training)
         x = self.norm(x)
         if masking:
             fill = self.mask_token.to(x.dtype).expand(x.shape[0], self.num_patches - x.shape[1], -1)
