@@ -20,6 +20,18 @@ def run_cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess
     return proc
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one torch thread beats several contending for 2 shared cores (30x, measured).
+    Modules of tiny-tensor tests opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "glint24").is_dir():

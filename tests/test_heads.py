@@ -31,15 +31,7 @@ HEAD_CASES = [
 ]
 NUM_CLASSES, DIM, BATCH, STEPS = 11, 16, 12, 3
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: one thread beats several contending for 2 shared cores (30x, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _step_data(step: int):

@@ -19,17 +19,9 @@ from trainer.modes.lvface import EPLHead, LVFaceCurriculum, LVFacePartialFC, bui
 from trainer.modes.sst import IdentityPairLoader, PrototypeQueue, SemiSiameseTraining
 from trainer.partial_fc import PartialFC, RowSparseSGD
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ============================================================================ LVFace
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: one thread beats several contending for 2 shared cores (30x, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 
 def test_epl_centres_mix_the_running_means_of_seen_classes():
