@@ -13,6 +13,8 @@ runs ~2.5x faster than at 112x112 and verifies as well or better. Random crops a
 accuracy here; CosFace trains from scratch on few identities where ArcFace stalls. Local contrast
 normalisation of the input (`input_norm="lcn"`) keeps the network from telling people apart by print tint
 and lighting: held-out verification 0.856-0.892 over 4 seeds (mean 0.878) against 0.80-0.88 without it.
+A seed's figure depends on the CPU (its float rounding, amplified over the steps): on another 2-core
+machine the same 4 seeds gave 0.833-0.888 (mean 0.867). The goal of 0.90 is not reached.
 """
 from trainer.config import Config
 
