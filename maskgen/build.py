@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.manifest import (ManifestError, atomic_write_bytes, decode_identity, fsync_dir, load_manifest,
-                               sha256_file, write_manifest)
+from pipeline.atomic import atomic_write_bytes, fsync_dir
+from pipeline.manifest import ManifestError, decode_identity, load_manifest, sha256_file, write_manifest
 from pipeline.imageio import jpeg_quality
 from pipeline.pack import ShardWriter
 from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, frame_record, pack_record, read_frame,

@@ -1,12 +1,13 @@
-"""The packed dataset's `manifest.json` (DESIGN.md section 1) and the atomic file writes every stage uses."""
+"""The packed dataset's `manifest.json` (DESIGN.md section 1)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write_json
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -17,42 +18,8 @@ SPLIT_IDENTITY_FIELDS = ("identity_hi", "identity_lo")
 SPLIT_BITS = 12
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 class ManifestError(ValueError):
     """A dataset folder has no usable manifest."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write, fsync, then rename: readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make shared datasets unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -28,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .imageio import RESIZE_MODES, ImageRejected, prepare_image
-from .manifest import (MANIFEST, VERSION, atomic_write_bytes, atomic_write_json, fsync_dir,
-                       identity_label_fields, identity_label_vector, load_manifest)
+from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir
+from .manifest import MANIFEST, VERSION, identity_label_fields, identity_label_vector, load_manifest
 from .recordio import (IndexedRecordIO, IRHeader, RecordIOError, first_label, format_index, frame_record,
                        pack_record, read_frame, unpack_record)
 from .sources import Item, Skip, SourceError, list_source

@@ -35,7 +35,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pipeline.manifest import atomic_write_bytes, fsync_dir
+from pipeline.atomic import atomic_write_bytes, atomic_write_with, fsync_dir
 from trainer.distributed import barrier, get_rank, get_world_size, shard_range
 
 CHECKPOINTS = "checkpoints"
@@ -75,19 +75,8 @@ def step_dir_name(step: int) -> str:
 
 # ------------------------------------------------------------------------------------ atomic files
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """torch.save to a temporary file beside `path`, fsync, rename over it."""
+    atomic_write_with(path, lambda f: torch.save(obj, f))
 
 
 def write_config(output: str | os.PathLike, cfg: dict) -> None:

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.manifest import atomic_write_bytes, sha256_file
+from pipeline.atomic import atomic_write_bytes
+from pipeline.manifest import sha256_file
 from trainer import metrics
 from trainer.model_io import CheckpointError, load_backbone
 from trainer.verification import (IMAGE_EXTENSIONS, IMAGE_SIZE, VerificationError, embed_batches, face_crop,

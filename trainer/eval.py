@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.imageio import ImageRejected, decode_jpeg_rgb
-from pipeline.manifest import (ManifestError, atomic_write_bytes, atomic_write_json, decode_identity,
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, json_safe
+from pipeline.manifest import (ManifestError, decode_identity,
                                load_manifest)
 from pipeline.recordio import RecordIOError
 from trainer import metrics
@@ -237,17 +238,6 @@ def results_table(results: Sequence[dict], fars: Sequence[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(obj):
-    """NaN and infinities are not JSON: they become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -353,7 +343,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             roc_curves[f"{Path(ckpt).parent.name}/{Path(ckpt).name} {name}" if many else name] = c
         for name, c in curves.cmc.items():
             cmc_curves[f"{Path(ckpt).parent.name}/{Path(ckpt).name} {name}" if many else name] = c
-        result = _json_safe(result)
+        result = json_safe(result)
         results.append(result)
         print(json.dumps(result), flush=True)
     if args.output:

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.manifest import fsync_dir
+from pipeline.atomic import atomic_path
 from trainer.model_io import CheckpointError, load_backbone
 from trainer.verification import IMAGE_SIZE
 
@@ -41,23 +40,10 @@ def _example(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, IMAGE_SIZE[1], IMAGE_SIZE[0], generator=g) * 2 - 1
 
 
-def _tmp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _publish(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _check_and_publish(what: str, run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, tmp: Path,
-                       path: Path, atol: float, check_batches: Sequence[int]) -> float:
-    """Put the exported file `tmp` in place at `path` if `run` (that file, loaded back) gives the eager
-    model's outputs within `atol` on every batch size of `check_batches`; returns the largest deviation."""
+def _check(what: str, run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, path: Path, atol: float,
+           check_batches: Sequence[int]) -> float:
+    """Raise unless `run` (the exported file, loaded back) gives the eager model's outputs within `atol` on
+    every batch size of `check_batches`; returns the largest deviation."""
     worst = 0.0
     for batch in check_batches:
         x = _example(batch, seed=batch)
@@ -68,7 +54,6 @@ def _check_and_publish(what: str, run: Callable[[torch.Tensor], np.ndarray], mod
         worst = max(worst, float(np.abs(got - want).max()))
     if worst > atol:
         raise ExportError(f"{what} differs from PyTorch by {worst:.3g} > {atol:g}; {path} not written")
-    _publish(tmp, path)
     return worst
 
 
@@ -81,8 +66,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, atol
 
     path = Path(path)
     model = model.eval().cpu()
-    tmp = _tmp_beside(path)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript-based exporter: the torch.export-based one needs onnxscript, not installed.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -99,10 +83,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = 17, atol
             entry.key, entry.value = key, str(value)
         onnx.save(proto, str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        return _check_and_publish("ONNX", lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0],
-                                  model, tmp, path, atol, check_batches)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return _check("ONNX", lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0], model, path,
+                      atol, check_batches)
 
 
 def export_torchscript(model: nn.Module, path: str | os.PathLike, atol: float = 1e-4,
@@ -110,17 +92,13 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, atol: float = 
     """Write a traced TorchScript module; returns its largest deviation from the eager model."""
     path = Path(path)
     model = model.eval().cpu()
-    tmp = _tmp_beside(path)
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(model, _example(2), check_trace=False)  # checked below
             torch.jit.save(traced, str(tmp))
             loaded = torch.jit.load(str(tmp))
-        return _check_and_publish("TorchScript", lambda x: loaded(x).numpy(), model, tmp, path, atol,
-                                  check_batches)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return _check("TorchScript", lambda x: loaded(x).numpy(), model, path, atol, check_batches)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

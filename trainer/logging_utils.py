@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
-from pipeline.manifest import atomic_write_bytes
+from pipeline.atomic import atomic_write_bytes, json_safe
 
 METRICS = "metrics.jsonl"
 LOG = "training.log"
@@ -65,17 +65,6 @@ def truncate_metrics(output: str | os.PathLike, step: int) -> int:
     if dropped or len(path.read_text().splitlines()) != len(records):
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
     return dropped
-
-
-def _json_number(value: Any) -> Any:
-    # JSON has no NaN/inf; a skipped step's loss is logged as null rather than an invalid file.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_number(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_number(v) for v in value]
-    return value
 
 
 class MetricsLogger:
@@ -144,7 +133,7 @@ class MetricsLogger:
         self._reset(now)
         if self.rank != 0:
             return record
-        self.file.write(json.dumps(_json_number(record)) + "\n")
+        self.file.write(json.dumps(json_safe(record)) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
@@ -157,7 +146,7 @@ class MetricsLogger:
     def eval(self, step: int, results: Mapping[str, Mapping[str, Any]]) -> None:
         if self.rank != 0:
             return
-        self.file.write(json.dumps({"step": step, "eval": _json_number(results)}) + "\n")
+        self.file.write(json.dumps({"step": step, "eval": json_safe(results)}) + "\n")
         if self.writer is not None:
             for name, res in results.items():
                 for key, value in res.items():

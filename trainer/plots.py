@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.manifest import atomic_write_bytes
+from pipeline.atomic import atomic_write_bytes
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> None:
