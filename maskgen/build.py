@@ -31,10 +31,20 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_bytes, fsync_dir
-from pipeline.manifest import ManifestError, decode_identity, load_manifest, sha256_file, write_manifest
 from pipeline.imageio import jpeg_quality
-from pipeline.recordio import (IRHeader, RecordIO, RecordIOError, frame_record, map_file, pack_record, peek_header,
-                               read_frame, read_index, unpack_record)
+from pipeline.manifest import ManifestError, decode_identity, load_manifest, sha256_file, write_manifest
+from pipeline.recordio import (
+    IRHeader,
+    RecordIO,
+    RecordIOError,
+    frame_record,
+    map_file,
+    pack_record,
+    peek_header,
+    read_frame,
+    read_index,
+    unpack_record,
+)
 from pipeline.shards import ShardWriter
 
 from .lock import DatasetLock, LockBusy

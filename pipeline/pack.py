@@ -27,11 +27,19 @@ from typing import Iterable, Optional
 import numpy as np
 from tqdm import tqdm
 
-from .imageio import RESIZE_MODES, ImageRejected, prepare_image
 from .atomic import atomic_write_bytes, atomic_write_json
+from .imageio import RESIZE_MODES, ImageRejected, prepare_image
 from .manifest import MANIFEST, VERSION, identity_label_fields, identity_label_vector, load_manifest
-from .recordio import (IndexedRecordIO, IRHeader, RecordIO, RecordIOError, first_label, frame_record, pack_record,
-                       unpack_record)
+from .recordio import (
+    IndexedRecordIO,
+    IRHeader,
+    RecordIO,
+    RecordIOError,
+    first_label,
+    frame_record,
+    pack_record,
+    unpack_record,
+)
 from .shards import ShardWriter
 from .sources import Item, Skip, SourceError, list_source
 

@@ -9,8 +9,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.recordio import (MAGIC_BYTES, MAX_RECORD, IndexedRecordIO, IRHeader, RecordIO, RecordIOError,
-                               frame_record, map_file, pack_record, peek_header, read_frame, read_index, unpack_record)
+from pipeline.recordio import (
+    MAGIC_BYTES,
+    MAX_RECORD,
+    IndexedRecordIO,
+    IRHeader,
+    RecordIO,
+    RecordIOError,
+    frame_record,
+    map_file,
+    pack_record,
+    peek_header,
+    read_frame,
+    read_index,
+    unpack_record,
+)
 
 
 def payloads() -> list[bytes]:
