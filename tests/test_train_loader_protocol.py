@@ -1,4 +1,5 @@
-"""The three training readers (DALI, PyTorch, SST's identity pairs) are each a `pipeline.loader.TrainLoader`."""
+"""The three training readers (DALI, PyTorch, SST's identity pairs), and the trainer tests' stand-in for
+them, are each a `pipeline.loader.TrainLoader`."""
 from __future__ import annotations
 
 import inspect
@@ -7,6 +8,7 @@ import pytest
 
 from pipeline.dataset import TorchTrainLoader
 from pipeline.loader import TrainLoader
+from tests._trainer_helpers import FakeLoader
 from trainer.modes.sst import IdentityPairLoader
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -29,6 +31,10 @@ def _sst(data):
     return IdentityPairLoader(data, batch_size=2, rank=1, world_size=2, seed=1, num_workers=0, progress=False)
 
 
+def _fake(data):
+    return FakeLoader()
+
+
 def conformance_faults(loader) -> list[str]:
     """What keeps `loader` from being a TrainLoader: missing members, other method parameters, wrong types."""
     faults = []
@@ -48,7 +54,7 @@ def conformance_faults(loader) -> list[str]:
     return faults
 
 
-@pytest.mark.parametrize("make", [_dali, _torch, _sst], ids=["dali", "torch", "sst"])
+@pytest.mark.parametrize("make", [_dali, _torch, _sst, _fake], ids=["dali", "torch", "sst", "fake"])
 def test_each_training_loader_is_a_train_loader(make, packed_glint):
     loader = make(packed_glint)
     assert conformance_faults(loader) == []
