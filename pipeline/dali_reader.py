@@ -1,6 +1,7 @@
 """The training reader: one DALI pipeline per rank over every shard of a packed dataset.
 
-DALI facts this relies on (measured with DALI 2.4, see tests/test_dali_reader.py):
+DALI facts this relies on (measured with DALI 2.4; the reader tests in tests/test_verify_and_readers.py
+hold it to them):
 - `fn.readers.mxnet` takes ONE index for all `.rec` files, with offsets running on across the files in
   the order given; it sorts by offset and ignores the keys. We write that index from the per-shard ones.
 - With `num_shards=W`, DALI shard s is records [N*s//W, N*(s+1)//W) of that order; without
@@ -44,7 +45,8 @@ def dali_shard_bounds(num_samples: int, shard: int, num_shards: int) -> tuple[in
 
 
 class DaliTrainLoader:
-    """Batches `(images [B,3,H,W] float32 in [-1,1], labels int64 [B])` on `device`, per rank.
+    """A `pipeline.loader.TrainLoader`: batches `(images [B,3,H,W] float32 in [-1,1], labels int64 [B])` on
+    `device`, per rank.
 
     `drop_last=True` (training): every rank yields `steps_per_epoch` full batches per epoch.
     `drop_last=False` (evaluation, tests): every real sample of the rank's shard once per epoch.

@@ -130,7 +130,7 @@ class _EpochSampler(Sampler):
 
 
 class TorchTrainLoader:
-    """The DALI reader's interface over PackedDataset + DataLoader (see pipeline.loader).
+    """A `pipeline.loader.TrainLoader`, as the DALI reader, over PackedDataset + DataLoader.
 
     Each epoch draws one global permutation from (seed, epoch); rank r takes positions r, r+W, ... of
     it, cut to the same length on every rank. Resume with another world size is exact too: the consumed

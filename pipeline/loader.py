@@ -1,8 +1,9 @@
-"""`build_train_loader`: the reader the trainer uses, DALI by default, the PyTorch path on request."""
+"""`TrainLoader`, what the trainer asks of a reader, and `build_train_loader`: DALI by default, the PyTorch
+path on request. SST's `trainer.modes.sst.IdentityPairLoader` is a TrainLoader too."""
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -10,7 +11,33 @@ from .augment import AugmentConfig
 from .dali_reader import DaliTrainLoader
 from .dataset import TorchTrainLoader
 
-TrainLoader = Union[DaliTrainLoader, TorchTrainLoader]
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """Every member here is used by trainer/main.py, trainer/checkpoint.py or a mode's `bind_data`.
+
+    Iterating runs what is left of the current epoch, then advances `epoch` (the trainer watches it for
+    epoch ends); a batch is a tuple of tensors on the loader's device whose layout the mode reads:
+    `(images, identities)`, `(images, identities, label_vectors)` (AAFace), `(images1, images2,
+    identities)` (SST)."""
+
+    batch_size: int  # per rank
+    rank: int
+    world_size: int
+    num_classes: int
+    steps_per_epoch: Optional[int]  # batches per epoch, equal on every rank; None only without drop_last
+    epoch: int
+    skipped_records: int  # records replaced because they did not decode, so far (this rank)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (of an epoch resumed under another partition: what is left)."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def dali_available() -> bool:

@@ -111,7 +111,9 @@ class TinyNet(nn.Module):
 
 
 class FakeLoader:
-    """pipeline.loader's interface over fixed random tensors (for in-process unit tests)."""
+    """A `pipeline.loader.TrainLoader` over fixed random tensors (for in-process unit tests), one rank."""
+
+    rank, world_size = 0, 1
 
     def __init__(self, num_classes: int = 10, batch_size: int = 4, steps_per_epoch: int = 5, seed: int = 0,
                  shape=(3, 8, 8)) -> None:
@@ -128,6 +130,9 @@ class FakeLoader:
             yield self.images[i].clone(), self.labels[i].clone()
         self.epoch += 1
         self.step = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step}

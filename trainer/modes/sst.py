@@ -224,7 +224,8 @@ class _PairView(Dataset):
 
 class IdentityPairLoader:
     """Batches `(images1, images2, identities)` of a packed dataset for SST, the identities of each epoch
-    dealt out over the ranks (rank r takes positions r, r+W, ... of a seeded permutation)."""
+    dealt out over the ranks (rank r takes positions r, r+W, ... of a seeded permutation).
+    A `pipeline.loader.TrainLoader`."""
 
     def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 2, augment=None,
@@ -250,6 +251,9 @@ class IdentityPairLoader:
         order = [self.identities[i] for i in torch.randperm(len(self.identities), generator=g).tolist()]
         per_rank = len(order) // self.world_size
         return order[self.rank::self.world_size][:per_rank]
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         mine = self._rank_identities()[self.step * self.batch_size: self.steps_per_epoch * self.batch_size]
