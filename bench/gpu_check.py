@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from bench.partial_fc import rss_bytes
 from bench.peers import REPO, SHARED_DATA, record
+from trainer.cuda_flags import apply_cuda_flags, cuda_flags_text
 
 CHECKS = ("dali", "pfc", "train", "busy")
 BUSY_GOAL = 1.05
@@ -415,8 +416,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--warmup", type=int, help="untimed steps before each timing")
     g.add_argument("--steps", type=int, help="timed steps per timing")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="torch.backends.cudnn.benchmark = True (the trainer leaves it off)")
     p.add_argument("--json", type=Path, help="also write every row as JSON here")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
@@ -442,8 +441,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    if device.type == "cuda" and args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = sizes_for(args, device)
@@ -456,8 +453,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pack_source(args.src, data)
         rows: list[Row] = []
         cfg = None
+        cuda_flags: dict = {}
         try:
             cfg = load_check_config(args, sizes, data)
+            # the trainer's cuDNN/TF32 switches from the same config keys (--set tf32=false to compare)
+            cuda_flags = apply_cuda_flags(cfg, device)
         except Exception as exc:  # noqa: BLE001 - the config feeds every check but dali
             for check in [c for c in args.checks if c != "dali"]:
                 rows.append(Row(check, f"config {args.config}", error=explain(exc)))
@@ -474,13 +474,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows += check_training(data, device, sizes, cfg, wanted)
 
     if device.type == "cuda":
-        title = f"GPU check on {device_label(device)}"
+        title = f"GPU check on {device_label(device)}" + (f"; {cuda_flags_text(cuda_flags)}" if cuda_flags else "")
     else:
         title = f"GPU check, CPU PATH (no CUDA: small sizes; not GPU figures), {device_label(device)}"
     table = render(rows, title)
     print(table)
     if args.json:
-        report = {"device": device_label(device), "device_type": device.type, "sizes": asdict(sizes),
+        report = {"device": device_label(device), "device_type": device.type, "cuda_flags": cuda_flags,
+                  "sizes": asdict(sizes),
                   "rows": [asdict(r) for r in rows]}
         args.json.write_text(json.dumps(report, indent=1))
     if args.record:

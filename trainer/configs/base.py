@@ -78,6 +78,10 @@ config.min_lr = 0.0
 # Precision: "fp32", "bf16", or "fp16" (fp16 uses a GradScaler). The softmax of Partial FC stays fp32.
 config.amp = "fp32"
 config.channels_last = False
+# CUDA only (trainer/cuda_flags.py, which the benches call too): cuDNN picks the fastest convolution
+# algorithms on the first batch (off when `deterministic`); fp32 matmuls/convolutions on TF32 tensor cores
+config.cudnn_benchmark = True
+config.tf32 = True
 
 # Run
 config.seed = 2048
