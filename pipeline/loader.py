@@ -1,4 +1,4 @@
-"""`build_train_loader`: the reader the trainer uses, DALI by default, the PyTorch path on request."""
+"""`build_train_loader`: the reader the trainer uses, DALI by default, nvJPEG or the PyTorch path on request."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,10 @@ import torch
 from .augment import AugmentConfig
 from .dali_reader import DaliTrainLoader
 from .dataset import TorchTrainLoader
+from .nvjpeg_reader import NvjpegTrainLoader
 
-TrainLoader = Union[DaliTrainLoader, TorchTrainLoader]
+TrainLoader = Union[DaliTrainLoader, TorchTrainLoader, NvjpegTrainLoader]
+BACKENDS = ("dali", "nvjpeg", "torch")
 
 
 def dali_available() -> bool:
@@ -24,16 +26,25 @@ def dali_available() -> bool:
 def build_train_loader(data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
                        seed: int = 0, device: str | torch.device = "cpu", backend: str = "dali",
                        num_threads: int = 2, augment: Optional[AugmentConfig | dict] = None,
-                       drop_last: bool = True, return_label_vectors: bool = False) -> TrainLoader:
+                       drop_last: bool = True, return_label_vectors: bool = False,
+                       dali_threads: int = 0, dali_hw_decoder_load: float = 0.65,
+                       dali_dont_use_mmap: bool = False) -> TrainLoader:
     """One reader per rank: `shard_id` = rank, `num_shards` = world size; `device='cuda'` decodes on the GPU
-    (DALI `mixed`), `cpu` on the CPU. Every rank yields `steps_per_epoch` batches per epoch."""
+    (DALI `mixed`, or nvJPEG through torchvision), `cpu` on the CPU. Every rank yields `steps_per_epoch`
+    batches per epoch. `num_threads`: torch reader workers, nvjpeg host threads, and DALI's threads unless
+    `dali_threads` > 0; `dali_hw_decoder_load`: DALI's share of images for the hardware JPEG decoder (A100,
+    H100); `dali_dont_use_mmap`: DALI reads the shards instead of mapping them (network file systems)."""
     if backend == "dali":
         if not dali_available():
-            raise RuntimeError("backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); "
-                               "or set backend='torch'")
-        return DaliTrainLoader(data_dir, batch_size, rank, world_size, seed, device, num_threads, augment,
-                               drop_last, return_label_vectors=return_label_vectors)
+            raise RuntimeError("backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120 or -cuda130, "
+                               "for torch's CUDA major); or set backend='nvjpeg' or 'torch'")
+        return DaliTrainLoader(data_dir, batch_size, rank, world_size, seed, device, dali_threads or num_threads,
+                               augment, drop_last, hw_decoder_load=dali_hw_decoder_load,
+                               return_label_vectors=return_label_vectors, dont_use_mmap=dali_dont_use_mmap)
+    if backend == "nvjpeg":
+        return NvjpegTrainLoader(data_dir, batch_size, rank, world_size, seed, device, num_threads, augment,
+                                 drop_last, return_label_vectors=return_label_vectors)
     if backend == "torch":
         return TorchTrainLoader(data_dir, batch_size, rank, world_size, seed, device, num_threads, augment,
                                 drop_last, return_label_vectors=return_label_vectors)
-    raise ValueError(f"backend must be 'dali' or 'torch', not {backend!r}")
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
