@@ -63,7 +63,8 @@ def main() -> int:
     rank, world = get_rank(), get_world_size()
     torch.manual_seed(rank)
     cfg = base_config()
-    cfg.update(optimizer=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999), eps=1e-8)
+    cfg.update(optimizer=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
+               eps=1e-8)
     apply_overrides(cfg, args.set)
     cuda_flags = apply_cuda_flags(cfg, device)  # what the trainer sets, from the same keys
 

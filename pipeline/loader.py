@@ -1,4 +1,4 @@
-"""`build_train_loader`: the reader the trainer uses, DALI by default, nvJPEG or the PyTorch path on request."""
+"""`build_train_loader`: the reader the trainer uses: DALI by default, nvJPEG or the PyTorch path on request."""
 from __future__ import annotations
 
 import os
@@ -36,11 +36,12 @@ def build_train_loader(data_dir: str | os.PathLike, batch_size: int, rank: int =
     H100); `dali_dont_use_mmap`: DALI reads the shards instead of mapping them (network file systems)."""
     if backend == "dali":
         if not dali_available():
-            raise RuntimeError("backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120 or -cuda130, "
-                               "for torch's CUDA major); or set backend='nvjpeg' or 'torch'")
-        return DaliTrainLoader(data_dir, batch_size, rank, world_size, seed, device, dali_threads or num_threads,
-                               augment, drop_last, hw_decoder_load=dali_hw_decoder_load,
-                               return_label_vectors=return_label_vectors, dont_use_mmap=dali_dont_use_mmap)
+            raise RuntimeError("backend 'dali' needs nvidia-dali (nvidia-dali-cuda120 or -cuda130, for "
+                               "torch's CUDA major: scripts/setup.sh); or set backend='nvjpeg' or 'torch'")
+        threads = dali_threads or num_threads
+        return DaliTrainLoader(data_dir, batch_size, rank, world_size, seed, device, threads, augment, drop_last,
+                               hw_decoder_load=dali_hw_decoder_load, return_label_vectors=return_label_vectors,
+                               dont_use_mmap=dali_dont_use_mmap)
     if backend == "nvjpeg":
         return NvjpegTrainLoader(data_dir, batch_size, rank, world_size, seed, device, num_threads, augment,
                                  drop_last, return_label_vectors=return_label_vectors)

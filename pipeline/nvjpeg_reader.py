@@ -1,4 +1,4 @@
-"""A second GPU reader: the packed shards decoded by nvJPEG through `torchvision.io.decode_jpeg(device='cuda')`.
+"""A second GPU reader: the packed shards decoded by nvJPEG, `torchvision.io.decode_jpeg(device='cuda')`.
 
 For CUDA setups without a DALI wheel (DALI's ~400 MB wheels exist for some CUDA majors only). The contract
 is the DALI reader's (pipeline/dali_reader.py, pipeline/loader.py): batches `(images [B,3,H,W] float32 in
@@ -46,6 +46,13 @@ def decode_jpeg_nvjpeg(data: Sequence[torch.Tensor], device: torch.device) -> Se
         raise DecoderUnavailable(f"backend 'nvjpeg' needs torchvision built for torch {torch.__version__} "
                                  f"(torchvision.io.decode_jpeg): {e}") from e
     return decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device)
+
+
+def decode_jpeg_cpu(data: Sequence[torch.Tensor], device: torch.device) -> Sequence[torch.Tensor]:
+    """A CPU stand-in with the nvJPEG decoder's signature (the torch reader's libjpeg-turbo decode), for
+    machines without CUDA: the reader's other code runs unchanged (bench/gpu_check.py's CPU path)."""
+    return [torch.from_numpy(np.ascontiguousarray(decode_jpeg_rgb(d.numpy().tobytes()).transpose(2, 0, 1)))
+            .to(device) for d in data]
 
 
 @dataclass

@@ -98,7 +98,7 @@ def gpu_warning(gpu: bool, torch_cuda: Optional[str], cuda_available: bool,
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-python", help="the interpreter setup.sh makes .venv from (checked for a CUDA torch)")
+    p.add_argument("--base-python", help="the interpreter setup.sh makes .venv from (has it a CUDA torch?)")
     p.add_argument("--torch-cuda", help="torch.version.cuda to assume ('none': a CPU build)")
     p.add_argument("--cuda-available", choices=["yes", "no"], help="torch.cuda.is_available() to assume")
     p.add_argument("--gpu", choices=["yes", "no"], help="whether an NVIDIA GPU is present")

@@ -1,5 +1,5 @@
-"""scripts/dali_package.py, which scripts/setup.sh asks for the DALI wheel: the build follows the CUDA major of
-the installed torch (CUDA 12 for a CPU torch, whose CPU pipelines the tests run), and a GPU that torch cannot
+"""scripts/dali_package.py, which scripts/setup.sh asks for the DALI wheel: the build follows the CUDA major
+of the installed torch (CUDA 12 for a CPU torch, whose CPU pipelines the tests run), and a GPU that torch cannot
 use is said out loud. Detection is replaced by the script's options (fake torch builds and GPUs)."""
 from __future__ import annotations
 

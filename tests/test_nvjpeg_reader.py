@@ -141,7 +141,8 @@ def test_an_undecodable_record_is_replaced_and_counted(packed_glint, tmp_path):
     m["num_images"] += 1
     write_manifest(data, m)
     ours = nvjpeg(data, 32, shuffle=False, drop_last=False, augment={"flip": False})
-    theirs = TorchTrainLoader(data, 32, shuffle=False, drop_last=False, augment={"flip": False}, num_workers=0)
+    theirs = TorchTrainLoader(data, 32, shuffle=False, drop_last=False, augment={"flip": False},
+                              num_workers=0)
     for (oi, ol), (ti, tl) in zip(ours, theirs):
         assert torch.equal(ol, tl) and torch.equal(oi, ti)
     assert ours.skipped_records == theirs.skipped_records == 1
