@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import AugmentConfig, augment_numpy, augment_rng, normalise
+from .augment import AugmentConfig, apply_numpy, normalise, record_draws
 from .imageio import ImageRejected, decode_jpeg_rgb
 from .manifest import decode_identity, load_manifest
 from .recordio import RecordIO, RecordIOError, read_index, unpack_record
@@ -81,8 +81,8 @@ class PackedDataset(Dataset):
         if self.raw:
             tensor = torch.from_numpy(np.ascontiguousarray(rgb))
         else:
-            rng = augment_rng(self.seed, self.epoch, index)
-            chw = torch.from_numpy(np.ascontiguousarray(augment_numpy(rgb, self.augment, rng).transpose(2, 0, 1)))
+            (draw,) = record_draws(*rgb.shape[:2], self.augment, self.seed, self.epoch, [index])
+            chw = torch.from_numpy(np.ascontiguousarray(apply_numpy(rgb, draw).transpose(2, 0, 1)))
             tensor = chw if self.uint8_chw else normalise(chw)
         if self.return_label_vector:
             return tensor, identity, torch.from_numpy(vector)

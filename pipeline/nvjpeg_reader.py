@@ -5,7 +5,7 @@ is the DALI reader's (pipeline/dali_reader.py, pipeline/loader.py): batches `(im
 [-1, 1], identities int64 [B])` on `device`, every rank `steps_per_epoch` full batches per epoch
 (`drop_last=True`), exact mid-epoch resume through `state_dict`/`load_state_dict`. Which records a rank
 reads is the torch reader's rule (`pipeline.dataset.PermutationShards`), and so are the augmentation draws
-(`pipeline.augment.draw_augment`, seeded per record and epoch); the augmentations run as batched tensor ops
+(`pipeline.augment.record_draws`, hashed from record and epoch); the augmentations run as batched tensor ops
 on the device (`augment_torch`), and the normalisation is the torch reader's.
 
 The host reads the JPEG bytes and draws the augmentations of the next batches in a background thread while
@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .augment import AugmentConfig, AugmentDraw, augment_rng, augment_torch, draw_augment, normalise
+from .augment import AugmentConfig, AugmentDraw, augment_torch, normalise, record_draws
 from .dataset import PackedDataset, PermutationShards
 from .imageio import ImageRejected, decode_jpeg_rgb
 from .manifest import decode_identity
@@ -96,15 +96,14 @@ class NvjpegTrainLoader(PermutationShards):
         return data, int(decode_identity(vector, self.label_fields)), vector
 
     def _host_batch(self, indices: list[int], epoch: int) -> _HostBatch:
-        batch = _HostBatch(list(indices), [], [], [], [])
+        data, vectors = [], []
         for index in indices:
-            data, identity, vector = self._read(index)
-            batch.data.append(data)
-            batch.identities.append(identity)
-            batch.vectors.append(vector)
-            batch.draws.append(draw_augment(self.height, self.width, self.augment,
-                                            augment_rng(self.seed, epoch, index)))
-        return batch
+            header, image = self.dataset.read_record(index)
+            data.append(image)
+            vectors.append(self.dataset.label_vector(header))
+        identities = decode_identity(np.stack(vectors), self.label_fields).tolist()
+        draws = record_draws(self.height, self.width, self.augment, self.seed, epoch, indices)
+        return _HostBatch(list(indices), data, identities, vectors, draws)
 
     # ------------------------------------------------------------------------------------------ device side
     def _decode_one(self, data: bytes) -> torch.Tensor:
@@ -141,8 +140,8 @@ class NvjpegTrainLoader(PermutationShards):
                         data, identity, vector = self._read(replacement)
                         image = self._decode_one(data)
                         batch.identities[k], batch.vectors[k] = identity, vector
-                        batch.draws[k] = draw_augment(self.height, self.width, self.augment,
-                                                      augment_rng(self.seed, epoch, replacement))
+                        (batch.draws[k],) = record_draws(self.height, self.width, self.augment, self.seed,
+                                                         epoch, [replacement])
                         self.skipped_records += 1
                     else:
                         image = self._decode_one(batch.data[k])
