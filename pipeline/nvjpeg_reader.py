@@ -127,7 +127,7 @@ class NvjpegTrainLoader(PermutationShards):
                                      self.device)
                 if all(tuple(im.shape) == (3, self.height, self.width) for im in images):
                     return torch.stack(list(images)).to(self.device)
-            except DecoderUnavailable:
+            except (DecoderUnavailable, torch.cuda.OutOfMemoryError):
                 raise
             except Exception:  # noqa: BLE001 - a bad image in the batch: find it below
                 pass
@@ -146,6 +146,8 @@ class NvjpegTrainLoader(PermutationShards):
                     else:
                         image = self._decode_one(batch.data[k])
                     break
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except (ImageRejected, RecordIOError, RuntimeError, ValueError, OSError):  # a bad image
                     continue
             else:
