@@ -76,6 +76,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def reduce_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor must live for a collective of `backend`: NCCL reduces CUDA tensors only (a CPU tensor
+    raises "No backend type associated with device type cpu"), gloo CPU ones."""
+    return device if backend == "nccl" else torch.device("cpu")
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest `value` of any rank, reduced on the process group's device."""
+    t = torch.tensor([value], dtype=torch.float64, device=reduce_device(dist.get_backend(), device))
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return t.item()
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -179,20 +192,19 @@ def worker(rank: int, world: int, port: int, modes: list, num_classes: int, args
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(elapsed, dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+                # a step lasts as long as its slowest rank
+                elapsed = max_over_ranks(time.perf_counter() - t0, device)
                 if i >= args.warmup:
-                    times[mode].append(elapsed.item())
+                    times[mode].append(elapsed)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{mode}: loss became {loss.item()}")
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() - base
         else:
             peak = peak_rss_bytes() - base
-    peak_t = torch.tensor([float(peak)], dtype=torch.float64)
-    dist.all_reduce(peak_t, dist.ReduceOp.MAX)
+    peak = max_over_ranks(float(peak), device)
     if rank == 0:
-        Path(out).write_text(json.dumps({"times": times, "peak_bytes": peak_t.item()}))
+        Path(out).write_text(json.dumps({"times": times, "peak_bytes": peak}))
     dist.destroy_process_group()
 
 

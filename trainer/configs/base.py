@@ -43,8 +43,14 @@ config.sst_alpha = 0.999  # momentum of the gallery network's moving average of 
 
 # Data (DESIGN.md section 1); --data sets `data`
 config.data = ""
-config.loader_backend = "auto"  # "dali" on CUDA, "torch" on CPU
-config.num_threads = 2  # decoding threads per rank
+config.loader_backend = "auto"  # "dali" on CUDA, "torch" on CPU; "nvjpeg": torchvision's nvJPEG on the GPU
+config.num_threads = 2  # decoding threads (torch reader: workers; nvjpeg: host threads) per rank
+# DALI only: its CPU threads per rank (the reader, and the host half of nvJPEG's hybrid decoding; 0 takes
+# num_threads), the share of images for the hardware JPEG decoder of A100/H100 (the rest: nvJPEG on the
+# CUDA cores), and plain reads instead of mmap (DALI's advice for network file systems)
+config.dali_threads = 4
+config.dali_hw_decoder_load = 0.65
+config.dali_dont_use_mmap = False
 config.augment = None  # passed to pipeline.loader.build_train_loader (None: the loader's default)
 config.batch_size = 128  # per rank, per micro step
 # micro steps per optimizer step: the global batch is batch_size * gradient_acc * world size
@@ -78,6 +84,10 @@ config.min_lr = 0.0
 # Precision: "fp32", "bf16", or "fp16" (fp16 uses a GradScaler). The softmax of Partial FC stays fp32.
 config.amp = "fp32"
 config.channels_last = False
+# CUDA only (trainer/cuda_flags.py, which the benches call too): cuDNN picks the fastest convolution
+# algorithms on the first batch (off when `deterministic`); fp32 matmuls/convolutions on TF32 tensor cores
+config.cudnn_benchmark = True
+config.tf32 = True
 
 # Run
 config.seed = 2048

@@ -2,7 +2,8 @@
 
     python -m pipeline pack ../shared/data/glint24 --out DATA --holdout 5
     maskgen build --ratio 0.05 --data DATA          # optional: the demo adds 5% masked copies
-    torchrun --nproc_per_node=2 trainer/main.py --config trainer/configs/cpu_demo.py --data DATA
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=2 trainer/main.py \
+        --config trainer/configs/cpu_demo.py --data DATA
 
 Verifies on DATA/holdout_pairs.bin: pairs of held-out images of the same people, never trained on.
 

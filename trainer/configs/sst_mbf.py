@@ -4,7 +4,8 @@ No classifier: a probe network is trained against a queue of prototypes from its
 gallery network); each step takes two images of every identity of the batch (trainer/modes/sst.py).
 
     python -m pipeline pack SHALLOW_SRC --out DATA
-    torchrun --nproc_per_node=4 trainer/main.py --config trainer/configs/sst_mbf.py --data DATA
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=4 trainer/main.py \
+        --config trainer/configs/sst_mbf.py --data DATA
 """
 from trainer.config import Config
 
