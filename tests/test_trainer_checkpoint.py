@@ -12,7 +12,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import Config
 from trainer.losses import CombinedMarginLoss
 from trainer.main import build_optimizer, train_step
-from trainer.model_io import load_backbone
+from trainer.model_io.load import load_backbone
 from trainer.partial_fc import PartialFC
 
 CFG = Config(network="tiny", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),

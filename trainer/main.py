@@ -289,7 +289,7 @@ def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
 
 def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, device: torch.device) -> dict:
     """Verification accuracy on every target (rank 0 only; the backbone is put back in train mode)."""
-    from trainer.verification import evaluate_targets
+    from trainer.eval.pairs import evaluate_targets
 
     was_training, threads = backbone.training, torch.get_num_threads()
     if device.type == "cpu":

@@ -1,4 +1,4 @@
-"""python -m trainer.eval and python -m trainer.embed on a small real pack of glint24 (with masked copies
+"""python -m trainer.eval and python -m trainer.eval.embed on a small real pack of glint24 (with masked copies
 added as maskgen lays them out), with a real backbone."""
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from tests._eval_helpers import add_masked_shard, face_folder, last_json, run_module, save_model
-from trainer import embed as embed_cli
-from trainer import eval as eval_cli
-from trainer.model_io import load_backbone
-from trainer.verification import load_bin, verify
+from trainer.eval import __main__ as eval_cli
+from trainer.eval import embed as embed_cli
+from trainer.eval.pairs import verify
+from trainer.eval.targets import load_bin
+from trainer.model_io.load import load_backbone
 
 IDS, PER_ID, HOLDOUT = 6, 6, 2
 TRAIN = IDS * (PER_ID - HOLDOUT)  # 24 unmasked train images, 4 per identity

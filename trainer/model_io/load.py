@@ -16,13 +16,10 @@ import torch
 import torch.nn as nn
 
 from trainer.backbones import build_backbone
+from trainer.checkpoint import CheckpointError
 
 # Wrappers that rename parameters: DistributedDataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A file is not a backbone checkpoint this code can rebuild."""
 
 
 def _plain_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
-"""`python -m trainer.export`: a trained backbone as ONNX (dynamic batch) and TorchScript, each checked
-against PyTorch before it is put in place.
+"""`python -m trainer.model_io.export`: a trained backbone as ONNX (dynamic batch) and TorchScript, each
+checked against PyTorch before it is put in place.
 
-    python -m trainer.export --checkpoint runs/x/model.pt [--onnx model.onnx] [--torchscript model.ts.pt]
+    python -m trainer.model_io.export --checkpoint runs/x/model.pt [--onnx m.onnx] [--torchscript m.ts.pt]
 
 Without --onnx/--torchscript both are written beside the checkpoint. Input `input`: float32
 [batch, 3, 112, 112] RGB, (pixel - 127.5) / 127.5; output `embedding`: [batch, D], not normalised. The
@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 
 from pipeline.atomic import atomic_path
-from trainer.model_io import CheckpointError, load_backbone
-from trainer.verification import IMAGE_SIZE
+from trainer.checkpoint import CheckpointError
+from trainer.eval.images import IMAGE_SIZE
+from trainer.model_io.load import load_backbone
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -102,7 +103,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, atol: float = 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m trainer.model_io.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="model.pt (or a bare state_dict with --network)")
     ap.add_argument("--onnx", help="ONNX output path")

@@ -1,4 +1,4 @@
-"""trainer.export and trainer.model_io: ONNX (dynamic batch) and TorchScript of a real backbone agree with
+"""trainer.model_io.export and .load: ONNX (dynamic batch) and TorchScript of a real backbone agree with
 PyTorch within 1e-4; a file that would not is never written; bad checkpoints fail in one line."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tests._eval_helpers import EMBEDDING, last_json, run_module, save_model
-from trainer import export
-from trainer.model_io import CheckpointError, load_backbone, read_checkpoint
+from trainer.checkpoint import CheckpointError
+from trainer.model_io import export
+from trainer.model_io.load import load_backbone, read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,7 @@ def model_pt(tmp_path_factory):
 @pytest.mark.slow
 def test_export_cli_onnx_and_torchscript_match_pytorch(model_pt, tmp_path):
     onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.ts.pt"
-    proc = run_module("trainer.export", "--checkpoint", str(model_pt), "--onnx", str(onnx_path),
+    proc = run_module("trainer.model_io.export", "--checkpoint", str(model_pt), "--onnx", str(onnx_path),
                       "--torchscript", str(ts_path))
     result = last_json(proc.stdout)
     assert result["network"] == "mbf" and result["onnx_max_abs_diff"] <= 1e-4
@@ -76,7 +77,7 @@ def test_load_backbone_round_trip_and_overrides(model_pt, tmp_path):
 def test_export_cli_fails_in_one_line_on_a_bad_checkpoint(tmp_path):
     junk = tmp_path / "model.pt"
     junk.write_bytes(b"\x00" * 100)
-    proc = run_module("trainer.export", "--checkpoint", str(junk), check=False)
+    proc = run_module("trainer.model_io.export", "--checkpoint", str(junk), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not a loadable torch checkpoint" in proc.stderr
     assert list(tmp_path.iterdir()) == [junk]

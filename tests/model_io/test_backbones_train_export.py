@@ -1,5 +1,5 @@
 """The papers' backbones in the whole system: trained by trainer/main.py through Partial FC under torchrun
-(2 gloo ranks), and exported (trainer.export: ONNX and TorchScript checked against PyTorch)."""
+(2 gloo ranks), and exported (trainer.model_io.export: ONNX and TorchScript checked against PyTorch)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests._trainer_helpers import pack_glint24, run_trainer, train_records
-from trainer import export
 from trainer.backbones import build_backbone
-from trainer.model_io import load_backbone
+from trainer.model_io import export
+from trainer.model_io.load import load_backbone
 
 pytestmark = pytest.mark.slow
 

@@ -1,15 +1,10 @@
-"""Face-recognition metrics, as the papers report them. Pure numbers in, numbers out: no models, no files.
+"""TAR at FAR, as the papers report it. Pure numbers in, numbers out: no models, no files.
 
-- `kfold_accuracy`: insightface's verification accuracy (LFW, CFP, AgeDB `.bin` packs): squared L2
-  distances of L2-normalised embeddings, the thresholds 0, 0.01, ..., 3.99, 10 folds in order (sklearn's
-  KFold without shuffling), the best threshold chosen on 9 folds and applied to the tenth.
 - `tar_at_far`: the true-accept rate at a false-accept rate, on given genuine and impostor scores.
 - `all_pairs_verification`: TAR@FAR and 10-fold accuracy on the all-to-all 1:1 protocol of the MFR
   challenge (every genuine pair against every impostor pair of a labelled set, or of a probe set against
   a gallery), in tiles on the CPU or the GPU. It never holds the N^2 scores: it histograms them twice by
   their float bits (a radix select), which gives exactly the threshold that sorting all scores would.
-- `chunked_topk` and `megaface_cmc`: rank-K identification (CMC) against a distractor gallery of any size,
-  the MegaFace protocol as FaceX-Zoo implements it (and its masked variant).
 
 Score conventions: a similarity is a cosine (higher = more alike); a pair is accepted when its score is
 strictly above the threshold.
@@ -24,113 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-# insightface's threshold grid on the squared L2 distance of unit vectors (which lies in [0, 4]).
-DISTANCE_THRESHOLDS = np.arange(0, 4, 0.01)
+from trainer.eval.common import FARS, as_tensor, resolve_device
 
 # The radix split of a score's 32-bit key: pass 1 histograms the top 20 bits (sign, exponent, 11 mantissa
 # bits: steps of 1/2048 relative, fine enough for the ROC and the k-fold thresholds), pass 2 the low 12.
 _LOW_BITS = 12
 _BINS = 1 << (32 - _LOW_BITS)
 _LOW = 1 << _LOW_BITS
-
-
-def far_key(far: float) -> str:
-    """The JSON key of a FAR: 1e-06 -> "1e-6", 0.001 -> "1e-3"."""
-    mantissa, exponent = f"{far:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Verification on a list of pairs (insightface's protocol)
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
-def pair_distances(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
-    """Squared L2 distance of the L2-normalised embeddings of each pair (insightface's `dist`)."""
-    diff = l2_normalize(emb1) - l2_normalize(emb2)
-    return np.sum(np.square(diff), axis=1)
-
-
-def pair_similarities(emb1: np.ndarray, emb2: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each pair."""
-    return np.sum(l2_normalize(emb1) * l2_normalize(emb2), axis=1)
-
-
-def kfold_splits(n: int, n_folds: int) -> list[np.ndarray]:
-    """Test-fold indices of sklearn's KFold(n_splits, shuffle=False): consecutive blocks, the first
-    `n % n_folds` of them one longer."""
-    if n < n_folds:
-        raise ValueError(f"{n} pairs cannot be split into {n_folds} folds")
-    sizes = np.full(n_folds, n // n_folds, dtype=np.int64)
-    sizes[: n % n_folds] += 1
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return [np.arange(bounds[i], bounds[i + 1]) for i in range(n_folds)]
-
-
-@dataclass
-class KFoldResult:
-    accuracies: np.ndarray  # test accuracy of each fold
-    thresholds: np.ndarray  # the threshold chosen for each fold (on its 9 training folds)
-    tpr: np.ndarray  # ROC over the threshold grid: true-positive rate averaged over the test folds
-    fpr: np.ndarray
-
-    @property
-    def acc(self) -> float:
-        return float(np.mean(self.accuracies))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.accuracies))
-
-
-def _accept_counts(distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarray):
-    """(tp, fp, tn, fn) for every threshold at once; a pair is accepted when distance < threshold."""
-    order = np.argsort(distances, kind="stable")
-    d_sorted = distances[order]
-    same_sorted = issame[order]
-    accepted = np.searchsorted(d_sorted, thresholds, side="left")  # count of distances < threshold
-    cum_same = np.concatenate([[0], np.cumsum(same_sorted)])
-    tp = cum_same[accepted]
-    fp = accepted - tp
-    n_same = int(issame.sum())
-    fn = n_same - tp
-    tn = (len(distances) - n_same) - fp
-    return tp, fp, tn, fn
-
-
-def kfold_accuracy(
-    distances: np.ndarray,
-    issame: np.ndarray,
-    n_folds: int = 10,
-    thresholds: np.ndarray = DISTANCE_THRESHOLDS,
-) -> KFoldResult:
-    """insightface's `calculate_roc`: per fold, the first threshold of the grid with the best training
-    accuracy, its accuracy on the test fold, and the ROC averaged over test folds."""
-    distances = np.asarray(distances, dtype=np.float64)
-    issame = np.asarray(issame, dtype=bool)
-    if distances.shape != issame.shape or distances.ndim != 1:
-        raise ValueError(f"distances {distances.shape} and issame {issame.shape} must be equal 1-d shapes")
-    if not np.all(np.isfinite(distances)):
-        raise ValueError("distances hold NaN or inf: the embeddings are not finite")
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    folds = kfold_splits(len(distances), n_folds)
-    accs, best, tprs, fprs = [], [], [], []
-    for test in folds:
-        train = np.ones(len(distances), dtype=bool)
-        train[test] = False
-        tp, _, tn, _ = _accept_counts(distances[train], issame[train], thresholds)
-        best_index = int(np.argmax(tp + tn))  # argmax takes the first: the smallest best threshold
-        tp, fp, tn, fn = _accept_counts(distances[test], issame[test], thresholds)
-        accs.append((tp[best_index] + tn[best_index]) / len(test))
-        best.append(thresholds[best_index])
-        tprs.append(np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0))
-        fprs.append(np.where(fp + tn > 0, fp / np.maximum(fp + tn, 1), 0.0))
-    return KFoldResult(np.asarray(accs), np.asarray(best), np.mean(tprs, axis=0), np.mean(fprs, axis=0))
 
 
 @dataclass
@@ -233,22 +128,6 @@ class AllPairsResult:
         return float(np.std(self.accuracies)) if len(self.accuracies) else float("nan")
 
 
-def _as_tensor(x, dtype, device) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=dtype)
-    arr = np.asarray(x)
-    if not arr.flags.writeable:  # a memmap slice: torch wants memory it may write
-        arr = arr.copy()
-    return torch.as_tensor(arr, dtype=dtype, device=device)
-
-
-def resolve_device(device=None) -> torch.device:
-    """None or "auto": the GPU when there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class _Tile:
     keys: torch.Tensor  # int32 [R, C] sortable keys of the scores
@@ -276,10 +155,10 @@ class _PairTiles:
                  tile: int, device: torch.device) -> None:
         self.device = device
         self.symmetric = gallery is None
-        p = _as_tensor(probe, torch.float32, device)
-        pl = _as_tensor(probe_labels, torch.int64, device)
-        g = p if self.symmetric else _as_tensor(gallery, torch.float32, device)
-        gl = pl if self.symmetric else _as_tensor(gallery_labels, torch.int64, device)
+        p = as_tensor(probe, torch.float32, device)
+        pl = as_tensor(probe_labels, torch.int64, device)
+        g = p if self.symmetric else as_tensor(gallery, torch.float32, device)
+        gl = pl if self.symmetric else as_tensor(gallery_labels, torch.int64, device)
         if p.ndim != 2 or g.ndim != 2 or p.shape[1] != g.shape[1]:
             raise ValueError(f"embeddings must be [N, D] with one D; got {tuple(p.shape)} and "
                              f"{tuple(g.shape)}")
@@ -287,10 +166,10 @@ class _PairTiles:
             raise ValueError("one label per embedding is needed")
         if not (torch.isfinite(p).all() and torch.isfinite(g).all()):
             raise ValueError("embeddings hold NaN or inf")
-        pg = None if probe_groups is None else _as_tensor(probe_groups, torch.int64, device)
+        pg = None if probe_groups is None else as_tensor(probe_groups, torch.int64, device)
         gg = pg
         if not self.symmetric:
-            gg = None if gallery_groups is None else _as_tensor(gallery_groups, torch.int64, device)
+            gg = None if gallery_groups is None else as_tensor(gallery_groups, torch.int64, device)
         if (pg is None) != (gg is None):
             raise ValueError("give groups for both probe and gallery, or for neither")
         po = torch.argsort(pl, stable=True)
@@ -472,150 +351,3 @@ def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.nda
         bin_ = int(used[t]) if t < len(used) else n_bins
         thresholds.append(_key_to_float((bin_ - n_bins // 2) << _LOW_BITS) if bin_ < n_bins else math.inf)
     return np.asarray(accs), np.asarray(thresholds)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Identification (rank-K, CMC)
-
-
-def _gallery_chunks(gallery, chunk: int) -> Iterator[tuple[int, np.ndarray | torch.Tensor]]:
-    for start in range(0, len(gallery), chunk):
-        yield start, gallery[start:start + chunk]
-
-
-def chunked_topk(
-    query,
-    gallery,
-    k: int,
-    *,
-    query_labels=None,
-    gallery_labels=None,
-    chunk: int = 65536,
-    query_chunk: int = 4096,
-    device=None,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k highest scores of each query against the gallery, and their gallery indices (-1 past the
-    gallery's end), best first. The gallery may be a numpy memmap of any length: it is read `chunk` rows
-    at a time. With labels, gallery entries that share the query's label are left out (so a set can
-    serve as its own distractors)."""
-    device = resolve_device(device)
-    q_all = _as_tensor(query, torch.float32, device)
-    ql_all = None if query_labels is None else _as_tensor(query_labels, torch.int64, device)
-    if (query_labels is None) != (gallery_labels is None):
-        raise ValueError("give labels for both query and gallery, or for neither")
-    best_s = torch.full((len(q_all), k), -math.inf, device=device)
-    best_i = torch.full((len(q_all), k), -1, dtype=torch.int64, device=device)
-    n_chunks = math.ceil(len(gallery) / chunk)
-    for start, g in tqdm(_gallery_chunks(gallery, chunk), total=n_chunks, desc="gallery", unit="chunk",
-                         disable=not progress, leave=False):
-        g = _as_tensor(g, torch.float32, device)
-        if not torch.isfinite(g).all():
-            raise ValueError(f"gallery rows {start}..{start + len(g) - 1} hold NaN or inf")
-        gl = None
-        if gallery_labels is not None:
-            gl = _as_tensor(gallery_labels[start:start + len(g)], torch.int64, device)
-        idx = torch.arange(start, start + len(g), device=device)
-        for a in range(0, len(q_all), query_chunk):
-            b = min(a + query_chunk, len(q_all))
-            scores = q_all[a:b] @ g.T
-            if gl is not None:
-                scores.masked_fill_(ql_all[a:b, None] == gl[None, :], -math.inf)
-            # The chunk's own top k first, then a merge with the best so far: no [Q, k + chunk] copies.
-            chunk_s, chunk_pos = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-            s = torch.cat([best_s[a:b], chunk_s], dim=1)
-            i = torch.cat([best_i[a:b], idx[chunk_pos]], dim=1)
-            top_s, pos = torch.topk(s, k, dim=1)
-            top_i = torch.gather(i, 1, pos)
-            best_s[a:b] = top_s
-            best_i[a:b] = torch.where(torch.isinf(top_s), -1, top_i)
-    return best_s, best_i
-
-
-@dataclass
-class CMCResult:
-    rates: np.ndarray  # rates[r - 1] = share of genuine (probe, mate) pairs found within rank r
-    n_pairs: int
-    n_distractors: int
-
-    def rank(self, r: int) -> float:
-        return float(self.rates[r - 1])
-
-
-def mate_pairs(probe_labels: np.ndarray, mate_labels: np.ndarray, probe_groups: Optional[np.ndarray] = None,
-               mate_groups: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Every (probe index, mate index) with the same label and not the same group (a photo is never its
-    own mate)."""
-    probe_labels = np.asarray(probe_labels)
-    mate_labels = np.asarray(mate_labels)
-    order = np.argsort(mate_labels, kind="stable")
-    sorted_labels = mate_labels[order]
-    lo = np.searchsorted(sorted_labels, probe_labels, side="left")
-    hi = np.searchsorted(sorted_labels, probe_labels, side="right")
-    counts = hi - lo
-    p = np.repeat(np.arange(len(probe_labels)), counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    m = order[np.repeat(lo, counts) + offsets]
-    if probe_groups is not None:
-        pg, mg = np.asarray(probe_groups)[p], np.asarray(mate_groups)[m]
-        keep = ~((pg == mg) & (pg >= 0))
-        p, m = p[keep], m[keep]
-    return p, m
-
-
-def cmc_from_topk(genuine_scores: np.ndarray, probe_index: np.ndarray, top_scores: np.ndarray) -> np.ndarray:
-    """CMC rates 1..k: a pair is found at rank r when its genuine score is at least the probe's r-th best
-    distractor score (ties go to the genuine, as FaceX-Zoo's MegaFace evaluator)."""
-    k = top_scores.shape[1]
-    if len(genuine_scores) == 0:
-        return np.full(k, np.nan)
-    tops = top_scores[probe_index]  # [pairs, k], descending
-    beaten_by = np.sum(tops > genuine_scores[:, None], axis=1)  # distractors strictly above
-    rank = beaten_by + 1  # rank k+1 means "beyond k"
-    return np.array([np.mean(rank <= r) for r in range(1, k + 1)])
-
-
-def megaface_cmc(
-    probe,
-    probe_labels,
-    distractors,
-    *,
-    mates=None,
-    mate_labels=None,
-    probe_groups=None,
-    mate_groups=None,
-    max_rank: int = 10,
-    distractor_labels=None,
-    chunk: int = 65536,
-    device=None,
-    progress: bool = True,
-) -> CMCResult:
-    """MegaFace identification: for every probe p and every mate g of p's identity, the gallery is g plus
-    all distractors, and p is identified within rank r when fewer than r distractors score above s(p, g).
-
-    Without `mates` the probe set is its own mate set and a probe is never its own mate (FaceX-Zoo's
-    common protocol). The masked protocol gives masked probes, the unmasked images as mates, and
-    groups (source photo ids) so that a masked copy is not matched to its own source photo.
-    `distractor_labels` (with a probe-set label space) leave a probe's own identity out of its
-    distractors, for a set that serves as its own distractors.
-    """
-    device = resolve_device(device)
-    probe_t = _as_tensor(probe, torch.float32, device)
-    pl = np.asarray(probe_labels, dtype=np.int64)
-    same_set = mates is None
-    mates_t = probe_t if same_set else _as_tensor(mates, torch.float32, device)
-    ml = pl if same_set else np.asarray(mate_labels, dtype=np.int64)
-    if same_set:
-        probe_groups = mate_groups = np.arange(len(pl))
-    p_idx, m_idx = mate_pairs(pl, ml, probe_groups, mate_groups)
-    genuine = torch.empty(len(p_idx), dtype=torch.float32, device=device)
-    step = 1 << 20
-    for a in range(0, len(p_idx), step):
-        pi = torch.as_tensor(p_idx[a:a + step], device=device)
-        mi = torch.as_tensor(m_idx[a:a + step], device=device)
-        genuine[a:a + step] = (probe_t[pi] * mates_t[mi]).sum(1)
-    top_scores, _ = chunked_topk(probe_t, distractors, max_rank, chunk=chunk, device=device,
-                                 progress=progress, query_labels=None if distractor_labels is None else pl,
-                                 gallery_labels=distractor_labels)
-    rates = cmc_from_topk(genuine.cpu().numpy(), p_idx, top_scores.cpu().numpy())
-    return CMCResult(rates, len(p_idx), len(distractors))
