@@ -12,8 +12,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from tests.conftest import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-GLINT24 = REPO.parent / "shared" / "data" / "glint24"
+GLINT24 = SHARED_DATA / "glint24"
 PYTHON = sys.executable
 
 
