@@ -151,3 +151,23 @@ def test_trainer_runs_under_torch_distributed_run_as_module_and_as_facetrain_tra
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{name}:\n{proc.stderr[-4000:]}"
         assert (out / "model.pt").is_file(), name
+
+
+@pytest.mark.parametrize("command,defaults", [
+    ("build", [("--ratio", "0.05"), ("--seed", "0"), ("--mode", "mixed"), ("--crops", "aligned"),
+               ("--shard-size", "1024.0"), ("--workers", None), ("--nose-covered", None), ("--types", None)]),
+    ("preview", [("-n", "64"), ("--cols", "4"), ("--mode", "mixed")]),
+    ("folder", [("--seed", "0"), ("--workers", None), ("--mode", "mixed")]),
+])
+def test_maskgen_help_shows_its_defaults(command, defaults, capsys):
+    from maskgen import __main__ as maskgen_cli
+
+    with pytest.raises(SystemExit) as stop:
+        maskgen_cli.main([command, "--help"])
+    assert stop.value.code == 0
+    entries = _option_entries(capsys.readouterr().out)
+    for option, default in defaults:
+        shown = re.search(r"\(default: ([^)]*)\)", entries[option])
+        assert shown, f"maskgen {command} {option}: no default in --help: {entries[option]}"
+        if default is not None:
+            assert shown.group(1).startswith(default), (option, shown.group(1))
