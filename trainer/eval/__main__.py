@@ -127,6 +127,23 @@ def _evaluate_pairs(model: torch.nn.Module, target: VerificationSet, args: argpa
     return out, Curves({target.name: res.roc()}, {})
 
 
+def _evaluate_packed(model: torch.nn.Module, ckpt: str, args: argparse.Namespace,
+                     device: torch.device) -> tuple[dict, Curves]:
+    progress = not args.no_progress
+    distractors = None
+    if args.distractors:
+        distractors = load_distractors(args.distractors, model, ckpt, device, args.batch_size,
+                                       not args.no_flip, args.align, args.workers, progress)
+    emb, info = embed_packed(model, args.data, device, args.batch_size, not args.no_flip,
+                             args.holdout, args.workers, progress)
+    subsets, curves = evaluate_packed(emb, info, args.masked_probe, args.fars, args.tile, device,
+                                      args.cmc, args.max_rank, distractors, progress)
+    primary = "masked" if args.masked_probe else "unmasked"
+    name = args.name or Path(args.data).resolve().name
+    return {"target": name, "data": args.data, "protocol": primary, "images": int(len(emb)),
+            "skipped_records": info.skipped, **subsets[primary], "subsets": subsets}, curves
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     if args.data is None and (args.cmc or args.holdout):
         raise EvalError("--cmc and --holdout need --data DATA (a packed labelled set)")
@@ -154,22 +171,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     for ckpt in args.checkpoint:
         model = load_backbone(ckpt, device, network=args.network)
         head = {"checkpoint": ckpt, "network": model.network, "flip": not args.no_flip}
+        # One function per protocol, each returning (the result's own keys, its curves).
         if target is not None:
             summary, curves = _evaluate_pairs(model, target, args, device)
-            result = {**head, **summary}
         else:
-            distractors = None
-            if args.distractors:
-                distractors = load_distractors(args.distractors, model, ckpt, device, args.batch_size,
-                                               not args.no_flip, args.align, args.workers, progress)
-            emb, info = embed_packed(model, args.data, device, args.batch_size, not args.no_flip,
-                                     args.holdout, args.workers, progress)
-            subsets, curves = evaluate_packed(emb, info, args.masked_probe, args.fars, args.tile, device,
-                                              args.cmc, args.max_rank, distractors, progress)
-            primary = "masked" if args.masked_probe else "unmasked"
-            name = args.name or Path(args.data).resolve().name
-            result = {**head, "target": name, "data": args.data, "protocol": primary, "images": int(len(emb)),
-                      "skipped_records": info.skipped, **subsets[primary], "subsets": subsets}
+            summary, curves = _evaluate_packed(model, ckpt, args, device)
+        result = {**head, **summary}
         for name, c in curves.roc.items():
             roc_curves[f"{Path(ckpt).parent.name}/{Path(ckpt).name} {name}" if many else name] = c
         for name, c in curves.cmc.items():
