@@ -203,3 +203,12 @@ def test_embed_fails_when_every_image_is_skipped(work, capsys, tmp_path):
     err = capsys.readouterr().err
     assert "none of its 3 images could be used" in err and err.strip().count("\n") == 0
     assert not npz.exists()
+
+
+def test_headline_line_names_far_balanced_accuracy_counts_and_the_majority_baseline():
+    r = {"target": "lfw", "tar_at_far": {"1e-3": 0.5}, "genuine": 240, "impostor": 6900, "balanced_acc": 0.7,
+         "acc": 0.969, "majority_acc": 6900 / 7140}
+    assert eval_cli.headline(r, 1e-3) == ("lfw: TAR@FAR=1e-3 50.00%, balanced acc 70.00% on 240 genuine / 6900 "
+                                          "impostor pairs (acc 96.90%; always the commoner answer: 96.64%)")
+    none = {**r, "genuine": 0, "tar_at_far": {"1e-3": None}, "balanced_acc": None}
+    assert "TAR@FAR=1e-3 n/a, balanced acc n/a on 0 genuine" in eval_cli.headline(none, 1e-3)

@@ -109,8 +109,9 @@ def headline(result: dict, far: float) -> str:
 
     key = far_key(far)
     tar = result["tar_at_far"].get(key)
-    tar_text = pct(tar) if tar is not None or not result["impostor"] else \
-        f"n/a (needs {int(round(1 / far))} impostor pairs)"
+    tar_text = pct(tar)
+    if tar is None and result["genuine"] and result["impostor"]:
+        tar_text = f"n/a (needs {int(round(1 / far))} impostor pairs)"
     return (f"{result.get('target', '')}: TAR@FAR={key} {tar_text}, balanced acc {pct(result['balanced_acc'])} "
             f"on {result['genuine']} genuine / {result['impostor']} impostor pairs "
             f"(acc {pct(result['acc'])}; always the commoner answer: {pct(result['majority_acc'])})")
