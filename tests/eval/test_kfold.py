@@ -6,7 +6,6 @@ import pytest
 
 from trainer.eval import kfold as K
 
-
 # --------------------------------------------------------------------------- insightface k-fold accuracy
 
 def test_kfold_splits_are_sklearn_kfold_without_shuffle():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.eval import common, tar_far as T
-
+from trainer.eval import common
+from trainer.eval import tar_far as T
 
 # ----------------------------------------------------------------------------------------- TAR at FAR
 

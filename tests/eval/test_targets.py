@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tests._eval_helpers import encode, face_images, read_rgb, write_bin
-from trainer.eval import images, targets as V
-
+from trainer.eval import images
+from trainer.eval import targets as V
 
 # ---------------------------------------------------------------------------------------------- loading
 
