@@ -206,7 +206,7 @@ def check_dali(data: Path, device: torch.device, sizes: Sizes) -> list[Row]:
 
 def _dali_row(data: Path, device: torch.device, sizes: Sizes, load: Optional[float], settings: str) -> Row:
     from pipeline.dali_reader import DaliTrainLoader
-    from trainer.main import micro_batches
+    from trainer.step import micro_batches
 
     kwargs = {"hw_decoder_load": load} if load is not None else {}
     # drop_last=False: every real image of an epoch counts, and the last batch's padding does not.
@@ -236,7 +236,9 @@ def check_partial_fc(device: torch.device, sizes: Sizes, cfg) -> list[Row]:
 
 
 def _partial_fc_row(device: torch.device, sizes: Sizes, cfg, rate: float, settings: str) -> Row:
-    from trainer.main import AMP_DTYPES, build_margin_loss, build_optimizer
+    from trainer.heads import build_margin_loss
+    from trainer.optim import build_optimizer
+    from trainer.step import AMP_DTYPES
     from trainer.partial_fc import PartialFC
 
     classes, batch, dim = sizes.pfc_classes, sizes.pfc_batch, cfg.embedding_size
@@ -273,11 +275,12 @@ def _partial_fc_row(device: torch.device, sizes: Sizes, cfg, rate: float, settin
 
 class TrainingBench:
     """The trainer's model, classifier and optimizers, built by its own functions from `cfg`, and a timer
-    for `trainer.main.train_step` fed from any source of batches."""
+    for `trainer.step.train_step` fed from any source of batches."""
 
     def __init__(self, cfg, classes: int, device: torch.device, sizes: Sizes) -> None:
         from trainer.backbones import build_backbone
-        from trainer.main import build_margin_loss, build_optimizer
+        from trainer.heads import build_margin_loss
+        from trainer.optim import build_optimizer
         from trainer.partial_fc import PartialFC
 
         self.cfg, self.classes, self.device, self.sizes = cfg, classes, device, sizes
@@ -297,7 +300,7 @@ class TrainingBench:
     def step_time(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], warmup: int,
                   desc: str) -> float:
         """Seconds per training step on batches drawn from `batches`."""
-        from trainer.main import AMP_DTYPES, train_step
+        from trainer.step import AMP_DTYPES, train_step
 
         def step() -> int:
             images, labels = next(batches)
@@ -352,7 +355,8 @@ def check_training(data: Path, device: torch.device, sizes: Sizes, cfg, want: Se
 
 
 def _busy_row(bench: TrainingBench, data: Path, t_synthetic: float, settings: str) -> Row:
-    from trainer.main import build_loader, micro_batches
+    from trainer.main import build_loader
+    from trainer.step import micro_batches
 
     cfg, device = bench.cfg, bench.device
     loader = build_loader(cfg, device, 0, 1)  # what trainer.main.train builds for rank 0 of 1

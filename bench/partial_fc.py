@@ -4,7 +4,7 @@ One step = forward (all-gather, cosine logits, ArcFace margin, softmax CE) + bac
 (momentum 0.9, weight decay 5e-4) of the FC layer alone, on random embeddings. Modes:
 
     full       one replicated [C, D] classifier per rank (data parallel: its gradient all-reduced)
-    pfc<r>     trainer.partial_fc.PartialFC with sample_rate r (r < 1: RowSparseSGD on the sampled rows)
+    pfc<r>     trainer.partial_fc.PartialFC with sample_rate r (r < 1: trainer.optim.RowSparseSGD on the sampled rows)
     if<r>      insightface's PartialFC_V2 with sample_rate r, imported from --insightface DIR (the
                column is skipped when DIR is not given); never copied into this repository
 
@@ -39,7 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from trainer.losses import ArcFace  # noqa: E402
-from trainer.partial_fc import PartialFC, RowSparseSGD  # noqa: E402
+from trainer.optim import RowSparseSGD  # noqa: E402
+from trainer.partial_fc import PartialFC  # noqa: E402
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 

@@ -5,7 +5,7 @@
     python bench/train.py --network r50 --batch-size 512 --amp bf16           # one GPU
     torchrun --nproc_per_node=8 bench/train.py --network r50 --batch-size 512 --amp bf16
 
-Each step is trainer.main.train_step, the trainer's own step (DDP on the backbone when several ranks,
+Each step is trainer.step.train_step, the trainer's own step (DDP on the backbone when several ranks,
 gradient clipping, the non-finite check). Input is random images and labels made on the device once, so
 the figure is the model's and not the reader's. Prints one JSON line: samples/s per rank and in all,
 seconds per step, peak memory.
@@ -29,7 +29,9 @@ from tqdm import tqdm
 from trainer.config import Config
 from trainer.distributed import barrier, get_rank, get_world_size
 from trainer.losses import build_margin_loss
-from trainer.main import AMP_DTYPES, build_optimizer, init_distributed, train_step, wrap_ddp
+from trainer.distributed import init_distributed, wrap_ddp
+from trainer.optim import build_optimizer
+from trainer.step import AMP_DTYPES, train_step
 from trainer.partial_fc import PartialFC
 
 

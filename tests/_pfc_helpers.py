@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from trainer.distributed import shard_range
 from trainer.losses import ArcFace, CombinedMarginLoss, CosFace
-from trainer.partial_fc import PartialFC, RowSparseSGD
+from trainer.optim import RowSparseSGD
+from trainer.partial_fc import PartialFC
 
 
 class NormHead(torch.nn.Module):

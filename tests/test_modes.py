@@ -17,7 +17,8 @@ from trainer.modes.aaface import (AAFaceNet, AAFaceObjective, AAFaceSchedule, AA
                                   aaface, attribute_targets, balanced_pos_weight)
 from trainer.modes.lvface import EPLHead, LVFaceCurriculum, LVFacePartialFC, build_lvface_partial_fc
 from trainer.modes.sst import IdentityPairLoader, PrototypeQueue, SemiSiameseTraining
-from trainer.partial_fc import PartialFC, RowSparseSGD
+from trainer.optim import RowSparseSGD
+from trainer.partial_fc import PartialFC
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

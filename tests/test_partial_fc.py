@@ -25,14 +25,9 @@ from tests._pfc_helpers import (
 )
 from trainer.distributed import shard_range
 from trainer.losses import ArcFace, CosFace
-from trainer.partial_fc import (
-    DistSoftmaxCrossEntropy,
-    PartialFC,
-    RowSparseAdamW,
-    RowSparseSGD,
-    assemble_full_state,
-    slice_rows,
-)
+from trainer.optim import RowSparseAdamW, RowSparseSGD
+from trainer.partial_fc import DistSoftmaxCrossEntropy, PartialFC
+from trainer.shard_state import assemble_full_state, slice_rows
 
 F64 = torch.float64
 # 10 classes on 3 ranks: shards of 4, 3, 3; 7 samples: batches of 3, 2, 2.

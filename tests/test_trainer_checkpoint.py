@@ -11,7 +11,8 @@ from tests._trainer_helpers import FakeLoader, TinyNet
 from trainer import checkpoint as ckpt
 from trainer.config import Config
 from trainer.losses import CombinedMarginLoss
-from trainer.main import build_optimizer, train_step
+from trainer.optim import build_optimizer
+from trainer.step import train_step
 from trainer.model_io import load_backbone
 from trainer.partial_fc import PartialFC
 

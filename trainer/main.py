@@ -20,32 +20,28 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import contextlib
-import inspect
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.manifest import ManifestError
 from trainer import checkpoint as ckpt
+from trainer.backbones import build_backbone
 from trainer.config import Config, ConfigError, load_config
-from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size
+from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size, init_distributed, wrap_ddp
 from trainer.ema import ModelEMA
 from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
 from trainer.modes import build_mode
-from trainer.modes.standard import build_margin_loss, partial_fc_loss  # noqa: F401 (bench imports it here)
+from trainer.optim import build_optimizer
+from trainer.partial_fc import PartialFC
 from trainer.schedule import LRSchedule
-
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from trainer.step import AMP_DTYPES, micro_batches, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,36 +62,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def init_distributed() -> tuple[torch.device, int]:
-    """Join torchrun's process group when launched by it; returns (device, local_rank)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        backend, timeout = ("nccl" if use_cuda else "gloo"), timedelta(minutes=30)
-        env = os.environ
-        restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarted:
-            # torchrun's agent keeps one TCPStore across worker restarts, so a restarted worker would
-            # read the dead workers' addresses left in it and never connect. Scope this attempt's keys by
-            # the restart count, which a single agent (one node) reports alike to all its workers.
-            # Several nodes: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead.
-            if int(env.get("GROUP_WORLD_SIZE", 1)) > 1:
-                raise RuntimeError("a worker restart across several torchrun agents needs "
-                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment")
-            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
-                                  timeout=timeout)
-            store = dist.PrefixStore(f"facetrain/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
-            dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=world_size,
-                                    timeout=timeout)
-        else:
-            dist.init_process_group(backend, init_method="env://", timeout=timeout)
-    return device, local_rank
-
-
 def seed_everything(seed: int, rank: int) -> None:
     # Every rank differs (dropout, sampling) but a run is reproducible; DDP broadcasts rank 0's init.
     random.seed(seed + rank)
@@ -121,22 +87,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("no training data: pass --data DATA (a folder made by `python -m pipeline pack`)")
 
 
-def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], row_sparse: bool = False
-                    ) -> torch.optim.Optimizer:
-    """SGD or AdamW. `row_sparse` (the classifier): rows Partial FC did not sample are left untouched,
-    their momentum / Adam moments included (trainer.partial_fc explains why torch's own would not)."""
-    from trainer.partial_fc import RowSparseAdamW, RowSparseSGD
-
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        cls = RowSparseSGD if row_sparse else torch.optim.SGD
-        return cls(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        cls = RowSparseAdamW if row_sparse else torch.optim.AdamW
-        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
-
-
 def resolve_val_targets(cfg: Config) -> dict[str, str]:
     """Target name -> path; a bare name is also looked up in the data folder, ".bin" added (insightface)."""
     targets = {}
@@ -153,122 +103,6 @@ def resolve_val_targets(cfg: Config) -> dict[str, str]:
     return targets
 
 
-def wrap_ddp(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around the backbone when there are several ranks (else the backbone itself).
-
-    DDP broadcasts rank 0's weights (a resumed backbone is the same on every rank anyway). BatchNorm
-    statistics stay per rank, as in insightface (model.pt keeps rank 0's).
-    """
-    if get_world_size() == 1:
-        return backbone
-    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-        inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
-    return DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, **no_buffer_sync)
-
-
-def micro_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's batches across epoch boundaries (a gradient-accumulation step may straddle one)."""
-    while True:
-        yield from loader
-
-
-# ------------------------------------------------------------------------------------------ one step
-@dataclass
-class StepResult:
-    loss: float  # mean loss over the micro steps (NaN/inf when non-finite)
-    skipped: bool  # the optimizer did not step (non-finite loss or gradient on some rank)
-    loss_finite: bool
-    grad_norm: float  # L2 norm of the backbone's gradient before clipping
-    parts: dict = field(default_factory=dict)  # the objective's logged parts, mean over the micro steps
-
-
-def train_step(
-    backbone: torch.nn.Module,
-    partial_fc: torch.nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    optimizers: Sequence[torch.optim.Optimizer],
-    scaler: Optional[torch.amp.GradScaler],
-    amp_dtype: Optional[torch.dtype],
-    clip_grad_norm: float,
-    objective: Callable = partial_fc_loss,
-) -> StepResult:
-    """One optimizer step over `len(batches)` micro batches, their gradients averaged.
-
-    `objective(backbone, partial_fc, batch) -> (loss, parts)` is a training mode's loss of one micro
-    batch (trainer.modes); `partial_fc` is the mode's head (a Partial FC, or the mode's own module).
-
-    Inner micro steps run under DDP's no_sync, so the backbone's gradients are all-reduced once. The step
-    is skipped on every rank when any rank saw a non-finite loss or gradient (a flag is all-reduced), so
-    the ranks never diverge.
-    """
-    device = batches[0][0].device
-    n = len(batches)
-    # A skipped step must leave no trace, but the forward pass already fed its (maybe NaN) batch into
-    # BatchNorm's running statistics and any head statistics: keep a copy to put back.
-    buffers = [b for m in (backbone, partial_fc) for b in m.buffers()]
-    saved_buffers = [b.detach().clone() for b in buffers]
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    parts_sum: dict = {}
-    for i, batch in enumerate(batches):
-        last = i == n - 1
-        sync = contextlib.nullcontext() if last or not isinstance(backbone, DistributedDataParallel) \
-            else backbone.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, parts = objective(backbone, partial_fc, batch)
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + value / n
-            # Dividing by n makes the accumulated gradient the mean over the n micro batches.
-            scaled = loss / n
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += loss.detach().float()
-    loss_mean = loss_sum / n
-
-    if scaler is not None:
-        for opt in optimizers:
-            scaler.unscale_(opt)
-    backbone_params = [p for p in backbone.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        backbone_params, clip_grad_norm if clip_grad_norm > 0 else float("inf"), foreach=True)
-    # With sample_rate < 1 the classifier's gradient is sparse (the sampled rows only).
-    fc_grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
-                for p in partial_fc.parameters() if p.grad is not None]
-    fc_finite = torch.stack([torch.isfinite(g).all() for g in fc_grads]).all() if fc_grads \
-        else torch.ones((), dtype=torch.bool, device=device)
-    flags = torch.stack([
-        (~torch.isfinite(loss_mean)).to(torch.float32),
-        (~(torch.isfinite(grad_norm).to(device) & fc_finite)).to(torch.float32),
-    ])
-    all_reduce_(flags, "max")
-    # One host sync per step for everything the host needs.
-    bad_loss, bad_grad, loss_value, norm_value = torch.stack(
-        [flags[0], flags[1], loss_mean, grad_norm.to(device).float()]).tolist()
-    loss_finite = bad_loss == 0
-    skipped = bad_loss > 0 or bad_grad > 0
-
-    if skipped:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for buf, saved in zip(buffers, saved_buffers):
-                buf.copy_(saved)
-        if scaler is not None:
-            # GradScaler.step would decide per rank; decide here for all ranks and back the scale off.
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-    else:
-        for opt in optimizers:
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()
-    return StepResult(loss_value, skipped, loss_finite, norm_value, parts_sum)
-
-
-# ------------------------------------------------------------------------------------------ the run
 def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
     """The mode's reader: (images, labels) batches, with the label vectors for AAFace's attributes;
     (images1, images2, identities) pairs for SST."""
@@ -333,9 +167,6 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                           f"{world_size} ranks: lower batch_size")
     mode.bind_data(loader)
     num_classes = loader.num_classes
-    from trainer.backbones import build_backbone
-    from trainer.partial_fc import PartialFC
-
     network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs,
                           **mode.network_kwargs())
     backbone = build_backbone(cfg.network, **network_kwargs).to(device)

@@ -49,11 +49,6 @@ config.augment = None  # passed to pipeline.loader.build_train_loader (None: the
 config.batch_size = 128  # per rank, per micro step
 # micro steps per optimizer step: the global batch is batch_size * gradient_acc * world size
 config.gradient_acc = 1
-# Batch mixing (trainer/mixing.py, standard mode, sample_rate 1.0): "" off, "cutmix" or "mixup"; a batch is
-# mixed with probability mix_p, its share lam ~ Beta(mix_alpha, mix_alpha)
-config.mix = ""
-config.mix_p = 0.5
-config.mix_alpha = 1.0
 
 # Optimizer: "sgd" or "adamw". One learning rate for backbone and FC, as insightface.
 config.optimizer = "sgd"
