@@ -4,7 +4,7 @@ One step = forward (all-gather, cosine logits, ArcFace margin, softmax CE) + bac
 (momentum 0.9, weight decay 5e-4) of the FC layer alone, on random embeddings. Modes:
 
     full       one replicated [C, D] classifier per rank (data parallel: its gradient all-reduced)
-    pfc<r>     trainer.partial_fc.PartialFC with sample_rate r (r < 1: trainer.optim.RowSparseSGD on the sampled rows)
+    pfc<r>     trainer.partial_fc.PartialFC with sample_rate r (r < 1: RowSparseSGD on the sampled rows)
     if<r>      insightface's PartialFC_V2 with sample_rate r, imported from --insightface DIR (the
                column is skipped when DIR is not given); never copied into this repository
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from trainer.config import Config
 from trainer.distributed import barrier, get_rank, get_world_size
-from trainer.losses import build_margin_loss
+from trainer.losses import ArcFace
 from trainer.distributed import init_distributed, wrap_ddp
 from trainer.optim import build_optimizer
 from trainer.step import AMP_DTYPES, train_step
@@ -74,7 +74,7 @@ def main() -> int:
     model = wrap_ddp(backbone, device)
     if args.compile:
         model = torch.compile(model)
-    pfc = PartialFC(build_margin_loss((1.0, 0.5, 0.0)), args.embedding_size, args.num_classes,
+    pfc = PartialFC(ArcFace(), args.embedding_size, args.num_classes,
                     sample_rate=args.sample_rate, embedding_grad_scale=float(world)).to(device)
     optimizers = [build_optimizer(cfg, backbone.parameters()),
                   build_optimizer(cfg, pfc.parameters(), row_sparse=True)]

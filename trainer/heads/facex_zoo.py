@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from trainer import distributed
 from trainer.heads.registry import Head, register_head
-from trainer.losses import at_least_fp32, positive_index, prepare_logits, replace_target
+from trainer.losses import ArcFace, at_least_fp32, positive_index, prepare_logits, replace_target
 
 
 def _global_target_cosine(cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
