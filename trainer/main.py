@@ -79,10 +79,6 @@ def check_config(cfg: Config) -> None:
     for key in ("batch_size", "gradient_acc", "max_nan_steps", "frequent", "embedding_size"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    if not 0.0 < cfg.sample_rate <= 1.0:
-        raise ConfigError(f"sample_rate must be in (0, 1], got {cfg.sample_rate}")
-    if len(cfg.margin_list) != 3:
-        raise ConfigError(f"margin_list is (m1, m2, m3), got {cfg.margin_list!r}")
     if not cfg.data:
         raise ConfigError("no training data: pass --data DATA (a folder made by `python -m pipeline pack`)")
 

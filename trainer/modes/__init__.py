@@ -12,12 +12,14 @@
   `momentum_update(backbone)` follows each optimizer step.
 
 The trainer runs each through the interface of `trainer.modes.standard` (`config.mode` picks one; its
-keys are in trainer/configs/base.py): `StandardMode` is the plain recipe, `LVFaceMode`, `AAFaceMode` and
+module's `CONFIG` declares its config keys and defaults): `StandardMode` is the plain recipe, `LVFaceMode`, `AAFaceMode` and
 `SSTMode` are the papers' glue.
 """
 from __future__ import annotations
 
+import copy
 import importlib
+from typing import Optional
 
 # mode name -> (module, class); imported on demand
 MODES = {"standard": ("trainer.modes.standard", "StandardMode"),
@@ -26,11 +28,24 @@ MODES = {"standard": ("trainer.modes.standard", "StandardMode"),
          "sst": ("trainer.modes.sst", "SSTMode")}
 
 
-def build_mode(cfg):
-    """The mode `cfg.mode` names, its config keys checked (a ConfigError says what is wrong)."""
+def _module(mode: str):
     from trainer.config import ConfigError
 
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    module, name = MODES[cfg.mode]
-    return getattr(importlib.import_module(module), name)(cfg)
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return importlib.import_module(MODES[mode][0])
+
+
+def mode_config(mode: str) -> dict:
+    """The config keys and defaults that `mode` adds to the base config (its module's CONFIG)."""
+    return copy.deepcopy(_module(mode).CONFIG)
+
+
+def mode_of_key(key: str) -> Optional[str]:
+    """The first mode that declares config key `key`, or None."""
+    return next((mode for mode in MODES if key in _module(mode).CONFIG), None)
+
+
+def build_mode(cfg):
+    """The mode `cfg.mode` names, its config keys checked (a ConfigError says what is wrong)."""
+    return getattr(_module(cfg.mode), MODES[cfg.mode][1])(cfg)

@@ -36,7 +36,20 @@ import torch.nn.functional as F
 from trainer import distributed
 from trainer.backbones.aaface import AAFaceNet
 from trainer.config import Config, ConfigError
+from trainer.modes import standard
 from trainer.modes.standard import StandardMode
+
+# The mode's config keys and defaults: the margin head's (L_FR) and the attributes'. Attributes are binary,
+# by name from the manifest's label_fields ("masked" from maskgen, or packed with `pipeline pack
+# --attributes`); the loss is aaface_lambda_fr * L_FR + sum_i aaface_lambdas[i] * BCE_i.
+CONFIG = {
+    **standard.CONFIG,
+    "aaface_attributes": [],
+    "aaface_lambdas": [],  # one per attribute; [] = 1.0 each
+    "aaface_lambda_fr": 1.0,
+    "aaface_pos_weight": [],  # BCE positive weight per attribute (#neg / #pos balances it); [] = 1.0 each
+    "aaface_stage_epochs": (10.0, 5.0, 5.0),  # (FR branch alone, SB branch alone, joint); sum = num_epoch
+}
 
 # ----------------------------------------------------------------------------------------- attributes
 
@@ -220,5 +233,5 @@ class AAFaceMode(StandardMode):
         return {"stage": self.stage}
 
 
-__all__ = ["AAFaceMode", "attribute_targets", "balanced_pos_weight", "AttributeLoss", "AAFaceSchedule",
+__all__ = ["CONFIG", "AAFaceMode", "attribute_targets", "balanced_pos_weight", "AttributeLoss", "AAFaceSchedule",
            "AAFaceObjective"]

@@ -18,9 +18,21 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.heads import build_margin_loss
 from trainer.step import partial_fc_loss
+
+# The mode's config keys and defaults (trainer/config.py adds them when this mode is selected).
+CONFIG = {
+    # The margin head (trainer/heads registry): "combined" is insightface's margin_list = (m1, m2, m3):
+    # (1.0, 0.5, 0.0) is ArcFace, (1.0, 0.0, 0.4) CosFace, with scale s.
+    "loss": "combined",
+    "margin_list": (1.0, 0.5, 0.0),
+    "scale": 64.0,
+    "interclass_filtering_threshold": 0.0,
+    "loss_kwargs": {},  # extra arguments for the head (a head other than "combined" takes only these)
+    "sample_rate": 1.0,  # Partial FC's share of negative classes sampled per step (1.0: all)
+}
 
 
 class StandardMode:
@@ -30,6 +42,10 @@ class StandardMode:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        if not 0.0 < cfg.sample_rate <= 1.0:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {cfg.sample_rate}")
+        if len(cfg.margin_list) != 3:
+            raise ConfigError(f"margin_list is (m1, m2, m3), got {cfg.margin_list!r}")
 
     def bind_data(self, loader) -> None:
         """Checks what the mode needs of the data (the loader is built)."""
@@ -64,4 +80,4 @@ class StandardMode:
         return {}
 
 
-__all__ = ["StandardMode"]
+__all__ = ["CONFIG", "StandardMode"]
