@@ -176,6 +176,7 @@ def load_check_config(args: argparse.Namespace, sizes: Sizes, data: Path):
     """The trainer's config for the training checks: `--config`, then the sizes, then `--set`."""
     from trainer.config import load_config
     from trainer.main import check_config
+    from trainer.modes import build_mode
 
     overrides = [f"network={sizes.network}", f"batch_size={sizes.batch}", f"amp={sizes.amp}",
                  f"loader_backend={args.reader}", f"num_threads={sizes.reader_threads}", "gradient_acc=1",
@@ -183,6 +184,7 @@ def load_check_config(args: argparse.Namespace, sizes: Sizes, data: Path):
     cfg = load_config(args.config, overrides)
     cfg.data = str(data)
     check_config(cfg)
+    build_mode(cfg)  # the mode's own keys (sample_rate, margin_list, ...) checked
     return cfg
 
 

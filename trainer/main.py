@@ -9,6 +9,9 @@ The backbone is data-parallel (DDP: every rank holds all of it); the classifier 
 FC: every rank holds a contiguous block of classes and is never wrapped in DDP). NCCL on GPUs, gloo on CPUs,
 env:// rendezvous from torchrun. A run resumes from OUTPUT's last checkpoint by itself (so a worker killed
 under `torchrun --max-restarts=K` continues where the checkpoint left off), on any number of ranks.
+
+`train()` reads top to bottom: distributed + config checks, data, model + head + optimizers, resume, the
+loop (trainer/step.py's `train_step` per optimizer step), the last checkpoint and model.pt.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from trainer.modes import build_mode
 from trainer.optim import build_optimizer
 from trainer.partial_fc import PartialFC
 from trainer.schedule import LRSchedule
-from trainer.step import AMP_DTYPES, micro_batches, train_step
+from trainer.step import AMP_DTYPES, StepResult, micro_batches, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,8 +136,50 @@ def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, de
         torch.set_num_threads(threads)
 
 
+def find_resume(resume: Optional[str], cfg: Config, output: Path) -> Optional[Path]:
+    """The checkpoint to resume from: --resume, else (auto_resume) this run's own last one, else None."""
+    if resume:
+        found = ckpt.find_checkpoint(resume)
+        if found is None:
+            raise ckpt.CheckpointError(f"--resume {resume}: no complete checkpoint there")
+        return found
+    return ckpt.find_checkpoint(output) if cfg.auto_resume else None
+
+
+def build_schedule(cfg: Config, steps_per_epoch: float) -> tuple[LRSchedule, int]:
+    """The learning-rate schedule over num_epoch, and the optimizer steps this run takes.
+
+    The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed with
+    a larger max_steps follows the same schedule as one that never stopped)."""
+    schedule_steps = max(1, math.ceil(cfg.num_epoch * steps_per_epoch))
+    warmup_steps = min(schedule_steps, round(cfg.warmup_epoch * steps_per_epoch))
+    schedule = LRSchedule(cfg.lr, schedule_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
+    return schedule, cfg.max_steps if cfg.max_steps > 0 else schedule_steps
+
+
+def count_skipped(state: ckpt.TrainState, result: StepResult, step: int, fp16: bool, cfg: Config,
+                  logger) -> None:
+    """Counts a step `train_step` skipped; raises NonFiniteLossError after max_nan_steps in a row."""
+    if not result.skipped:
+        state.nan_in_a_row = 0
+        return
+    if result.loss_finite and fp16:
+        state.overflow_steps += 1  # fp16 gradient overflow: the scaler backs off, as usual
+        return
+    state.nan_steps += 1
+    state.nan_in_a_row += 1
+    logger.warning("step %d: non-finite %s, step skipped (%d in a row, %d in all)", step,
+                   "gradient" if result.loss_finite else "loss", state.nan_in_a_row, state.nan_steps)
+    if state.nan_in_a_row >= cfg.max_nan_steps:
+        raise NonFiniteLossError(
+            f"{state.nan_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+            f"(max_nan_steps={cfg.max_nan_steps}); stopping at step {step}. Lower the lr, "
+            f"use amp=bf16 or fp32, or resume from the last checkpoint in {cfg.output}")
+
+
 def train(cfg: Config, resume: Optional[str] = None) -> dict:
     """The whole run on this rank; returns the last logged record (and the last eval on rank 0)."""
+    # 1. distributed, logging, the config's checks (before anything slow is loaded)
     device, _ = init_distributed()
     rank, world_size = get_rank(), get_world_size()
     output = Path(cfg.output or Path("runs") / cfg.config_name)
@@ -147,22 +192,17 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed, rank)
+    resume_dir = find_resume(resume, cfg, output)
 
-    # Resume source: --resume, else (auto_resume) this run's own last checkpoint.
-    resume_dir = None
-    if resume:
-        resume_dir = ckpt.find_checkpoint(resume)
-        if resume_dir is None:
-            raise ckpt.CheckpointError(f"--resume {resume}: no complete checkpoint there")
-    elif cfg.auto_resume:
-        resume_dir = ckpt.find_checkpoint(output)
-
+    # 2. data
     loader = build_loader(cfg, device, rank, world_size)
     if loader.steps_per_epoch < 1:
         raise ConfigError(f"{cfg.data} holds less than one batch of {cfg.batch_size} per rank for "
                           f"{world_size} ranks: lower batch_size")
     mode.bind_data(loader)
     num_classes = loader.num_classes
+
+    # 3. model, head, optimizers
     network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs,
                           **mode.network_kwargs())
     backbone = build_backbone(cfg.network, **network_kwargs).to(device)
@@ -184,6 +224,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         head_parts["replicated"]["ema"] = ema
     final_backbone = ema.module if ema is not None else backbone
 
+    # 4. resume
     state = ckpt.TrainState(world_size=world_size)
     if resume_dir is not None:
         state = ckpt.load_checkpoint(resume_dir, backbone=backbone, opt_backbone=opt_backbone, scaler=scaler,
@@ -197,15 +238,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if rank == 0:
         ckpt.write_config(output, cfg)
 
+    # 5. the loop: schedule, DDP, logging, periodic eval and checkpoints
     ddp_backbone = wrap_ddp(backbone, device)
-
     steps_per_epoch = loader.steps_per_epoch / cfg.gradient_acc  # optimizer steps
-    # The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed
-    # with a larger max_steps follows the same schedule as one that never stopped).
-    schedule_steps = max(1, math.ceil(cfg.num_epoch * steps_per_epoch))
-    warmup_steps = min(schedule_steps, round(cfg.warmup_epoch * steps_per_epoch))
-    schedule = LRSchedule(cfg.lr, schedule_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else schedule_steps
+    schedule, total_steps = build_schedule(cfg, steps_per_epoch)
     samples_per_step = cfg.batch_size * cfg.gradient_acc * world_size
     logger.info("%s: %s, mode %s, on %d rank(s) (%s), %d classes, %d optimizer steps of %d samples, amp=%s",
                 cfg.config_name, cfg.network, mode.name, world_size, device.type, num_classes, total_steps,
@@ -258,23 +294,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 if ema is not None:
                     ema.update(backbone)
             step += 1
-            if result.skipped:
-                if result.loss_finite and scaler is not None:
-                    state.overflow_steps += 1  # fp16 gradient overflow: the scaler backs off, as usual
-                else:
-                    state.nan_steps += 1
-                    state.nan_in_a_row += 1
-                    logger.warning("step %d: non-finite %s, step skipped (%d in a row, %d in all)", step,
-                                   "gradient" if result.loss_finite else "loss", state.nan_in_a_row,
-                                   state.nan_steps)
-                    if state.nan_in_a_row >= cfg.max_nan_steps:
-                        raise NonFiniteLossError(
-                            f"{state.nan_in_a_row} optimizer steps in a row had a non-finite loss or "
-                            f"gradient "
-                            f"(max_nan_steps={cfg.max_nan_steps}); stopping at step {step}. Lower the lr, "
-                            f"use amp=bf16 or fp32, or resume from the last checkpoint in {output}")
-            else:
-                state.nan_in_a_row = 0
+            count_skipped(state, result, step, scaler is not None, cfg, logger)
             metrics.step(step, result.loss)
 
             epoch_done = loader.epoch != epoch_at_start
@@ -293,6 +313,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 save(step)
             if epoch_done:
                 epoch_at_start = loader.epoch
+
+        # 6. the last checkpoint, model.pt, the final eval
         if last_saved != step:
             save(step)
         if rank == 0:

@@ -21,7 +21,9 @@ config.mode = "standard"
 config.data = ""
 config.loader_backend = "auto"  # "dali" on CUDA, "torch" on CPU
 config.num_threads = 2  # decoding threads per rank
-config.augment = None  # passed to pipeline.loader.build_train_loader (None: the loader's default)
+# Augmentations: a dict of pipeline/augment.py's AugmentConfig fields (flip, crop_area, brightness, contrast,
+# saturation, grey_p, erase_p, erase_area), documented there with their defaults; None: flip only.
+config.augment = None
 config.batch_size = 128  # per rank, per micro step
 # micro steps per optimizer step: the global batch is batch_size * gradient_acc * world size
 config.gradient_acc = 1
