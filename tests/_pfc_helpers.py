@@ -201,6 +201,10 @@ def resume_one_step(rank: int, world_size: int, out_dir: str) -> None:
         torch.save(pfc.local_state(opt), os.path.join(out_dir, f"resumed_{kind}_{rank}.pt"))
 
 
+def sampled_pfc(num_classes: int = 1000, rate: float = 0.1, dim: int = 8, seed: int = 0) -> PartialFC:
+    return PartialFC(CosFace(), dim, num_classes, sample_rate=rate, seed=seed)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (0 when both are zero)."""
     a, b = a.double(), b.double()

@@ -18,7 +18,7 @@ from trainer.config import Config, ConfigError
 def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], row_sparse: bool = False
                     ) -> torch.optim.Optimizer:
     """SGD or AdamW. `row_sparse` (the classifier): rows Partial FC did not sample are left untouched,
-    their momentum / Adam moments included (see _RowSparseOptimizer for why torch's own would not do)."""
+    their momentum / Adam moments included (the module docstring says why torch's own would not do)."""
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
         cls = RowSparseSGD if row_sparse else torch.optim.SGD
