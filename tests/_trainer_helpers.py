@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
-GLINT24 = REPO.parent / "shared" / "data" / "glint24"
+GLINT24 = Path(os.environ.get("FACE_DATA", REPO.parent / "shared" / "data")) / "glint24"  # as conftest.py
 PYTHON = sys.executable
 
 
