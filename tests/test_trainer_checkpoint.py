@@ -176,6 +176,22 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
         Run(num_classes=12).load(path)
 
 
+def test_a_classifier_that_does_not_fit_another_world_size_is_a_checkpoint_error(tmp_path):
+    a = Run(num_classes=10)
+    a.steps(1)
+    path = a.save(tmp_path)
+    # As if saved on 2 ranks (so that loading re-shards fc_full.pt), with a torn classifier in it.
+    saved = torch.load(path / ckpt.TRAIN_STATE, weights_only=False)
+    saved["train_state"]["world_size"] = 2
+    torch.save(saved, path / ckpt.TRAIN_STATE)
+    full = torch.load(path / ckpt.FC_FULL, weights_only=False)
+    full["fc"]["weight"] = full["fc"]["weight"][:9]
+    torch.save(full, path / ckpt.FC_FULL)
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.FC_FULL}: full weight must be"):
+        Run(num_classes=10).load(path)
+    assert issubclass(ckpt.CheckpointError, ValueError)  # one error type with trainer.model_io's
+
+
 def test_model_file_rebuilds_the_backbone(tmp_path):
     from trainer.backbones import build_backbone
 

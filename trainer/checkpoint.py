@@ -18,6 +18,9 @@ Resuming on the world size that saved: each rank reads its own shard (and its RN
 continues bit for bit). On another world size: every rank slices its new class range out of
 `fc_full.pt` (memory-mapped), and the reader restarts the saved epoch (see pipeline.loader).
 
+The shards' per-class state (Partial FC's rows, a margin head's per-class tensors) is split and joined by
+trainer/shard_state.py.
+
 OUTPUT/model.pt holds the backbone alone: {"network", "network_kwargs", "state_dict", "step", "config"};
 trainer.model_io.load_backbone rebuilds it.
 """
