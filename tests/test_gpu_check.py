@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GLINT = REPO.parent / "shared" / "data" / "glint24"
+GLINT = Path(os.environ.get("FACE_DATA", REPO.parent / "shared" / "data")) / "glint24"  # as conftest.py
 IDENTITIES = ["Barack Obama", "Daniel Radcliffe", "Drew Barrymore", "Halle Berry"]
 
 # The smallest sizes that still run every code path of the CPU path.
