@@ -1,8 +1,10 @@
 """Our face ViT against insightface's arcface_torch ViT: the same keys, the same embeddings, both ways,
-through `python -m trainer.convert`; and weights saved under the old module names still load.
+through `python -m trainer.convert`; and weights saved under the old module names still load. IResNet and
+MobileFaceNet weights of arcface_torch's own iresnet.py / mobilefacenet.py convert 1:1 too.
 
-The peer is insightface's own recognition/arcface_torch/backbones/vit.py, from a checkout named by
-INSIGHTFACE_ROOT (either the repository root or a folder holding vit.py); those tests skip without it.
+The peers are insightface's own recognition/arcface_torch/backbones/{vit,iresnet,mobilefacenet}.py, from a
+checkout named by INSIGHTFACE_ROOT (the repository root, or a folder holding those files); those tests skip
+without it.
 Its code is never part of this repository. It imports three helpers from timm (DropPath, to_2tuple,
 trunc_normal_); when timm is not importable they are supplied here (DropPath is inactive in eval mode,
 the others only shape arguments and initialise), so the peer's forward pass is its own.
@@ -27,11 +29,11 @@ from trainer.convert import INSIGHTFACE_NETWORKS, main as convert_main
 from trainer.model_io import load_backbone
 
 
-def _peer_path() -> Path | None:
+def _peer_path(name: str = "vit") -> Path | None:
     root = os.environ.get("INSIGHTFACE_ROOT")
     if not root:
         return None
-    for candidate in (Path(root) / "vit.py", Path(root) / "recognition/arcface_torch/backbones/vit.py"):
+    for candidate in (Path(root) / f"{name}.py", Path(root) / f"recognition/arcface_torch/backbones/{name}.py"):
         if candidate.is_file():
             return candidate
     return None
@@ -219,3 +221,30 @@ def test_iresnet_round_trip_is_the_identity(tmp_path):
     back = load_backbone(tmp_path / "back.pt")
     assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
     assert set(INSIGHTFACE_NETWORKS) >= {"r50", "r100", "mbf", "vit_b", "vit_l_dp005_mask_005"}
+
+
+@pytest.mark.parametrize("ours,peer_file,build", [
+    ("r18", "iresnet", lambda mod: mod.iresnet18(False)),
+    ("mbf", "mobilefacenet", lambda mod: mod.get_mbf(False, 512)),
+])
+def test_iresnet_and_mbf_are_insightfaces_key_for_key(ours, peer_file, build, tmp_path):
+    path = _peer_path(peer_file)
+    if path is None:
+        pytest.skip(f"set INSIGHTFACE_ROOT to a checkout of deepinsight/insightface (or a folder with {peer_file}.py)")
+    spec = importlib.util.spec_from_file_location(f"insightface_{peer_file}_peer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    torch.manual_seed(0)
+    theirs = build(mod).eval()
+    g = torch.Generator().manual_seed(4)
+    for m in theirs.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            m.running_mean.uniform_(-0.1, 0.1, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    assert convert_main(["from-insightface", str(tmp_path / "theirs.pt"), str(tmp_path / "model.pt"),
+                         "--network", ours]) == 0
+    model = load_backbone(tmp_path / "model.pt")
+    x = _faces(2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x), rtol=1e-4, atol=1e-4)
