@@ -2,8 +2,8 @@
 
 MV-Softmax head (AM margin 0.35, t 1.12, s 32, FaceX-Zoo's head_conf.yaml), SGD momentum 0.9, weight decay
 1e-4 (its conventional_training/train.py), 18 epochs, batch 512 (4 GPUs x 128), lr 0.1 divided by ten at
-epochs 10, 13 and 16. The default backbone is FaceX-Zoo's MobileFaceNet (`mbf_facexzoo`, 1x wide); the table's other
-rows swap `network`:
+epochs 10, 13 and 16. The default backbone is FaceX-Zoo's MobileFaceNet (`mbf_facexzoo`, 1x wide); the
+table's other rows swap `network`:
 
     python -m pipeline pack MS1M_V1C_SRC --out DATA
     torchrun --nproc_per_node=4 trainer/main.py --config trainer/configs/facex_zoo_backbones.py --data DATA
