@@ -248,3 +248,17 @@ def test_iresnet_and_mbf_are_insightfaces_key_for_key(ours, peer_file, build, tm
     x = _faces(2)
     with torch.no_grad():
         torch.testing.assert_close(model(x), theirs(x), rtol=1e-4, atol=1e-4)
+
+
+def test_converter_reads_a_training_checkpoint_too(tmp_path):
+    torch.manual_seed(0)
+    model = build_backbone("vit_t", **SMALL)
+    step = tmp_path / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    # what trainer.checkpoint.save_checkpoint writes for the backbone, old module names included
+    torch.save({"network": "vit_t", "network_kwargs": SMALL, "backbone": _old_names(model.state_dict())},
+               step / "train_state.pt")
+    assert convert_main(["to-insightface", str(step / "train_state.pt"), str(tmp_path / "theirs.pt")]) == 0
+    theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
+    assert set(theirs) == set(model.state_dict())
+    assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items())
