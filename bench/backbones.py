@@ -1,7 +1,7 @@
 """Size and speed of every registered backbone at 112x112.
 
-For each backbone: parameters, GMACs (counted by trainer.flops on one image: multiply-adds, the papers'
-"GFLOPs"), and images/s of inference (eval, no_grad) and of a training pass (train mode, forward +
+For each backbone: parameters, GMACs (counted by trainer.model_io.flops on one image: multiply-adds, the
+papers' "GFLOPs"), and images/s of inference (eval, no_grad) and of a training pass (train mode, forward +
 backward) at a fixed batch, on the CPU and, when present, on CUDA (bf16 autocast + channels_last there
 by default, as the trainer runs). `--compile NAME ...` also times the training pass under torch.compile
 for those backbones (compilation time reported separately), to show where it helps.
@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.peers import record  # noqa: E402
 from trainer.backbones import available_backbones, build_backbone  # noqa: E402
 from trainer.backbones.timm_adapter import TimmUnavailable  # noqa: E402
-from trainer.flops import count_gmacs, count_params  # noqa: E402
+from trainer.model_io.flops import count_gmacs, count_params  # noqa: E402
 
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.peers import record  # noqa: E402
-from trainer import metrics  # noqa: E402
+from trainer.eval import identification, tar_far  # noqa: E402
+from trainer.eval.common import FARS, l2_normalize, resolve_device  # noqa: E402
 
 
 def synthetic(n: int, dim: int, per_id: int, seed: int, noise: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +37,7 @@ def synthetic(n: int, dim: int, per_id: int, seed: int, noise: float = 2.0) -> t
         b = min(a + 65536, n)
         centres = np.random.default_rng([seed, 1]).standard_normal((labels[b - 1] + 1, dim), dtype=np.float32)
         out[a:b] = centres[labels[a:b]] + noise * rng.standard_normal((b - a, dim), dtype=np.float32)
-    return metrics.l2_normalize(out), labels
+    return l2_normalize(out), labels
 
 
 def _rss() -> float:
@@ -78,7 +79,7 @@ def bench_all_pairs(args, device) -> str:
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRSS() as rss:
         t0 = time.perf_counter()
-        r = metrics.all_pairs_verification(emb, labels, tile=args.tile, device=device, progress=True)
+        r = tar_far.all_pairs_verification(emb, labels, tile=args.tile, device=device, progress=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
@@ -91,8 +92,8 @@ def bench_all_pairs(args, device) -> str:
         i, j = np.triu_indices(len(emb), 1)
         same = labels[i] == labels[j]
         scores = s[i, j]
-        ref = metrics.tar_at_far(scores[same], scores[~same])
-        worst = max(abs((r.tar_at_far[f].tar or 0) - (ref[f].tar or 0)) for f in metrics.FARS)
+        ref = tar_far.tar_at_far(scores[same], scores[~same])
+        worst = max(abs((r.tar_at_far[f].tar or 0) - (ref[f].tar or 0)) for f in FARS)
         lines.append(f"\nbrute force over the full score matrix: largest TAR difference {worst:.2g}")
     return "\n".join(lines)
 
@@ -132,7 +133,7 @@ def bench_topk(args, device) -> str:
         rng = np.random.default_rng(1)
         for a in range(0, args.gallery, 131072):
             b = min(a + 131072, args.gallery)
-            gallery[a:b] = metrics.l2_normalize(rng.standard_normal((b - a, args.dim), dtype=np.float32))
+            gallery[a:b] = l2_normalize(rng.standard_normal((b - a, args.dim), dtype=np.float32))
         gallery.flush()
         del gallery
         rows = RowFile(path)
@@ -141,13 +142,13 @@ def bench_topk(args, device) -> str:
             torch.cuda.reset_peak_memory_stats(device)
         with PeakRSS() as rss:
             t0 = time.perf_counter()
-            r = metrics.megaface_cmc(probes, probe_ids, rows, max_rank=args.max_rank, chunk=args.chunk,
+            r = identification.megaface_cmc(probes, probe_ids, rows, max_rank=args.max_rank, chunk=args.chunk,
                                      device=device)
             dt = time.perf_counter() - t0
         if args.check:
             sub = rows[0:min(args.gallery, 200000)]
             full = torch.topk(torch.from_numpy(probes @ sub.T), args.max_rank, dim=1).values
-            mine = metrics.chunked_topk(probes, sub, args.max_rank, chunk=args.chunk, device=device,
+            mine = identification.chunked_topk(probes, sub, args.max_rank, chunk=args.chunk, device=device,
                                         progress=False)[0]
             ok = torch.allclose(full, mine.cpu())
     lines = ["| gallery | probes | mate pairs | seconds | Mscores/s | peak memory | rank-1 |",
@@ -177,16 +178,16 @@ def main() -> int:
     args = ap.parse_args()
     if not args.images and not args.gallery:
         ap.error("give --images N and/or --gallery G")
-    device = metrics.resolve_device(args.device)
+    device = resolve_device(args.device)
     command = "python bench/eval_scale.py " + " ".join(sys.argv[1:])
     tables = []
     if args.images:
-        tables.append(f"All-to-all 1:1 (trainer.metrics.all_pairs_verification, tile {args.tile}, "
+        tables.append(f"All-to-all 1:1 (trainer.eval.tar_far.all_pairs_verification, tile {args.tile}, "
                       f"{device}):\n\n"
                       + bench_all_pairs(args, device))
     if args.gallery:
         tables.append(f"Rank-{args.max_rank} identification against a memmapped gallery "
-                      f"(trainer.metrics.megaface_cmc, chunk {args.chunk}, {device}):\n\n"
+                      f"(trainer.eval.identification.megaface_cmc, chunk {args.chunk}, {device}):\n\n"
                       + bench_topk(args, device))
     text = "\n\n".join(tables)
     print(text)

@@ -9,6 +9,8 @@ Checks (`--checks`, all by default):
   dali   the training reader `pipeline.dali_reader.DaliTrainLoader` with device='cuda' (DALI `mixed` decoding:
          nvJPEG plus the hardware JPEG decoder) at hw_decoder_load 0.65 and 0.9, batch 512: real images/s
          delivered as normalised float batches on the GPU.
+  nvjpeg the second GPU reader `pipeline.nvjpeg_reader.NvjpegTrainLoader` (torchvision's batched nvJPEG
+         decode, flip on the GPU), batch 512 at 112x112: real images/s; goal >= 30,000.
   pfc    `trainer.partial_fc.PartialFC` at 1e6 classes, sample_rate 0.1 and 1.0: time of one step (forward,
          backward, the row-sparse SGD step) and the peak GPU memory it allocates.
   train  IResNet-50 (`trainer.backbones` r50) training samples/s at batch 512 under bf16 autocast: the
@@ -16,16 +18,23 @@ Checks (`--checks`, all by default):
   busy   whether the data pipeline keeps the GPU busy: the step time of the same model fed by the trainer's
          reader (`trainer.main.build_loader`, DALI; `--reader torch` for the PyTorch reader where DALI is not
          installed) over its step time on the synthetic batch; goal <= 1.05.
+  syncs  host synchronisations per training step (the reader's batch and the trainer's step), counted as the
+         warnings of torch.cuda.set_sync_debug_mode("warn") over the last steps of the converge run (torch's
+         own syncs; DALI's inside its C++ are not seen); the extra field names where they come from.
+  converge  50 steps of the trainer (`ms1mv3_r50`: IResNet-50, batch 512, bf16, Partial FC over the data's
+         classes) on the real packed data through the trainer's reader: the loss falls, and never turns NaN.
 
 The model, optimizers and reader come from the trainer's own builders and the `ms1mv3_r50` config (`--config`,
-`--set key=value`), so the figures are the trainer's. The data is a packed dataset (`--data`), or `--src`
-(glint24 by default) packed into a temporary folder first. A small dataset makes `busy` pessimistic: an
-epoch of glint24 is one 512-image step, and the reader decodes the rest of the epoch too.
+`--set key=value`), so the figures are the trainer's, under the trainer's cuDNN/TF32 switches
+(trainer/cuda_flags.py). The data is a packed dataset (`--data`), or `--src` (glint24 by default) packed
+into a temporary folder first and its shards replicated (bench/replicate.py) to 8 batches of the largest
+batch, so that an epoch is not a single 512-image step; the readers count the real images they deliver.
 
 Without CUDA the same code runs on the CPU at small sizes (DALI device='cpu', a tiny class count), so that it
 is tested on machines without a GPU; its table says CPU and its figures are no GPU figures. A check that
 fails (say, out of memory, or DALI not installed) is a row with its reason; the others still run, and the exit
-status is then 1. A full GPU run takes a few minutes.
+status is then 1. A full GPU run is sized to take under 8 minutes on one H100 (the title says how long it
+took).
 """
 from __future__ import annotations
 
@@ -35,6 +44,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import collections
+import contextlib
 import gc
 import json
 import math
@@ -42,6 +53,7 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -50,9 +62,13 @@ from tqdm import tqdm
 
 from bench.partial_fc import rss_bytes
 from bench.peers import REPO, SHARED_DATA, record
+from bench.replicate import replicate_shards
+from trainer.cuda_flags import apply_cuda_flags, cuda_flags_text
 
-CHECKS = ("dali", "pfc", "train", "busy")
+CHECKS = ("dali", "nvjpeg", "pfc", "train", "busy", "syncs", "converge")
+REAL_DATA_CHECKS = ("syncs", "converge")
 BUSY_GOAL = 1.05
+NVJPEG_GOAL = 30_000  # images/s at 112x112, batch 512, on one H100
 
 
 @dataclass
@@ -62,6 +78,7 @@ class Sizes:
     dali_batch: int
     dali_loads: tuple[float, ...]
     dali_batches: int
+    nvjpeg_batches: int
     reader_threads: int
     pfc_classes: int
     pfc_batch: int
@@ -72,16 +89,18 @@ class Sizes:
     train_classes: int
     warmup: int
     steps: int
+    converge_steps: int
+    sync_steps: int  # the last steps of the converge run, counted for host syncs
 
 
-GPU_SIZES = Sizes(dali_batch=512, dali_loads=(0.65, 0.9), dali_batches=200, reader_threads=4,
-                  pfc_classes=1_000_000, pfc_batch=512, pfc_rates=(0.1, 1.0), network="r50", batch=512,
-                  amp="bf16", train_classes=93_431, warmup=5, steps=20)
+GPU_SIZES = Sizes(dali_batch=512, dali_loads=(0.65, 0.9), dali_batches=200, nvjpeg_batches=100,
+                  reader_threads=4, pfc_classes=1_000_000, pfc_batch=512, pfc_rates=(0.1, 1.0), network="r50",
+                  batch=512, amp="bf16", train_classes=93_431, warmup=5, steps=20, converge_steps=50, sync_steps=10)
 # DALI's CPU decoder has no hardware-decoder share: one row. fp32, as bf16 autocast on a CPU without bf16
 # instructions measures an emulation.
-CPU_SIZES = Sizes(dali_batch=32, dali_loads=(), dali_batches=10, reader_threads=2,
+CPU_SIZES = Sizes(dali_batch=32, dali_loads=(), dali_batches=10, nvjpeg_batches=10, reader_threads=2,
                   pfc_classes=10_000, pfc_batch=64, pfc_rates=(0.1, 1.0), network="r50", batch=2,
-                  amp="fp32", train_classes=1_000, warmup=1, steps=2)
+                  amp="fp32", train_classes=1_000, warmup=1, steps=2, converge_steps=4, sync_steps=2)
 
 
 @dataclass
@@ -176,6 +195,7 @@ def load_check_config(args: argparse.Namespace, sizes: Sizes, data: Path):
     """The trainer's config for the training checks: `--config`, then the sizes, then `--set`."""
     from trainer.config import load_config
     from trainer.main import check_config
+    from trainer.modes import build_mode
 
     overrides = [f"network={sizes.network}", f"batch_size={sizes.batch}", f"amp={sizes.amp}",
                  f"loader_backend={args.reader}", f"num_threads={sizes.reader_threads}", "gradient_acc=1",
@@ -183,6 +203,7 @@ def load_check_config(args: argparse.Namespace, sizes: Sizes, data: Path):
     cfg = load_config(args.config, overrides)
     cfg.data = str(data)
     check_config(cfg)
+    build_mode(cfg)  # the mode's own keys (sample_rate, margin_list, ...) checked
     return cfg
 
 
@@ -206,7 +227,7 @@ def check_dali(data: Path, device: torch.device, sizes: Sizes) -> list[Row]:
 
 def _dali_row(data: Path, device: torch.device, sizes: Sizes, load: Optional[float], settings: str) -> Row:
     from pipeline.dali_reader import DaliTrainLoader
-    from trainer.main import micro_batches
+    from trainer.step import micro_batches
 
     kwargs = {"hw_decoder_load": load} if load is not None else {}
     # drop_last=False: every real image of an epoch counts, and the last batch's padding does not.
@@ -219,6 +240,40 @@ def _dali_row(data: Path, device: torch.device, sizes: Sizes, load: Optional[flo
     return Row("DALI reader decode", f"{settings}; {loader.num_samples} images/epoch",
                f"{num(rate)} images/s", value=rate, unit="images/s",
                extra={"hw_decoder_load": load, "images": images, "seconds": secs})
+
+
+def check_nvjpeg(data: Path, device: torch.device, sizes: Sizes) -> list[Row]:
+    """The nvJPEG reader alone: torchvision's batched GPU decode, flip, normalisation. On the CPU the same
+    reader runs with a CPU stand-in decoder (its figure is no nvJPEG figure)."""
+    decoder = "nvJPEG (torchvision decode_jpeg on cuda)" if device.type == "cuda" else "CPU stand-in decoder"
+    settings = f"{decoder}, batch {sizes.dali_batch}, {sizes.reader_threads} host threads"
+    try:
+        row = _nvjpeg_row(data, device, sizes, settings)
+    except Exception as exc:  # noqa: BLE001 - e.g. no torchvision for this torch: a row, and go on
+        row = Row("nvJPEG reader decode", settings, error=explain(exc))
+    release(device)
+    return [row]
+
+
+def _nvjpeg_row(data: Path, device: torch.device, sizes: Sizes, settings: str) -> Row:
+    from pipeline.nvjpeg_reader import NvjpegTrainLoader, decode_jpeg_cpu
+    from trainer.step import micro_batches
+
+    decode = None if device.type == "cuda" else decode_jpeg_cpu
+    loader = NvjpegTrainLoader(data, sizes.dali_batch, device=device, num_threads=sizes.reader_threads,
+                               augment={"flip": True}, drop_last=False, decode=decode)
+    batches = micro_batches(loader)
+    secs, images = timed_steps(lambda: next(batches)[0].shape[0], max(2, sizes.warmup), sizes.nvjpeg_batches,
+                               device, f"nvjpeg {settings}")
+    rate = images / secs
+    size = "x".join(str(v) for v in reversed(loader.dataset.manifest["image_size"]))
+    if device.type == "cuda":
+        goal = f">= {NVJPEG_GOAL:,} images/s: {'met' if rate >= NVJPEG_GOAL else 'MISSED'}"
+    else:
+        goal = f">= {NVJPEG_GOAL:,} images/s on a GPU"
+    return Row("nvJPEG reader decode", f"{settings}; {size}, {loader.num_samples} images/epoch",
+               f"{num(rate)} images/s", goal=goal, value=rate, unit="images/s",
+               extra={"images": images, "seconds": secs})
 
 
 def check_partial_fc(device: torch.device, sizes: Sizes, cfg) -> list[Row]:
@@ -236,7 +291,9 @@ def check_partial_fc(device: torch.device, sizes: Sizes, cfg) -> list[Row]:
 
 
 def _partial_fc_row(device: torch.device, sizes: Sizes, cfg, rate: float, settings: str) -> Row:
-    from trainer.main import AMP_DTYPES, build_margin_loss, build_optimizer
+    from trainer.heads import build_margin_loss
+    from trainer.optim import build_optimizer
+    from trainer.step import AMP_DTYPES
     from trainer.partial_fc import PartialFC
 
     classes, batch, dim = sizes.pfc_classes, sizes.pfc_batch, cfg.embedding_size
@@ -273,11 +330,12 @@ def _partial_fc_row(device: torch.device, sizes: Sizes, cfg, rate: float, settin
 
 class TrainingBench:
     """The trainer's model, classifier and optimizers, built by its own functions from `cfg`, and a timer
-    for `trainer.main.train_step` fed from any source of batches."""
+    for `trainer.step.train_step` fed from any source of batches."""
 
     def __init__(self, cfg, classes: int, device: torch.device, sizes: Sizes) -> None:
         from trainer.backbones import build_backbone
-        from trainer.main import build_margin_loss, build_optimizer
+        from trainer.heads import build_margin_loss
+        from trainer.optim import build_optimizer
         from trainer.partial_fc import PartialFC
 
         self.cfg, self.classes, self.device, self.sizes = cfg, classes, device, sizes
@@ -294,18 +352,24 @@ class TrainingBench:
         self.synthetic = (torch.rand(cfg.batch_size, 3, 112, 112, device=device, generator=gen) * 2 - 1,
                           torch.randint(0, classes, (cfg.batch_size,), device=device, generator=gen))
 
+    def train_one(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One `trainer.step.train_step`; its loss."""
+        from trainer.step import AMP_DTYPES, train_step
+
+        group = [(images.contiguous(memory_format=self.memory_format), labels)]
+        result = train_step(self.backbone, self.pfc, group, self.optimizers, self.scaler,
+                            AMP_DTYPES[self.cfg.amp], self.cfg.clip_grad_norm)
+        return result.loss
+
     def step_time(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], warmup: int,
                   desc: str) -> float:
         """Seconds per training step on batches drawn from `batches`."""
-        from trainer.main import AMP_DTYPES, train_step
 
         def step() -> int:
             images, labels = next(batches)
-            group = [(images.contiguous(memory_format=self.memory_format), labels)]
-            result = train_step(self.backbone, self.pfc, group, self.optimizers, self.scaler,
-                                AMP_DTYPES[self.cfg.amp], self.cfg.clip_grad_norm)
-            if not math.isfinite(result.loss):
-                raise FloatingPointError(f"the training loss became {result.loss}")
+            loss = self.train_one(images, labels)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss}")
             return images.shape[0]
 
         secs, _ = timed_steps(step, warmup, self.sizes.steps, self.device, desc)
@@ -352,7 +416,8 @@ def check_training(data: Path, device: torch.device, sizes: Sizes, cfg, want: Se
 
 
 def _busy_row(bench: TrainingBench, data: Path, t_synthetic: float, settings: str) -> Row:
-    from trainer.main import build_loader, micro_batches
+    from trainer.main import build_loader
+    from trainer.step import micro_batches
 
     cfg, device = bench.cfg, bench.device
     loader = build_loader(cfg, device, 0, 1)  # what trainer.main.train builds for rank 0 of 1
@@ -371,6 +436,85 @@ def _busy_row(bench: TrainingBench, data: Path, t_synthetic: float, settings: st
                goal=goal, value=ratio, unit="reader/synthetic step time",
                extra={"real_step_s": t_real, "synthetic_step_s": t_synthetic,
                       "images_per_epoch": loader.num_samples})
+
+
+@contextlib.contextmanager
+def host_syncs(device: torch.device, enabled: bool = True):
+    """The list of torch's synchronising-call warnings (sync debug mode "warn") raised inside the block;
+    None on the CPU, where nothing waits for a device."""
+    if device.type != "cuda" or not enabled:
+        yield None
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every sync, not one per call site
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def check_real_data(data: Path, device: torch.device, sizes: Sizes, cfg, want: Sequence[str]) -> list[Row]:
+    """`converge`: the trainer's steps on the real data through the trainer's reader, the loss recorded;
+    `syncs`: the host synchronisations of the last `sync_steps` of them (reader batch + step)."""
+    steps = sizes.converge_steps if "converge" in want else sizes.warmup + sizes.sync_steps
+    settings = (f"{cfg.config_name or 'config'}: {cfg.network}, batch {cfg.batch_size}, {cfg.amp}, "
+                f"{cfg.loader_backend} reader, lr {cfg.lr}")
+    try:
+        return _real_data_rows(data, device, sizes, cfg, want, steps, settings)
+    except Exception as exc:  # noqa: BLE001
+        return [Row(name, settings, error=explain(exc)) for name, check in
+                (("host syncs per step", "syncs"), (f"{steps} training steps on real data", "converge"))
+                if check in want]
+    finally:
+        release(device)
+
+
+def _real_data_rows(data: Path, device: torch.device, sizes: Sizes, cfg, want: Sequence[str], steps: int,
+                    settings: str) -> list[Row]:
+    from trainer.main import build_loader
+    from trainer.step import micro_batches
+
+    loader = build_loader(cfg, device, 0, 1)
+    bench = TrainingBench(cfg, loader.num_classes, device, sizes)
+    batches = micro_batches(loader)
+    counted = min(sizes.sync_steps, steps)
+    losses: list[float] = []
+    syncs: list[warnings.WarningMessage] = []
+    for i in tqdm(range(steps), desc="train on real data", leave=False):
+        with host_syncs(device, enabled="syncs" in want and i >= steps - counted) as caught:
+            images, labels = next(batches)
+            losses.append(bench.train_one(images, labels))
+        if caught is not None:
+            syncs += caught
+    rows = []
+    if "syncs" in want:
+        sync_settings = f"last {counted} of {steps} steps; {settings}"
+        if device.type == "cuda":
+            sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+            per_step = len(syncs) / counted
+            rows.append(Row("host syncs per step", sync_settings,
+                            f"{per_step:.1f} (at {', '.join(f'{k} x{v}' for k, v in sites.most_common(4))})",
+                            value=per_step, unit="syncs/step", extra={"sites": dict(sites)}))
+        else:
+            rows.append(Row("host syncs per step", sync_settings,
+                            "not counted: the CPU has no device to wait for", goal="on a GPU"))
+    if "converge" in want:
+        first, last = losses[: max(1, steps // 5)], losses[-max(1, steps // 5):]
+        finite = all(math.isfinite(v) for v in losses)
+        falls = finite and sum(last) / len(last) < sum(first) / len(first)
+        result = (f"loss {sum(first) / len(first):.3f} (first {len(first)}) -> {sum(last) / len(last):.3f} "
+                  f"(last {len(last)}); {'finite' if finite else 'NON-FINITE'}")
+        where = "" if device.type == "cuda" else " (CPU: tiny sizes, not the goal's)"
+        goal = f"falls, no NaN: {'met' if falls else 'MISSED'}{where}"
+        row = Row(f"{steps} training steps on real data", f"{loader.num_classes} classes, "
+                  f"{loader.num_samples} images/epoch; {settings}", result, goal=goal,
+                  value=sum(last) / len(last), unit="loss", extra={"losses": losses})
+        if not finite:
+            bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+            row.error = f"the loss became non-finite at step {bad}"
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -405,6 +549,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g = p.add_argument_group("sizes (defaults: the GPU or the CPU preset)")
     g.add_argument("--dali-batch", type=int)
     g.add_argument("--dali-batches", type=int, help="timed batches per reader setting")
+    g.add_argument("--nvjpeg-batches", type=int,
+                   help="timed batches of the nvJPEG reader (batch: --dali-batch)")
     g.add_argument("--reader-threads", type=int, help="DALI threads (torch reader: workers)")
     g.add_argument("--pfc-classes", type=int)
     g.add_argument("--pfc-batch", type=int)
@@ -414,9 +560,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     g.add_argument("--train-classes", type=int, help="Partial FC classes of the training checks")
     g.add_argument("--warmup", type=int, help="untimed steps before each timing")
     g.add_argument("--steps", type=int, help="timed steps per timing")
+    g.add_argument("--converge-steps", type=int, help="training steps on the real data")
+    g.add_argument("--sync-steps", type=int, help="last steps of those counted for host syncs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="torch.backends.cudnn.benchmark = True (the trainer leaves it off)")
     p.add_argument("--json", type=Path, help="also write every row as JSON here")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
@@ -429,8 +575,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def sizes_for(args: argparse.Namespace, device: torch.device) -> Sizes:
     base = GPU_SIZES if device.type == "cuda" else CPU_SIZES
-    keys = ("dali_batch", "dali_batches", "reader_threads", "pfc_classes", "pfc_batch", "network", "batch",
-            "amp", "train_classes", "warmup", "steps")
+    keys = ("dali_batch", "dali_batches", "nvjpeg_batches", "reader_threads", "pfc_classes", "pfc_batch",
+            "network", "batch", "amp", "train_classes", "warmup", "steps", "converge_steps", "sync_steps")
     chosen = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     return Sizes(**{**asdict(base), **chosen})
 
@@ -442,22 +588,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    if device.type == "cuda" and args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = sizes_for(args, device)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+        started = time.perf_counter()
         data = args.data
         if data is None:
             data = Path(tmp) / "data"
             pack_source(args.src, data)
+            replicate_shards(data, 8 * max(sizes.dali_batch, sizes.batch))
         rows: list[Row] = []
         cfg = None
+        cuda_flags: dict = {}
         try:
             cfg = load_check_config(args, sizes, data)
+            # the trainer's cuDNN/TF32 switches from the same config keys (--set tf32=false to compare)
+            cuda_flags = apply_cuda_flags(cfg, device)
         except Exception as exc:  # noqa: BLE001 - the config feeds every check but dali
             for check in [c for c in args.checks if c != "dali"]:
                 rows.append(Row(check, f"config {args.config}", error=explain(exc)))
@@ -465,22 +614,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             release(device)
             if check == "dali":
                 rows += check_dali(data, device, sizes)
+            elif check == "nvjpeg":
+                rows += check_nvjpeg(data, device, sizes)
             elif cfg is None or check == "busy" and "train" in args.checks:
                 continue  # busy is measured together with train
+            elif check in REAL_DATA_CHECKS:
+                if check == "syncs" and "converge" in args.checks:
+                    continue  # counted during the converge run
+                wanted = [c for c in args.checks if c in REAL_DATA_CHECKS]
+                rows += check_real_data(data, device, sizes, cfg, wanted)
             elif check == "pfc":
                 rows += check_partial_fc(device, sizes, cfg)
             else:
                 wanted = [c for c in args.checks if c in ("train", "busy")]
                 rows += check_training(data, device, sizes, cfg, wanted)
 
+        elapsed = time.perf_counter() - started
     if device.type == "cuda":
         title = f"GPU check on {device_label(device)}"
+        if cuda_flags:
+            title += f"; {cuda_flags_text(cuda_flags)}"
     else:
         title = f"GPU check, CPU PATH (no CUDA: small sizes; not GPU figures), {device_label(device)}"
+    title += f"; {elapsed:.0f} s in all"
     table = render(rows, title)
     print(table)
     if args.json:
-        report = {"device": device_label(device), "device_type": device.type, "sizes": asdict(sizes),
+        report = {"device": device_label(device), "device_type": device.type, "cuda_flags": cuda_flags,
+                  "seconds": elapsed, "sizes": asdict(sizes),
                   "rows": [asdict(r) for r in rows]}
         args.json.write_text(json.dumps(report, indent=1))
     if args.record:

@@ -39,7 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from trainer.losses import ArcFace  # noqa: E402
-from trainer.partial_fc import PartialFC, RowSparseSGD  # noqa: E402
+from trainer.optim import RowSparseSGD  # noqa: E402
+from trainer.partial_fc import PartialFC  # noqa: E402
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -74,6 +75,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reduce_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor must live for a collective of `backend`: NCCL reduces CUDA tensors only (a CPU tensor
+    raises "No backend type associated with device type cpu"), gloo CPU ones."""
+    return device if backend == "nccl" else torch.device("cpu")
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest `value` of any rank, reduced on the process group's device."""
+    t = torch.tensor([value], dtype=torch.float64, device=reduce_device(dist.get_backend(), device))
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return t.item()
 
 
 def rss_bytes() -> int:
@@ -179,20 +193,19 @@ def worker(rank: int, world: int, port: int, modes: list, num_classes: int, args
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(elapsed, dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+                # a step lasts as long as its slowest rank
+                elapsed = max_over_ranks(time.perf_counter() - t0, device)
                 if i >= args.warmup:
-                    times[mode].append(elapsed.item())
+                    times[mode].append(elapsed)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{mode}: loss became {loss.item()}")
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() - base
         else:
             peak = peak_rss_bytes() - base
-    peak_t = torch.tensor([float(peak)], dtype=torch.float64)
-    dist.all_reduce(peak_t, dist.ReduceOp.MAX)
+    peak = max_over_ranks(float(peak), device)
     if rank == 0:
-        Path(out).write_text(json.dumps({"times": times, "peak_bytes": peak_t.item()}))
+        Path(out).write_text(json.dumps({"times": times, "peak_bytes": peak}))
     dist.destroy_process_group()
 
 

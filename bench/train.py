@@ -3,12 +3,14 @@
 
     python bench/train.py --network mbf --batch-size 32                       # CPU, one process
     python bench/train.py --network r50 --batch-size 512 --amp bf16           # one GPU
-    torchrun --nproc_per_node=8 bench/train.py --network r50 --batch-size 512 --amp bf16
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=8 bench/train.py --network r50 \
+        --batch-size 512 --amp bf16
 
-Each step is trainer.main.train_step, the trainer's own step (DDP on the backbone when several ranks,
-gradient clipping, the non-finite check). Input is random images and labels made on the device once, so
-the figure is the model's and not the reader's. Prints one JSON line: samples/s per rank and in all,
-seconds per step, peak memory.
+Each step is trainer.step.train_step, the trainer's own step (DDP on the backbone when several ranks,
+gradient clipping, the non-finite check), under the trainer's CUDA switches (trainer/cuda_flags.py: the
+config's `cudnn_benchmark` and `tf32`, both on by default; `--set tf32=false` to compare). Input is random
+images and labels made on the device once, so the figure is the model's and not the reader's. Prints one
+JSON line: samples/s per rank and in all, seconds per step, peak memory.
 """
 from __future__ import annotations
 
@@ -26,10 +28,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from trainer.config import Config
+from trainer.config import apply_overrides, base_config
+from trainer.cuda_flags import apply_cuda_flags
 from trainer.distributed import barrier, get_rank, get_world_size
-from trainer.losses import build_margin_loss
-from trainer.main import AMP_DTYPES, build_optimizer, init_distributed, train_step, wrap_ddp
+from trainer.losses import ArcFace
+from trainer.distributed import init_distributed, wrap_ddp
+from trainer.optim import build_optimizer
+from trainer.step import AMP_DTYPES, train_step
 from trainer.partial_fc import PartialFC
 
 
@@ -47,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: torch's default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="trainer config key over the base config, e.g. cudnn_benchmark=false (repeatable)")
     return p.parse_args()
 
 
@@ -57,22 +64,21 @@ def main() -> int:
     device, _ = init_distributed()
     rank, world = get_rank(), get_world_size()
     torch.manual_seed(rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    cfg = base_config()
+    cfg.update(optimizer=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
+               eps=1e-8)
+    apply_overrides(cfg, args.set)
+    cuda_flags = apply_cuda_flags(cfg, device)  # what the trainer sets, from the same keys
 
     from trainer.backbones import build_backbone
 
-    cfg = Config(optimizer=args.optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
-                 eps=1e-8)
     backbone = build_backbone(args.network, embedding_size=args.embedding_size).to(device)
     if args.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     model = wrap_ddp(backbone, device)
     if args.compile:
         model = torch.compile(model)
-    pfc = PartialFC(build_margin_loss((1.0, 0.5, 0.0)), args.embedding_size, args.num_classes,
+    pfc = PartialFC(ArcFace(), args.embedding_size, args.num_classes,
                     sample_rate=args.sample_rate, embedding_grad_scale=float(world)).to(device)
     optimizers = [build_optimizer(cfg, backbone.parameters()),
                   build_optimizer(cfg, pfc.parameters(), row_sparse=True)]
@@ -104,7 +110,7 @@ def main() -> int:
     result = {
         "network": args.network, "batch_per_rank": args.batch_size, "world_size": world, "amp": args.amp,
         "num_classes": args.num_classes, "sample_rate": args.sample_rate, "channels_last": args.channels_last,
-        "compile": args.compile, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        "compile": args.compile, **cuda_flags, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads/rank)",
         "steps": args.steps, "sec_per_step": wall / args.steps,
         "samples_per_sec_per_rank": per_rank, "samples_per_sec": per_rank * world,

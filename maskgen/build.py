@@ -19,25 +19,33 @@ before any masks) and the source's id in `id2`, and carries a label vector named
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import secrets
-import struct
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_bytes, fsync_dir
-from pipeline.manifest import ManifestError, decode_identity, load_manifest, sha256_file, write_manifest
 from pipeline.imageio import jpeg_quality
-from pipeline.pack import ShardWriter
-from pipeline.recordio import (IR_FORMAT, IR_SIZE, IRHeader, RecordIOError, frame_record, pack_record, read_frame,
-                               read_index, unpack_record)
+from pipeline.manifest import ManifestError, decode_identity, load_manifest, sha256_file, write_manifest
+from pipeline.recordio import (
+    IRHeader,
+    RecordIO,
+    RecordIOError,
+    frame_record,
+    map_file,
+    pack_record,
+    peek_header,
+    read_frame,
+    read_index,
+    unpack_record,
+)
+from pipeline.shards import ShardWriter
 
 from .lock import DatasetLock, LockBusy
 from .masker import MODE_CHOICES, MODES, Masker, MaskingOptions, skip_reason
@@ -92,21 +100,6 @@ class Task:
 
 
 # ---------------------------------------------------------------------------------------------- scanning
-def _header_at(buf, offset: int) -> Optional[tuple[int, float, int, int, tuple]]:
-    """(flag, label, id, id2, label values) from the first bytes of the record at `offset`, or None when
-    the record is split before its label ends (then the whole record must be read)."""
-    if offset + 8 + IR_SIZE > len(buf):
-        return None
-    _, lrec = struct.unpack_from("<II", buf, offset)
-    length = lrec & ((1 << 29) - 1)
-    flag, label, rid, rid2 = struct.unpack_from(IR_FORMAT, buf, offset + 8)
-    need = IR_SIZE + 4 * flag
-    if length < need:
-        return None
-    values = struct.unpack_from(f"<{flag}f", buf, offset + 8 + IR_SIZE) if flag else (label,)
-    return flag, label, rid, rid2, tuple(float(v) for v in values)
-
-
 def scan_sources(data: Path, manifest: dict, progress: bool = True) -> list[Source]:
     sources: list[Source] = []
     shards = manifest["shards"]
@@ -115,25 +108,16 @@ def scan_sources(data: Path, manifest: dict, progress: bool = True) -> list[Sour
         if shard.get("kind", "train") == MASKED_KIND:
             continue
         _, offsets = read_index(data / shard["idx"])
-        with open(data / shard["rec"], "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-            try:
-                for off in tqdm(offsets, desc=f"scan {shard['rec']}", unit="rec", disable=not progress,
-                                leave=False):
-                    head = _header_at(buf, off)
-                    if head is None:
-                        header, _ = unpack_record(read_frame(buf, off)[0])
-                        values = tuple(np.atleast_1d(header.label).astype(float).tolist())
-                        head = (header.flag, 0.0, header.id, header.id2, values)
-                    _, _, rid, _, values = head
-                    padded = np.zeros(len(fields))
-                    padded[:min(len(values), len(fields))] = values[:len(fields)]
-                    identity = int(decode_identity(padded, fields))
-                    sources.append(Source(si, off, int(rid), identity, values))
-            finally:
-                if isinstance(buf, mmap.mmap):
-                    buf.close()
+        with map_file(data / shard["rec"]) as buf:
+            for off in tqdm(offsets, desc=f"scan {shard['rec']}", unit="rec", disable=not progress, leave=False):
+                header = peek_header(buf, off)
+                if header is None:  # split before its label ends (or malformed: read_frame raises)
+                    header, _ = unpack_record(read_frame(buf, off)[0])
+                values = tuple(np.atleast_1d(header.label).astype(float).tolist())
+                padded = np.zeros(len(fields))
+                padded[:min(len(values), len(fields))] = values[:len(fields)]
+                identity = int(decode_identity(padded, fields))
+                sources.append(Source(si, off, int(header.id), identity, values))
     return sources
 
 
@@ -171,15 +155,14 @@ _WORKER: dict = {}
 
 
 def _init_worker(mode: str, types: Sequence[str], aligned: bool, nose_covered: float) -> None:
-    _WORKER.update(masker=Masker(mode, types, aligned, nose_covered), maps={})
+    _WORKER.update(masker=Masker(mode, types, aligned, nose_covered), recs={})
 
 
 def _read_payload(path: str, offset: int) -> bytes:
-    maps = _WORKER["maps"]
-    if path not in maps:
-        f = open(path, "rb")
-        maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return unpack_record(read_frame(maps[path], offset)[0])[1]
+    recs = _WORKER["recs"]
+    if path not in recs:  # kept open (mapped) for the worker's life: sources come from every shard
+        recs[path] = RecordIO(path, "r")
+    return unpack_record(recs[path].read_at(offset))[1]
 
 
 def mask_records(payloads: Sequence[bytes], seeds: Sequence[int], masker: Masker) -> list[tuple]:

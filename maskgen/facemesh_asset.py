@@ -47,10 +47,6 @@ class MeshAsset:
     ring: np.ndarray  # [E] 1 = next to the outline, 2 = the next row out
     chain: np.ndarray  # [C] the outline vertices the rings follow, in order
 
-    @property
-    def num_landmarks(self) -> int:
-        return NUM_LANDMARKS
-
     def pose(self, landmarks: np.ndarray) -> np.ndarray:
         """The best affine map `[3, 4]` from the canonical mesh to detected landmarks `[468, 3]`."""
         return (self._pose_solver @ landmarks).T

@@ -14,12 +14,22 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Optional
 
+import cv2
 import numpy as np
 
-import cv2
-
-from pipeline.landmarks import (ARCFACE_ROI, LEFT_BROW, LEFT_EYE, RIGHT_BROW, RIGHT_EYE, FaceMeshDetector,
-                                arcface_template, five_points, landmarks_roi, similarity_transform, template_rms)
+from pipeline.landmarks import (
+    ARCFACE_ROI,
+    LEFT_BROW,
+    LEFT_EYE,
+    RIGHT_BROW,
+    RIGHT_EYE,
+    FaceMeshDetector,
+    arcface_template,
+    five_points,
+    landmarks_roi,
+    similarity_transform,
+    template_rms,
+)
 
 from .facemesh_asset import NUM_LANDMARKS, load_asset
 

@@ -12,8 +12,8 @@ import numpy as np
 from .composite import composite, measure
 from .facemesh_asset import head_yaw
 from .landmarks import CropLandmarker, eye_keep_out
-from .seeds import image_rng
 from .render3d import MeshRenderer
+from .seeds import image_rng
 from .shapes import MASK_TYPES, MaskShape, draw_shape
 from .textures import Style, UVCanvas, draw_style, render_texture
 from .warp2d import SplineWarper

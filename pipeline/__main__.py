@@ -1,4 +1,4 @@
-"""`python -m pipeline pack|verify`: the offline stage of the data path (DESIGN.md section 2)."""
+"""`python -m pipeline pack|verify`: the offline stage of the data path (docs/design.md, "Commands")."""
 from __future__ import annotations
 
 import argparse

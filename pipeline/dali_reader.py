@@ -1,6 +1,7 @@
 """The training reader: one DALI pipeline per rank over every shard of a packed dataset.
 
-DALI facts this relies on (measured with DALI 2.4, see tests/test_dali_reader.py):
+DALI facts this relies on (measured with DALI 2.4; the reader tests in tests/test_verify_and_readers.py
+hold it to them):
 - `fn.readers.mxnet` takes ONE index for all `.rec` files, with offsets running on across the files in
   the order given; it sorts by offset and ignores the keys. We write that index from the per-shard ones.
 - With `num_shards=W`, DALI shard s is records [N*s//W, N*(s+1)//W) of that order; without
@@ -44,7 +45,8 @@ def dali_shard_bounds(num_samples: int, shard: int, num_shards: int) -> tuple[in
 
 
 class DaliTrainLoader:
-    """Batches `(images [B,3,H,W] float32 in [-1,1], labels int64 [B])` on `device`, per rank.
+    """A `pipeline.loader.TrainLoader`: batches `(images [B,3,H,W] float32 in [-1,1], labels int64 [B])` on
+    `device`, per rank.
 
     `drop_last=True` (training): every rank yields `steps_per_epoch` full batches per epoch.
     `drop_last=False` (evaluation, tests): every real sample of the rank's shard once per epoch.
@@ -56,7 +58,7 @@ class DaliTrainLoader:
                  seed: int = 0, device: str | torch.device = "cpu", num_threads: int = 2,
                  augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
                  initial_fill: int = 4096, prefetch: int = 2, hw_decoder_load: float = 0.65,
-                 return_label_vectors: bool = False) -> None:
+                 return_label_vectors: bool = False, dont_use_mmap: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         self.label_fields = list(self.manifest["label_fields"])
@@ -68,6 +70,9 @@ class DaliTrainLoader:
         self.augment = AugmentConfig.from_dict(augment)
         self.num_threads, self.initial_fill, self.prefetch = num_threads, initial_fill, prefetch
         self.hw_decoder_load = hw_decoder_load
+        # DALI advises plain reads over mmap on network file systems (NFS, Lustre, ...), where page faults
+        # of a mapped file stall the reader threads
+        self.dont_use_mmap = dont_use_mmap
         self.return_label_vectors = return_label_vectors
         self.skipped_records = 0  # DALI cannot skip undecodable records; `pipeline verify --decode` finds them
         sizes = [dali_shard_bounds(self.num_samples, s, world_size) for s in range(world_size)]
@@ -99,7 +104,7 @@ class DaliTrainLoader:
             jpegs, labels = fn.readers.mxnet(
                 path=self._recs, index_path=[str(self._tmp / "all.idx")], shard_id=self.rank,
                 num_shards=self.world_size, random_shuffle=self.shuffle, initial_fill=self.initial_fill,
-                pad_last_batch=True, stick_to_shard=False, name="reader")
+                pad_last_batch=True, stick_to_shard=False, dont_use_mmap=self.dont_use_mmap, name="reader")
             if gpu:
                 images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
                                            hw_decoder_load=self.hw_decoder_load)
@@ -152,7 +157,7 @@ class DaliTrainLoader:
         total = self._batches_this_dali_epoch()
         wanted = self.steps_per_epoch if self.drop_last else total
         while self.step < wanted:
-            images, labels = self._pipe.run()
+            images, labels = self._run()
             self._dali_batches += 1
             self.step += 1
             keep = self.batch_size
@@ -160,12 +165,21 @@ class DaliTrainLoader:
                 keep = real - (total - 1) * self.batch_size
             yield self._to_torch(images, labels, keep)
         while self._dali_batches < total:  # batches past the drop-last cut keep DALI's epochs aligned
-            self._pipe.run()
+            self._run()
             self._dali_batches += 1
         self.epoch += 1
         self._dali_epoch += 1
         self.step = 0
         self._dali_batches = 0
+
+    def _stream(self) -> Optional["torch.cuda.Stream"]:
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _run(self):
+        """One DALI batch. On the GPU its outputs are ordered on torch's current stream instead of
+        synchronised with the host (`run()` without a stream waits for the GPU work of the batch)."""
+        stream = self._stream()
+        return self._pipe.run(stream) if stream is not None else self._pipe.run()
 
     def _to_torch(self, images, labels, keep: int) -> tuple[torch.Tensor, ...]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -174,7 +188,7 @@ class DaliTrainLoader:
         lab_t = labels.as_tensor()
         out_img = torch.empty(img_t.shape(), dtype=torch.float32, device=self.device)
         out_lab = torch.empty(lab_t.shape(), dtype=torch.float32, device=self.device)
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        stream = self._stream()
         feed_ndarray(img_t, out_img, cuda_stream=stream)
         feed_ndarray(lab_t, out_lab, cuda_stream=stream)
         out_img, out_lab = out_img[:keep], out_lab[:keep]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .augment import AugmentConfig, augment_numpy, normalise
+from .augment import AugmentConfig, apply_numpy, normalise, record_draws
 from .imageio import ImageRejected, decode_jpeg_rgb
 from .manifest import decode_identity, load_manifest
 from .recordio import RecordIO, RecordIOError, read_index, unpack_record
@@ -81,8 +81,8 @@ class PackedDataset(Dataset):
         if self.raw:
             tensor = torch.from_numpy(np.ascontiguousarray(rgb))
         else:
-            rng = np.random.Generator(np.random.PCG64((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index))
-            chw = torch.from_numpy(np.ascontiguousarray(augment_numpy(rgb, self.augment, rng).transpose(2, 0, 1)))
+            (draw,) = record_draws(*rgb.shape[:2], self.augment, self.seed, self.epoch, [index])
+            chw = torch.from_numpy(np.ascontiguousarray(apply_numpy(rgb, draw).transpose(2, 0, 1)))
             tensor = chw if self.uint8_chw else normalise(chw)
         if self.return_label_vector:
             return tensor, identity, torch.from_numpy(vector)
@@ -129,43 +129,28 @@ class _EpochSampler(Sampler):
         return len(self.indices)
 
 
-class TorchTrainLoader:
-    """The DALI reader's interface over PackedDataset + DataLoader (see pipeline.loader).
+class PermutationShards:
+    """Which records a rank reads, and the resume state, of the readers over PackedDataset (torch, nvjpeg).
 
     Each epoch draws one global permutation from (seed, epoch); rank r takes positions r, r+W, ... of
     it, cut to the same length on every rank. Resume with another world size is exact too: the consumed
-    prefix of the global permutation is known from (step, batch size, old world size).
+    prefix of the global permutation is known from (step, batch size, old world size). A subclass sets
+    `backend`, `num_samples`, `batch_size`, `rank`, `world_size`, `seed`, `drop_last`, `shuffle`, then
+    calls `_start_shards()`.
     """
 
-    backend = "torch"
+    backend = ""
 
-    def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 2,
-                 augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
-                 return_label_vectors: bool = False) -> None:
-        self.dataset = PackedDataset(data_dir, augment=AugmentConfig.from_dict(augment),
-                                     return_label_vector=return_label_vectors, seed=seed, uint8_chw=True)
-        self.label_fields = self.dataset.label_fields
-        self.num_classes = self.dataset.num_classes
-        self.num_samples = len(self.dataset)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
-        self.device = torch.device(device)
-        self.num_workers = num_workers
-        per_rank = self.num_samples // world_size
-        if drop_last and per_rank < batch_size:
-            raise ValueError(f"{self.num_samples} samples over {world_size} ranks leave fewer than one batch "
-                             f"of {batch_size} per rank")
-        self.steps_per_epoch = per_rank // batch_size if drop_last else None
+    def _start_shards(self) -> None:
+        per_rank = self.num_samples // self.world_size
+        if self.drop_last and per_rank < self.batch_size:
+            raise ValueError(f"{self.num_samples} samples over {self.world_size} ranks leave fewer than one "
+                             f"batch of {self.batch_size} per rank")
+        self.steps_per_epoch = per_rank // self.batch_size if self.drop_last else None
         self.epoch = 0
         self.step = 0
         self._consumed = 0  # samples of the global permutation consumed before this run's first step
         self.skipped_records = 0
-        self._sampler = _EpochSampler()
-        # one DataLoader for the whole run: workers start once, not every epoch
-        self._loader = DataLoader(_SkippingView(self.dataset), batch_size=batch_size, sampler=self._sampler,
-                                  num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
-                                  pin_memory=self.device.type == "cuda")
 
     def _rank_indices(self) -> list[int]:
         """This rank's share of what is left of this epoch's global permutation."""
@@ -180,23 +165,13 @@ class TorchTrainLoader:
             mine = mine[: len(rest) // self.world_size]
         return mine
 
-    def __len__(self) -> int:
-        n = len(self._rank_indices())
+    def _num_batches(self, n: int) -> int:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        indices = self._rank_indices()
-        total = len(indices) // self.batch_size if self.drop_last else -(-len(indices) // self.batch_size)
-        self._sampler.indices = indices[self.step * self.batch_size:]
-        self._sampler.epoch = self.epoch
-        for batch in self._loader:
-            if self.step >= total:
-                break
-            *data, replaced = batch
-            self.skipped_records += int(replaced.sum())
-            self.step += 1
-            images, *rest = (t.to(self.device, non_blocking=True) for t in data)
-            yield (normalise(images), *rest)
+    def __len__(self) -> int:
+        return self._num_batches(len(self._rank_indices()))
+
+    def _end_epoch(self) -> None:
         self.epoch += 1
         self.step = 0
         self._consumed = 0
@@ -217,3 +192,45 @@ class TorchTrainLoader:
             self.step = state["step"]
         else:
             self._consumed = state["consumed"]
+
+
+class TorchTrainLoader(PermutationShards):
+    """A `pipeline.loader.TrainLoader`, as the DALI reader, over PackedDataset + DataLoader, the records
+    dealt out by PermutationShards."""
+
+    backend = "torch"
+
+    def __init__(self, data_dir: str | os.PathLike, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 2,
+                 augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
+                 return_label_vectors: bool = False) -> None:
+        self.dataset = PackedDataset(data_dir, augment=AugmentConfig.from_dict(augment),
+                                     return_label_vector=return_label_vectors, seed=seed, uint8_chw=True)
+        self.label_fields = self.dataset.label_fields
+        self.num_classes = self.dataset.num_classes
+        self.num_samples = len(self.dataset)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
+        self.device = torch.device(device)
+        self.num_workers = num_workers
+        self._start_shards()
+        self._sampler = _EpochSampler()
+        # one DataLoader for the whole run: workers start once, not every epoch
+        self._loader = DataLoader(_SkippingView(self.dataset), batch_size=batch_size, sampler=self._sampler,
+                                  num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
+                                  pin_memory=self.device.type == "cuda")
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        indices = self._rank_indices()
+        total = self._num_batches(len(indices))
+        self._sampler.indices = indices[self.step * self.batch_size:]
+        self._sampler.epoch = self.epoch
+        for batch in self._loader:
+            if self.step >= total:
+                break
+            *data, replaced = batch
+            self.skipped_records += int(replaced.sum())
+            self.step += 1
+            images, *rest = (t.to(self.device, non_blocking=True) for t in data)
+            yield (normalise(images), *rest)
+        self._end_epoch()

@@ -1,11 +1,10 @@
-"""The packed dataset's `manifest.json` (DESIGN.md section 1)."""
+"""The packed dataset's `manifest.json` (docs/design.md, "A packed dataset is a folder")."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from .atomic import atomic_write_json
 

@@ -27,11 +27,20 @@ from typing import Iterable, Optional
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import atomic_write_bytes, atomic_write_json
 from .imageio import RESIZE_MODES, ImageRejected, prepare_image
-from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from .manifest import MANIFEST, VERSION, identity_label_fields, identity_label_vector, load_manifest
-from .recordio import (IndexedRecordIO, IRHeader, RecordIOError, first_label, format_index, frame_record,
-                       pack_record, read_frame, unpack_record)
+from .recordio import (
+    IndexedRecordIO,
+    IRHeader,
+    RecordIO,
+    RecordIOError,
+    first_label,
+    frame_record,
+    pack_record,
+    unpack_record,
+)
+from .shards import ShardWriter
 from .sources import Item, Skip, SourceError, list_source
 
 STATE_DIR = ".pack-state"
@@ -106,13 +115,9 @@ def _read_input(item: Item) -> bytes:
         with open(item.path, "rb") as f:
             return f.read()
     recs = _WORKER["recs"]
-    if item.path not in recs:
-        import mmap
-
-        f = open(item.path, "rb")
-        recs[item.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    payload, _ = read_frame(recs[item.path], item.offset)
-    return unpack_record(payload)[1]
+    if item.path not in recs:  # kept open (mapped) for the worker's life: a source .rec is read throughout
+        recs[item.path] = RecordIO(item.path, "r")
+    return unpack_record(recs[item.path].read_at(item.offset))[1]
 
 
 def _process(task: Task):
@@ -137,65 +142,6 @@ def _process(task: Task):
         label = (label or [float(task.class_id)]) + list(task.attributes)
     header = IRHeader(0, float(task.class_id) if label is None else label, task.rec_id, 0)
     return "ok", frame_record(pack_record(header, jpeg)), digest, notes
-
-
-# ---------------------------------------------------------------------------------------------- writing
-class ShardWriter:
-    """Writes `<prefix>-NNNNN.rec/.idx` under temporary names; `finish()` renames a full shard into place."""
-
-    def __init__(self, out: Path, prefix: str, max_bytes: int, first_index: int = 0) -> None:
-        self.out, self.prefix, self.max_bytes = out, prefix, max_bytes
-        self.index = first_index
-        self._rec = None
-
-    def _names(self) -> tuple[str, str]:
-        return f"{self.prefix}-{self.index:05d}.rec", f"{self.prefix}-{self.index:05d}.idx"
-
-    def _open(self) -> None:
-        rec, _ = self._names()
-        self._rec = open(self.out / (rec + ".partial"), "wb")
-        self._sha = hashlib.sha256()
-        self._keys: list[int] = []
-        self._offsets: list[int] = []
-        self._hashes: list[bytes] = []
-        self._pos = 0
-
-    def add(self, key: int, framed: bytes, content_hash: bytes) -> bool:
-        """Append a framed record; True when the shard reached its size and should be finished."""
-        if self._rec is None:
-            self._open()
-        self._rec.write(framed)
-        self._sha.update(framed)
-        self._keys.append(key)
-        self._offsets.append(self._pos)
-        self._hashes.append(content_hash)
-        self._pos += len(framed)
-        return self._pos >= self.max_bytes
-
-    @property
-    def pending(self) -> bool:
-        return self._rec is not None
-
-    def finish(self, kind: str) -> tuple[dict, list[bytes]]:
-        rec, idx = self._names()
-        self._rec.flush()
-        os.fsync(self._rec.fileno())
-        self._rec.close()
-        idx_bytes = format_index(self._keys, self._offsets)
-        atomic_write_bytes(self.out / idx, idx_bytes)
-        os.replace(self.out / (rec + ".partial"), self.out / rec)
-        fsync_dir(self.out)
-        entry = {"rec": rec, "idx": idx, "count": len(self._keys), "kind": kind, "bytes": self._pos,
-                 "sha256": self._sha.hexdigest(), "idx_sha256": hashlib.sha256(idx_bytes).hexdigest()}
-        hashes = self._hashes
-        self._rec = None
-        self.index += 1
-        return entry, hashes
-
-    def abandon(self) -> None:
-        if self._rec is not None:
-            self._rec.close()
-            self._rec = None
 
 
 # ---------------------------------------------------------------------------------------------- planning

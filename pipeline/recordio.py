@@ -9,6 +9,10 @@ magic back between them. Only the last part is padded, to the 4-byte boundary of
 The payload of an image record is the `IRHeader` (flag uint32, label float32, id uint64, id2 uint64),
 then `flag` float32 label values when flag > 0, then the encoded image.
 The `.idx` file is `key<TAB>byte offset` lines.
+
+This is the one module that knows the framing and maps record files: everything else reads through
+`RecordIO`/`IndexedRecordIO`, `read_frame`/`peek_header` over a `map_file` buffer, and writes through
+`frame_record` (whole shards: `pipeline.shards.ShardWriter`).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import mmap
 import numbers
 import os
 import struct
-from typing import BinaryIO, Iterator, NamedTuple, Sequence, Union
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -28,6 +33,7 @@ IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)
 
 Label = Union[float, np.ndarray]
+Buffer = Union[bytes, memoryview, mmap.mmap]
 
 
 class RecordIOError(ValueError):
@@ -105,7 +111,7 @@ def _aligned_magic_positions(view: memoryview, limit: int) -> list[int]:
     return (np.flatnonzero(words == MAGIC) * 4).tolist()
 
 
-def read_frame(buf: bytes | memoryview | mmap.mmap, offset: int) -> tuple[bytes, int]:
+def read_frame(buf: Buffer, offset: int) -> tuple[bytes, int]:
     """Read the (possibly multi-part) record starting at `offset`; return (payload, offset after it)."""
     total = len(buf)
     parts = []
@@ -144,6 +150,46 @@ def read_frame(buf: bytes | memoryview | mmap.mmap, offset: int) -> tuple[bytes,
     return bytes(payload), pos
 
 
+def open_map(path: str | os.PathLike) -> Buffer:
+    """The whole file mapped read-only; `b""` for an empty file (mmap refuses those: an empty RecordIO file
+    is just no records). The map outlives the file handle; release it with `close_map`."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+
+
+def close_map(buf: Buffer) -> None:
+    if isinstance(buf, mmap.mmap):
+        buf.close()
+
+
+@contextmanager
+def map_file(path: str | os.PathLike) -> Iterator[Buffer]:
+    """`open_map` for the length of a `with` block."""
+    buf = open_map(path)
+    try:
+        yield buf
+    finally:
+        close_map(buf)
+
+
+def peek_header(buf: Buffer, offset: int) -> Optional[IRHeader]:
+    """The IRHeader of the record at `offset` from its first bytes alone (a scan of ids and labels reads a
+    few bytes per record, not every image). None when the first part cannot tell: the record is split
+    before its label ends, or malformed (then `read_frame` of the whole record says what is wrong)."""
+    if offset < 0 or offset + 8 + IR_SIZE > len(buf):
+        return None
+    magic, lrec = struct.unpack_from("<II", buf, offset)
+    if magic != MAGIC or lrec >> 29 not in (0, 1):
+        return None
+    flag, label, rid, rid2 = struct.unpack_from(IR_FORMAT, buf, offset + 8)
+    if (lrec & _LEN_MASK) < IR_SIZE + 4 * flag:
+        return None
+    if flag > 0:
+        label = np.array(struct.unpack_from(f"<{flag}f", buf, offset + 8 + IR_SIZE), dtype=np.float32)
+    return IRHeader(flag, label, rid, rid2)
+
+
 class RecordIO:
     """Sequential RecordIO file: mode 'r' (scan) or 'w' (append records)."""
 
@@ -153,7 +199,7 @@ class RecordIO:
         self.path = os.fspath(path)
         self.mode = mode
         self._file: BinaryIO | None = None
-        self._map: mmap.mmap | bytes | None = None
+        self._map: Optional[Buffer] = None
         self._pos = 0
         self.open()
 
@@ -162,15 +208,12 @@ class RecordIO:
             self._file = open(self.path, "wb")
             self._pos = 0
             return
-        self._file = open(self.path, "rb")
-        size = os.fstat(self._file.fileno()).st_size
-        # mmap of an empty file is an error; an empty RecordIO file is just no records.
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        self._map = open_map(self.path)
         self._pos = 0
 
     def close(self) -> None:
-        if isinstance(self._map, mmap.mmap):
-            self._map.close()
+        if self._map is not None:
+            close_map(self._map)
         self._map = None
         if self._file is not None:
             self._file.close()

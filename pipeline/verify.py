@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import mmap
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .imageio import ImageRejected, decode_jpeg_rgb
 from .manifest import ManifestError, decode_identity, load_manifest
-from .recordio import RecordIOError, read_frame, read_index, unpack_record
+from .recordio import RecordIOError, map_file, read_frame, read_index, unpack_record
 
 
 class VerifyError(RuntimeError):
@@ -67,10 +66,8 @@ def _verify_shard(data_dir: Path, shard: dict, fields: list, num_classes: int, i
         keys, offsets = read_index(idx_path)
     except RecordIOError as e:
         raise VerifyError(f"{shard['idx']}: {e}") from None
-    with open(rec_path, "rb") as f:
-        size = f.seek(0, 2)
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    try:
+    with map_file(rec_path) as buf:
+        size = len(buf)
         sha = hashlib.sha256(buf).hexdigest()
         scanned: list[int] = []
         pos = 0
@@ -96,9 +93,6 @@ def _verify_shard(data_dir: Path, shard: dict, fields: list, num_classes: int, i
             scanned.append(pos)
             bar.update(nxt - pos)
             pos = nxt
-    finally:
-        if isinstance(buf, mmap.mmap):
-            buf.close()
     if sha != shard["sha256"]:
         raise VerifyError(f"{name}: sha256 {sha[:16]}... differs from the manifest's {shard['sha256'][:16]}...")
     if "idx_sha256" in shard:
@@ -111,4 +105,5 @@ def _verify_shard(data_dir: Path, shard: dict, fields: list, num_classes: int, i
         raise VerifyError(f"{shard['idx']}: duplicate keys")
     if sorted(offsets) != scanned:
         bad = sorted(set(offsets) ^ set(scanned))
-        raise VerifyError(f"{shard['idx']}: index and {name} disagree (first differing offset {bad[0] if bad else '?'})")
+        raise VerifyError(f"{shard['idx']}: index and {name} disagree "
+                          f"(first differing offset {bad[0] if bad else '?'})")

@@ -13,6 +13,9 @@ python -m pipeline pack "$faces" --out "$work/glint24" --holdout 5 --shard-size 
 python -m pipeline verify "$work/glint24"
 maskgen build --ratio 0.05 --data "$work/glint24" --mode mixed
 maskgen preview --data "$work/glint24" -n 32 --out "$work/masked_preview.png"
-torchrun --standalone --nproc_per_node="${NPROC:-2}" trainer/main.py --config trainer/configs/cpu_demo.py \
-  --data "$work/glint24" --output "$work/run"
+# The launcher runs as the venv's python, so that its workers do too: a venv that keeps a system CUDA torch
+# (--system-site-packages) has no torchrun of its own, and a bare `torchrun` would be the base interpreter's,
+# whose workers lack DALI and the project's dependencies.
+"$root/.venv/bin/python" -m torch.distributed.run --standalone --nproc_per_node="${NPROC:-2}" trainer/main.py \
+  --config trainer/configs/cpu_demo.py --data "$work/glint24" --output "$work/run"
 python -m trainer.eval --checkpoint "$work/run/model.pt" --pairs "$work/glint24/holdout_pairs.bin"

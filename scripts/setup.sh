@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Creates .venv in the repository root with every dependency, idempotently.
 # A CUDA build of torch already importable by python3 is kept (the venv then sees the system site-packages);
-# otherwise torch==2.13.0 (the CPU build) is installed.
+# otherwise torch==2.13.0 (the CPU build) is installed. DALI is the build for that torch's CUDA major
+# (scripts/dali_package.py; DALI_PACKAGE overrides it), and a GPU that torch cannot use is said out loud.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 PY="${PYTHON:-python3}"
-DALI_PACKAGE="${DALI_PACKAGE:-nvidia-dali-cuda120==2.4.0}"
 stamp=".venv/.setup-done"
-want="$(cat setup.cfg scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$(cat setup.cfg scripts/setup.sh scripts/dali_package.py | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  # installed already; still warn on every run when a GPU is here but the venv's torch cannot use it
+  .venv/bin/python scripts/dali_package.py --base-python "$PY" >/dev/null || true
   exit 0
 fi
 if [ ! -x .venv/bin/python ]; then
@@ -29,5 +31,7 @@ fi
 # without dependencies, so that neither a CPU nor a kept CUDA torch is ever swapped for PyPI's CUDA build.
 tv="$(.venv/bin/python -c 'import torch; print("0.%d.*" % (int(torch.__version__.split(".")[1]) + 15))')"
 "${pip[@]}" install --no-deps "torchvision==$tv"
-"${pip[@]}" install "$DALI_PACKAGE" -e ".[mask,export,test,timm]"
+dali="${DALI_PACKAGE:-$(.venv/bin/python scripts/dali_package.py --base-python "$PY")}"
+echo "setup: DALI package $dali" >&2
+"${pip[@]}" install "$dali" -e ".[mask,export,test,timm]"
 echo "$want" > "$stamp"

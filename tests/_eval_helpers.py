@@ -1,5 +1,6 @@
 """Small real inputs for the evaluation/export tests: face folders cut from glint24, .bin packs, model.pt
-files of a real backbone, and a packed set with masked copies laid out as DESIGN.md section 1 says."""
+files of a real backbone, a packed set with masked copies laid out as DESIGN.md section 1 says, and a
+small random conv net."""
 from __future__ import annotations
 
 import pickle
@@ -12,6 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDING = 64
@@ -31,6 +33,12 @@ def face_folder(glint24: Path, out: Path, identities: int, per_identity: int) ->
 
 def read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def face_images(faces: Path) -> dict[str, list[np.ndarray]]:
+    """{person: RGB images} of a face_folder, in file order."""
+    people = sorted(p for p in faces.iterdir())
+    return {p.name: [read_rgb(f) for f in sorted(p.glob("*.png"))] for p in people}
 
 
 def encode(rgb: np.ndarray, ext: str = ".png") -> bytes:
@@ -111,3 +119,17 @@ def add_masked_shard(data_dir: Path, every: int = 2) -> list[dict]:
     manifest["maskgen"] = {"mask_types": {"1": "surgical", "2": "kn95"}}  # the names maskgen gives codes
     write_manifest(data_dir, manifest)
     return copies
+
+
+class SmallConv(nn.Module):
+    """A random conv net with BatchNorm (to see that eval mode is used and restored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 5, 4), nn.BatchNorm2d(8), nn.PReLU(8),
+                                  nn.Conv2d(8, 16, 3, 2), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                  nn.Linear(64, 16))
+
+    def forward(self, x):
+        return self.body(x)

@@ -12,8 +12,10 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from tests.conftest import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-GLINT24 = REPO.parent / "shared" / "data" / "glint24"
+GLINT24 = SHARED_DATA / "glint24"
 PYTHON = sys.executable
 
 
@@ -111,7 +113,9 @@ class TinyNet(nn.Module):
 
 
 class FakeLoader:
-    """pipeline.loader's interface over fixed random tensors (for in-process unit tests)."""
+    """A `pipeline.loader.TrainLoader` over fixed random tensors (for in-process unit tests), one rank."""
+
+    rank, world_size = 0, 1
 
     def __init__(self, num_classes: int = 10, batch_size: int = 4, steps_per_epoch: int = 5, seed: int = 0,
                  shape=(3, 8, 8)) -> None:
@@ -128,6 +132,9 @@ class FakeLoader:
             yield self.images[i].clone(), self.labels[i].clone()
         self.epoch += 1
         self.step = 0
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step}

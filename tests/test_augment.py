@@ -76,3 +76,24 @@ def test_crop_and_colour_jitter_run_in_either_reader(packed_glint, backend):
 def test_unknown_augmentation_key_is_an_error():
     with pytest.raises(ValueError, match="erase_q"):
         AugmentConfig.from_dict({"erase_q": 0.5})
+
+
+def test_record_uniforms_are_a_fixed_uniform_hash_of_seed_epoch_and_index():
+    from pipeline.augment import DRAW_SLOTS, UniformStream, augment_uniforms, record_draws
+
+    u = augment_uniforms(3, 1, np.arange(50_000))
+    assert u.shape == (50_000, DRAW_SLOTS) and 0.0 <= u.min() and u.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.std() - 12 ** -0.5) < 0.005
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.02 and abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.02
+    # a record's numbers do not depend on the batch it is read in; seed and epoch change them all
+    assert np.array_equal(augment_uniforms(3, 1, [7, 123])[1], u[123])
+    assert not np.isclose(augment_uniforms(4, 1, [123]), u[123]).any()
+    assert not np.isclose(augment_uniforms(3, 2, [123]), u[123]).any()
+    stream = UniformStream(np.array([0.0, 0.999999, 0.5]))
+    assert stream.integers(3, 7) == 3 and stream.integers(3, 7) == 6 and stream.uniform(2.0, 4.0) == 3.0
+    with pytest.raises(IndexError):
+        stream.random()
+    cfg = AugmentConfig(crop_area=0.5, erase_p=1.0, brightness=0.1, contrast=0.1, saturation=0.1, grey_p=0.5)
+    draws = record_draws(112, 96, cfg, 0, 0, range(200))  # every option on: the slots suffice
+    assert all(d.crop is not None and d.erase is not None for d in draws)
+    assert 60 < sum(d.flip for d in draws) < 140 and 60 < sum(d.grey for d in draws) < 140

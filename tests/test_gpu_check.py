@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,14 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import SHARED_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-GLINT = REPO.parent / "shared" / "data" / "glint24"
+GLINT = SHARED_DATA / "glint24"
 IDENTITIES = ["Barack Obama", "Daniel Radcliffe", "Drew Barrymore", "Halle Berry"]
 
 # The smallest sizes that still run every code path of the CPU path.
 TINY = ["--device", "cpu", "--threads", "1", "--dali-batch", "16", "--dali-batches", "4",
-        "--reader-threads", "2", "--pfc-classes", "2000", "--pfc-batch", "16", "--network", "mbf",
-        "--batch", "4", "--train-classes", "100", "--warmup", "1", "--steps", "1"]
+        "--nvjpeg-batches", "3", "--reader-threads", "2", "--pfc-classes", "2000", "--pfc-batch", "16",
+        "--network", "mbf", "--batch", "4", "--train-classes", "100", "--warmup", "1", "--steps", "1",
+        "--converge-steps", "5", "--sync-steps", "2"]
 
 
 def run_check(args: list[str], results: Path, block_dali: bool = False) -> subprocess.CompletedProcess:
@@ -69,13 +73,27 @@ def test_cpu_path_runs_every_check(packed, tmp_path):
     by_check = {}
     for r in rows:
         by_check.setdefault(r["check"], []).append(r)
-    assert set(by_check) == {"DALI reader decode", "Partial FC step", "training step, synthetic batch",
-                             "reader keeps the GPU busy"}
+    assert set(by_check) == {"DALI reader decode", "nvJPEG reader decode", "Partial FC step",
+                             "training step, synthetic batch", "reader keeps the GPU busy", "host syncs per step",
+                             "5 training steps on real data"}
 
     # DALI on the CPU: one row; 160 images make exactly 10 batches of 16 per epoch, so 4 timed batches
     # deliver 64 images whichever epoch they fall in.
     (dali,) = by_check["DALI reader decode"]
     assert "device='cpu'" in dali["settings"] and dali["extra"]["images"] == 64 and dali["value"] > 0
+
+    # nvJPEG reader: its own code with the CPU stand-in decoder; 3 timed batches of 16 after the warm-up.
+    (nvjpeg,) = by_check["nvJPEG reader decode"]
+    assert "CPU stand-in decoder" in nvjpeg["settings"] and "112x112" in nvjpeg["settings"]
+    assert nvjpeg["extra"]["images"] == 48 and nvjpeg["value"] > 0 and "on a GPU" in nvjpeg["goal"]
+
+    # Real data: 5 finite losses through the trainer's reader (the CPU has no host syncs to count).
+    (converge,) = by_check["5 training steps on real data"]
+    losses = converge["extra"]["losses"]
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses) and "4 classes" in converge["settings"]
+    assert "falls, no NaN" in converge["goal"]
+    (syncs,) = by_check["host syncs per step"]
+    assert syncs["value"] is None and "not counted" in syncs["result"] and "last 2 of 5 steps" in syncs["settings"]
 
     # Partial FC: both sample rates, and the sampled one really uses a tenth of the class rows per step.
     pfc = {r["extra"]["sample_rate"]: r for r in by_check["Partial FC step"]}
@@ -124,6 +142,8 @@ def test_gpu_preset_is_what_issue_8_asks():
     assert gpu.dali_batch >= 512 and gpu.dali_loads == (0.65, 0.9)
     assert gpu.pfc_classes == 1_000_000 and gpu.pfc_rates == (0.1, 1.0)
     assert (gpu.network, gpu.batch, gpu.amp) == ("r50", 512, "bf16")
+    assert gpu.nvjpeg_batches * gpu.dali_batch >= 50_000  # a second or more at the 30,000 images/s goal
+    assert gpu.converge_steps == 50 and 0 < gpu.sync_steps < gpu.converge_steps
     cpu = sizes_for(parse_args(["--batch", "3"]), torch.device("cpu"))
     assert cpu.batch == 3 and cpu.dali_loads == () and cpu.pfc_classes < 100_000
     with pytest.raises(SystemExit):

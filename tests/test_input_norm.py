@@ -75,7 +75,7 @@ def test_unknown_input_norm_is_refused():
 
 def test_backbone_with_lcn_exports_to_onnx(tmp_path):
     """The kernel has a fixed shape, so the exported graph matches PyTorch (export checks, or raises)."""
-    from trainer.export import export_onnx
+    from trainer.model_io.export import export_onnx
 
     model = build_backbone("mbf", embedding_size=32, scale=1, units=(1, 2, 3, 1), resolution=56,
                            input_norm="lcn").eval()

@@ -9,8 +9,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.recordio import (MAGIC_BYTES, MAX_RECORD, IndexedRecordIO, IRHeader, RecordIO, RecordIOError,
-                               frame_record, pack_record, read_frame, read_index, unpack_record)
+from pipeline.recordio import (
+    MAGIC_BYTES,
+    MAX_RECORD,
+    IndexedRecordIO,
+    IRHeader,
+    RecordIO,
+    RecordIOError,
+    frame_record,
+    map_file,
+    pack_record,
+    peek_header,
+    read_frame,
+    read_index,
+    unpack_record,
+)
 
 
 def payloads() -> list[bytes]:
@@ -105,6 +118,45 @@ def test_typed_errors(tmp_path):
     bad_idx.write_text("1\tnotanumber\n")
     with pytest.raises(RecordIOError, match="non-integer"):
         read_index(bad_idx)
+
+
+def test_peek_header_agrees_with_the_whole_record_or_declines():
+    magic_label = np.frombuffer(MAGIC_BYTES, dtype="<f4")[0]  # a label value whose bytes are the magic
+    headers = [IRHeader(0, 7.0, 1, 2), IRHeader(0, np.array([3, 1, 2], np.float32), 3, 4),
+               IRHeader(0, np.array([5, magic_label, 6], np.float32), 5, 6),  # split inside the label
+               IRHeader(0, 2.0, 7, 8)]
+    images = [b"JPEG", b"", MAGIC_BYTES + b"img", b"xyzw" * 3 + MAGIC_BYTES]  # the last: split in the image
+    buf = b""
+    offsets = []
+    for h, img in zip(headers, images):
+        offsets.append(len(buf))
+        buf += frame_record(pack_record(h, img))
+    peeked = [peek_header(buf, off) for off in offsets]
+    assert peeked[2] is None  # its first part ends before the label does
+    for off, got in zip(offsets, peeked):
+        if got is None:
+            continue
+        want, _ = unpack_record(read_frame(buf, off)[0])
+        assert (got.flag, got.id, got.id2) == (want.flag, want.id, want.id2)
+        assert np.array_equal(np.atleast_1d(got.label), np.atleast_1d(want.label))
+        assert isinstance(got.label, float) == isinstance(want.label, float)
+    # not the start of a record: a continuation part, a bad magic, past the end
+    assert peek_header(buf, offsets[2] + 8 + 28) is None
+    assert peek_header(b"\0" * 4 + buf[4:], 0) is None
+    assert peek_header(buf, len(buf) - 4) is None
+
+
+def test_map_file_maps_records_and_empty_files(tmp_path):
+    rec = tmp_path / "a.rec"
+    rec.write_bytes(frame_record(b"abc") + frame_record(b"defgh"))
+    with map_file(rec) as buf:
+        assert read_frame(buf, 0) == (b"abc", 8 + 4)
+        assert read_frame(buf, 12)[0] == b"defgh"
+    (tmp_path / "empty.rec").write_bytes(b"")
+    with map_file(tmp_path / "empty.rec") as buf:
+        assert len(buf) == 0
+    with RecordIO(tmp_path / "empty.rec", "r") as r:
+        assert r.read() is None and list(r.scan()) == []
 
 
 def _scan_all(buf: bytes) -> int:

@@ -103,7 +103,7 @@ def test_aaface_runs_its_three_stages_and_logs_the_attribute_loss(data, tmp_path
         expected = r.get("loss_fr", 0.0) + r.get("loss_attr", 0.0)  # lambdas of 1
         assert r["loss"] == pytest.approx(expected, rel=1e-5)
     # model.pt rebuilds the AAFace network in its last stage
-    from trainer.model_io import load_backbone
+    from trainer.model_io.load import load_backbone
 
     model = load_backbone(out / ckpt.MODEL_FILE)
     assert model.stage == "joint" and model.num_attributes == 1

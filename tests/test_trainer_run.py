@@ -60,7 +60,7 @@ def test_two_rank_demo_run_learns_and_writes_everything(base_run, data):
         [ckpt.TRAIN_STATE, ckpt.FC_FULL, ckpt.rank_file(0), ckpt.rank_file(1)])
     state = torch.load(latest / ckpt.TRAIN_STATE, weights_only=False)
     assert state["train_state"]["step"] == STEPS and state["train_state"]["world_size"] == 2
-    from trainer.model_io import load_backbone
+    from trainer.model_io.load import load_backbone
 
     model = load_backbone(base_run / ckpt.MODEL_FILE)
     assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 128)

@@ -7,7 +7,8 @@ attribute file packed alongside the images:
 
     python -m pipeline pack SRC --out DATA [--attributes ATTRS.tsv]
     maskgen build --ratio 0.05 --data DATA
-    torchrun --nproc_per_node=8 trainer/main.py --config trainer/configs/aaface_r50.py --data DATA \
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=8 trainer/main.py \
+        --config trainer/configs/aaface_r50.py --data DATA \
         'aaface_attributes=["masked"]'
 
 Schedule as the paper gives it: 25 epochs of SGD, lr 0.01, divided by ten at epochs 4, 10 and 17. The stage

@@ -5,7 +5,8 @@ Stage NCS (epochs 0-40): ArcFace s=64 m=0.5 through Partial FC with negative cla
 mean of its class's features (trainer/modes/lvface.py). AdamW, weight decay 0.1.
 
     python -m pipeline pack WEBFACE_SRC --out DATA
-    torchrun --nproc_per_node=8 trainer/main.py --config trainer/configs/lvface_vit.py --data DATA
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=8 trainer/main.py \
+        --config trainer/configs/lvface_vit.py --data DATA
 """
 from trainer.config import Config
 

@@ -3,7 +3,8 @@ of which 5% are synthetic masked copies made by maskgen.
 
     python -m pipeline pack MS1M_SRC --out DATA --holdout 5
     maskgen build --ratio 0.05 --data DATA          # adds masked-*.rec shards (5% of the images, masked)
-    torchrun --nproc_per_node=8 trainer/main.py --config trainer/configs/ressanet_masked.py --data DATA
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=8 trainer/main.py \
+        --config trainer/configs/ressanet_masked.py --data DATA
 
 The masked copies keep their source's identity, so they are ordinary training samples here; `masked` in
 their label vector is what `python -m trainer.eval --masked-probe` and AAFace use.

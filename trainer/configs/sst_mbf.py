@@ -8,7 +8,8 @@ class's own default of plain softmax s = 30 is not what it trains with). 250 epo
 divided by ten at epochs 150, 200 and 230 (the paper and its train.sh); no warmup.
 
     python -m pipeline pack SHALLOW_SRC --out DATA
-    torchrun --nproc_per_node=4 trainer/main.py --config trainer/configs/sst_mbf.py --data DATA
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=4 trainer/main.py \
+        --config trainer/configs/sst_mbf.py --data DATA
 """
 from trainer.config import Config
 

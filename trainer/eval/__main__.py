@@ -1,0 +1,177 @@
+"""`python -m trainer.eval`: compare trained backbones the way the papers do, from the command line.
+
+Verification on pairs (insightface's 10-fold accuracy with the flip test, and TAR at FAR):
+    python -m trainer.eval --checkpoint runs/a/model.pt --pairs lfw.bin
+    python -m trainer.eval --checkpoint model.pt --pairs pairs.txt --root lfw/ --align
+All-to-all 1:1 on a packed, labelled set (every genuine against every impostor pair, MFR challenge), with
+maskgen's masked copies as probes against the unmasked gallery (ResSaNet, MFR), per mask type:
+    python -m trainer.eval --checkpoint model.pt --data TEST [--masked-probe] [--cmc [--distractors D]]
+On pairs, --masked-probe masks the first image of every pair with maskgen (the second stays unmasked).
+Identification (--cmc): MegaFace's rank-K protocol as FaceX-Zoo runs it, with a distractor gallery
+(a folder, a packed set, or a .npz from `python -m trainer.eval.embed`); without one, each probe's
+distractors are the set's images of other identities.
+Several checkpoints: one result line each, and `--table out.md` compares them. `--output r.json` writes
+all results, with r.roc.png (and r.cmc.png) beside it. The last line printed is one JSON object:
+{"pairs", "acc", "std", "tar_at_far": {"1e-6": ..., ...}, ...} (DESIGN.md section 2). A TAR is null
+where the set has too few impostor pairs to measure that FAR (fewer than 1 / FAR).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, json_safe
+from pipeline.manifest import ManifestError, load_manifest
+from pipeline.recordio import RecordIOError
+from trainer.checkpoint import CheckpointError
+from trainer.eval.common import FARS, EvalError, resolve_device
+from trainer.eval.embedding import embed_images
+from trainer.eval.images import VerificationError
+from trainer.eval.packed import Curves, embed_packed, evaluate_packed, load_distractors
+from trainer.eval.pairs import score_pairs
+from trainer.eval.report import results_table
+from trainer.eval.targets import VerificationSet, load_target, mask_probes
+from trainer.model_io.load import load_backbone
+
+
+def _parse_fars(text: str) -> tuple[float, ...]:
+    try:
+        fars = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fars takes comma-separated numbers, not {text!r}") from None
+    if not fars or any(not 0 < f < 1 for f in fars):
+        raise argparse.ArgumentTypeError("every FAR must lie in (0, 1)")
+    return fars
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
+                    help="model.pt file(s); several are compared")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", help="insightface .bin pack, or an LFW-style pairs.txt (with --root)")
+    src.add_argument("--data", help="packed labelled set (python -m pipeline pack; maskgen build adds masks)")
+    ap.add_argument("--root", help="image root of a pairs.txt (default: its folder)")
+    ap.add_argument("--holdout", action="store_true", help="--data: use the held-out shards of the pack")
+    ap.add_argument("--masked-probe", action="store_true",
+                    help="masked probes against the unmasked gallery: with --data, maskgen's masked copies "
+                         "(per mask type); with --pairs, the first image of each pair is masked here")
+    ap.add_argument("--mask-mode", choices=("2d", "3d", "mixed"), default="mixed",
+                    help="--pairs --masked-probe: maskgen's renderer (default mixed)")
+    ap.add_argument("--mask-seed", type=int, default=0,
+                    help="--pairs --masked-probe: seed of the masks drawn")
+    ap.add_argument("--align", action="store_true", help="detect and align faces in raw photos")
+    ap.add_argument("--no-flip", action="store_true", help="no flip test (embed each image once)")
+    ap.add_argument("--cmc", action="store_true", help="--data: rank-K identification (MegaFace protocol)")
+    ap.add_argument("--distractors", help="--cmc distractor gallery: image folder, packed set, or .npz of "
+                                          "python -m trainer.eval.embed from the same checkpoint")
+    ap.add_argument("--max-rank", type=int, default=10, help="CMC up to this rank (default 10)")
+    ap.add_argument("--fars", type=_parse_fars, default=FARS,
+                    help="comma-separated (default 1e-6..1e-1)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--tile", type=int, default=2048,
+                    help="all-to-all scores are computed tile x tile at a time")
+    ap.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when present)")
+    ap.add_argument("--network", help="backbone name, for a bare state_dict checkpoint")
+    ap.add_argument("--output", help="write every result here (JSON), with ROC/CMC PNGs beside it")
+    ap.add_argument("--table", help="write a markdown table comparing the checkpoints")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _evaluate_pairs(model: torch.nn.Module, target: VerificationSet, args: argparse.Namespace,
+                    device: torch.device) -> tuple[dict, Curves]:
+    emb = embed_images(model, target.images, device, args.batch_size, not args.no_flip,
+                       progress=not args.no_progress, desc=f"embed {target.name}")
+    res = score_pairs(emb.embeddings, target.pairs, target.issame, emb.xnorm, args.fars)
+    out = {"target": target.name, **res.summary(), "align_failures": target.align_failures}
+    if args.masked_probe:
+        out.update(masked_probe=True, mask_mode=args.mask_mode, mask_failures=target.mask_failures)
+    return out, Curves({target.name: res.roc()}, {})
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if args.data is None and (args.cmc or args.holdout):
+        raise EvalError("--cmc and --holdout need --data DATA (a packed labelled set)")
+    if args.distractors and not args.cmc:
+        raise EvalError("--distractors is for --cmc")
+    if args.max_rank < 1:
+        raise EvalError("--max-rank must be at least 1")
+    if args.masked_probe and args.data:
+        manifest = load_manifest(args.data)
+        if "masked" not in manifest["label_fields"]:
+            raise EvalError(f"--masked-probe: {args.data} has no masked records (add them with "
+                            "`maskgen build --data DATA`)")
+    device = resolve_device(args.device)
+    progress = not args.no_progress
+    target = None
+    if args.pairs:
+        target = load_target(args.pairs, root=args.root, align=args.align, progress=progress)
+        if args.masked_probe:
+            target = mask_probes(target, args.mask_mode, args.mask_seed, progress)
+    results: list[dict] = []
+    roc_curves: dict[str, tuple] = {}
+    cmc_curves: dict[str, np.ndarray] = {}
+    many = len(args.checkpoint) > 1
+    for ckpt in args.checkpoint:
+        model = load_backbone(ckpt, device, network=args.network)
+        head = {"checkpoint": ckpt, "network": model.network, "flip": not args.no_flip}
+        if target is not None:
+            summary, curves = _evaluate_pairs(model, target, args, device)
+            result = {**head, **summary}
+        else:
+            distractors = None
+            if args.distractors:
+                distractors = load_distractors(args.distractors, model, ckpt, device, args.batch_size,
+                                               not args.no_flip, args.align, args.workers, progress)
+            emb, info = embed_packed(model, args.data, device, args.batch_size, not args.no_flip,
+                                     args.holdout, args.workers, progress)
+            subsets, curves = evaluate_packed(emb, info, args.masked_probe, args.fars, args.tile, device,
+                                              args.cmc, args.max_rank, distractors, progress)
+            primary = "masked" if args.masked_probe else "unmasked"
+            result = {**head, "data": args.data, "protocol": primary, "images": int(len(emb)),
+                      "skipped_records": info.skipped, **subsets[primary], "subsets": subsets}
+        for name, c in curves.roc.items():
+            roc_curves[f"{Path(ckpt).parent.name}/{Path(ckpt).name} {name}" if many else name] = c
+        for name, c in curves.cmc.items():
+            cmc_curves[f"{Path(ckpt).parent.name}/{Path(ckpt).name} {name}" if many else name] = c
+        result = json_safe(result)
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    if args.output:
+        from trainer.eval import plots  # matplotlib only when figures are asked for
+
+        out = Path(args.output)
+        atomic_write_json(out, {"results": results})
+        stem = out.with_suffix("")
+        plots.plot_roc(roc_curves, f"{stem}.roc.png", title=f"ROC: {args.pairs or args.data}")
+        if cmc_curves:
+            plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data}")
+    if args.table:
+        atomic_write_bytes(args.table, results_table(results, args.fars).encode())
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = run(args)
+    except (EvalError, VerificationError, CheckpointError, ManifestError, RecordIOError, OSError,
+            FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if len(results) > 1 and args.table:
+        print(f"table: {args.table}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

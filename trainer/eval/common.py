@@ -1,0 +1,40 @@
+"""Small helpers every evaluation protocol shares: the FAR list and its JSON keys, L2 normalisation,
+the device to score on, and arrays (numpy, memmap or torch) as tensors."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+class EvalError(ValueError):
+    """A request this command cannot carry out; the message says why."""
+
+
+def far_key(far: float) -> str:
+    """The JSON key of a FAR: 1e-06 -> "1e-6", 0.001 -> "1e-3"."""
+    mantissa, exponent = f"{far:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def as_tensor(x, dtype, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    arr = np.asarray(x)
+    if not arr.flags.writeable:  # a memmap slice: torch wants memory it may write
+        arr = arr.copy()
+    return torch.as_tensor(arr, dtype=dtype, device=device)
+
+
+def resolve_device(device=None) -> torch.device:
+    """None or "auto": the GPU when there is one, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+

@@ -1,0 +1,113 @@
+"""Flip-test embeddings, as insightface computes them: pixels (x - 127.5) / 127.5 in RGB, and with the
+flip test the embedding of an image plus that of its mirror image (L2-normalised before scoring).
+
+`embed_images` embeds an in-memory array of crops (verification sets); `embed_dataset` embeds a
+Dataset of crops with per-image columns (a packed set's records, a folder's files), decoded in
+DataLoader workers.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.augment import MEAN, STD
+from trainer.eval.common import l2_normalize
+from trainer.eval.images import VerificationError
+
+
+@dataclass
+class Embeddings:
+    embeddings: np.ndarray  # float32 [N, D]: with the flip test, the sum of both views (not normalised)
+    xnorm: float  # mean L2 norm of the single-view embeddings (insightface's XNorm)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP's forward broadcasts buffers to the other ranks, which are not evaluating.
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 [B, H, W, 3] RGB -> float32 [B, 3, H, W] in [-1, 1] on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    return x.permute(0, 3, 1, 2).float().sub_(MEAN).div_(STD)
+
+
+def embed_batches(model: nn.Module, batches: Iterable[np.ndarray], device: str | torch.device,
+                  flip: bool = True, amp_dtype: Optional[torch.dtype] = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """For each uint8 [B, 112, 112, 3] batch: (embeddings [B, D], single-view norms [B] or [2B]).
+
+    The model runs in eval mode and is put back in the mode it was in."""
+    model = _unwrap(model)
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            # Entered per batch: grad mode is thread state, and must not leak to the caller between yields.
+            amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+            with torch.inference_mode(), amp:
+                x = to_input(batch, device)
+                views = [x, torch.flip(x, dims=[3])] if flip else [x]
+                out = [model(v).float() for v in views]
+                norms = torch.cat([o.norm(dim=1) for o in out]).cpu().numpy()
+                emb = (out[0] + out[1] if flip else out[0]).cpu().numpy()
+            if not np.isfinite(emb).all():
+                raise FloatingPointError("the model produced NaN or inf embeddings")
+            yield emb, norms
+    finally:
+        model.train(was_training)
+
+
+def embed_images(model: nn.Module, images: np.ndarray | Sequence[np.ndarray], device: str | torch.device,
+                 batch_size: int = 64, flip: bool = True, amp_dtype: Optional[torch.dtype] = None,
+                 progress: bool = False, desc: str = "embed") -> Embeddings:
+    """Embeddings of uint8 [N, 112, 112, 3] RGB images, batch by batch."""
+    n = len(images)
+    batches = (np.asarray(images[i:i + batch_size]) for i in range(0, n, batch_size))
+    embs, norms = [], []
+    for emb, norm in tqdm(embed_batches(model, batches, device, flip, amp_dtype), total=-(-n // batch_size),
+                          desc=desc, disable=not progress, leave=False, unit="batch"):
+        embs.append(emb)
+        norms.append(norm)
+    if not embs:
+        raise VerificationError("no images to embed")
+    return Embeddings(np.concatenate(embs), float(np.mean(np.concatenate(norms))))
+
+
+
+def _collate(items: Sequence[tuple]) -> tuple:
+    cols = list(zip(*items))
+    return (np.stack(cols[0]),) + tuple(np.asarray(c) for c in cols[1:])
+
+
+def embed_dataset(model: nn.Module, dataset: Dataset, device: str | torch.device, batch_size: int = 64,
+                  flip: bool = True, normalize: bool = True, workers: int = 2, progress: bool = True,
+                  desc: str = "embed") -> tuple[np.ndarray, list[np.ndarray]]:
+    """Embeddings of every item of `dataset`, which gives (uint8 crop [112, 112, 3], *columns) per index,
+    and the columns, each an array of one value per item in the same order. Rows are float32,
+    L2-normalised unless `normalize` is False; which rows to keep (images that did not decode) is the
+    caller's to say from its columns."""
+    if len(dataset) == 0:
+        raise VerificationError(f"{desc}: no images to embed")
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    columns: list[tuple] = []
+
+    def batches():
+        for crops, *cols in loader:
+            columns.append(tuple(cols))
+            yield crops
+
+    embs = [e for e, _ in tqdm(embed_batches(model, batches(), device, flip), total=len(loader),
+                               desc=desc, unit="batch", disable=not progress)]
+    emb = np.concatenate(embs)
+    if normalize:
+        emb = l2_normalize(emb)
+    return emb.astype(np.float32), [np.concatenate(c) for c in zip(*columns)]

@@ -1,0 +1,353 @@
+"""TAR at FAR, as the papers report it. Pure numbers in, numbers out: no models, no files.
+
+- `tar_at_far`: the true-accept rate at a false-accept rate, on given genuine and impostor scores.
+- `all_pairs_verification`: TAR@FAR and 10-fold accuracy on the all-to-all 1:1 protocol of the MFR
+  challenge (every genuine pair against every impostor pair of a labelled set, or of a probe set against
+  a gallery), in tiles on the CPU or the GPU. It never holds the N^2 scores: it histograms them twice by
+  their float bits (a radix select), which gives exactly the threshold that sorting all scores would.
+
+Score conventions: a similarity is a cosine (higher = more alike); a pair is accepted when its score is
+strictly above the threshold.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer.eval.common import FARS, as_tensor, resolve_device
+
+# The radix split of a score's 32-bit key: pass 1 histograms the top 20 bits (sign, exponent, 11 mantissa
+# bits: steps of 1/2048 relative, fine enough for the ROC and the k-fold thresholds), pass 2 the low 12.
+_LOW_BITS = 12
+_BINS = 1 << (32 - _LOW_BITS)
+_LOW = 1 << _LOW_BITS
+
+
+@dataclass
+class TarAtFar:
+    far: float  # the target
+    tar: Optional[float]  # None when the impostors are too few to measure this FAR
+    threshold: Optional[float]  # accept scores strictly above it
+    measured_far: Optional[float]  # the FAR at that threshold (<= far)
+
+    @property
+    def resolvable(self) -> bool:
+        return self.tar is not None
+
+
+def _allowed_false_accepts(far: float, n_impostor: int) -> int:
+    # The small epsilon keeps 0.29 * 100 = 28.999999999999996 from losing an impostor.
+    return int(math.floor(far * n_impostor * (1 + 1e-9)))
+
+
+def tar_at_far(genuine: np.ndarray, impostor: np.ndarray,
+               fars: Sequence[float] = FARS) -> dict[float, TarAtFar]:
+    """The highest TAR whose threshold accepts at most floor(far * n_impostor) impostors.
+
+    The threshold is the (k+1)-th highest impostor score for k = floor(far * n_impostor); TAR is the
+    share of genuine scores strictly above it. A FAR below 1 / n_impostor cannot be measured on the set
+    (the result would be 'no impostor accepted', not that FAR): its TAR is None.
+    """
+    genuine = np.asarray(genuine, dtype=np.float64).ravel()
+    impostor = np.asarray(impostor, dtype=np.float64).ravel()
+    imp_desc = np.sort(impostor)[::-1]
+    out = {}
+    for far in fars:
+        k = _allowed_false_accepts(far, len(impostor))
+        if len(genuine) == 0 or len(impostor) == 0 or k < 1:
+            out[far] = TarAtFar(far, None, None, None)
+            continue
+        if k >= len(impostor):
+            out[far] = TarAtFar(far, 1.0, -math.inf, 1.0)
+            continue
+        thr = imp_desc[k]
+        out[far] = TarAtFar(far, float(np.mean(genuine > thr)), float(thr), float(np.mean(impostor > thr)))
+    return out
+
+
+def roc_points(genuine: np.ndarray, impostor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) at every distinct score, for plotting."""
+    scores = np.concatenate([genuine, impostor])
+    same = np.concatenate([np.ones(len(genuine), bool), np.zeros(len(impostor), bool)])
+    order = np.argsort(-scores, kind="stable")
+    tp = np.cumsum(same[order])
+    fp = np.cumsum(~same[order])
+    last = np.r_[np.diff(scores[order]) != 0, True]  # one point per distinct threshold
+    return (np.r_[0.0, fp[last] / max(len(impostor), 1)], np.r_[0.0, tp[last] / max(len(genuine), 1)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# All-to-all 1:1 verification in tiles (MFR challenge protocol)
+
+
+def _sortable_key_(scores: torch.Tensor) -> torch.Tensor:
+    """In place: float32 scores -> int32 keys that sort as the floats do (-0.0 is folded into +0.0).
+
+    Negative floats keep their sign bit and get the other 31 bits flipped, so that as signed integers
+    they run the other way. Returns the int32 view of the same storage.
+    """
+    scores.add_(0.0)
+    bits = scores.view(torch.int32)
+    flip = bits >> 31
+    flip &= 0x7FFFFFFF
+    bits ^= flip
+    return bits
+
+
+def _key_to_float(key: int) -> float:
+    """Inverse of `_sortable_key_` for one signed key."""
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
+
+
+@dataclass
+class AllPairsResult:
+    n_genuine: int
+    n_impostor: int
+    tar_at_far: dict[float, TarAtFar]
+    accuracies: np.ndarray  # 10-fold accuracy (folds by probe row), thresholds on the top-20-bit bins
+    roc_fpr: np.ndarray
+    roc_tpr: np.ndarray
+    fold_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def pairs(self) -> int:
+        return self.n_genuine + self.n_impostor
+
+    @property
+    def acc(self) -> float:
+        return float(np.mean(self.accuracies)) if len(self.accuracies) else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.accuracies)) if len(self.accuracies) else float("nan")
+
+
+@dataclass
+class _Tile:
+    keys: torch.Tensor  # int32 [R, C] sortable keys of the scores
+    rows: torch.Tensor  # probe positions (in label order) of the tile's rows
+    genuine: Optional[torch.Tensor]  # bool [R, C], or None when the tile holds no genuine pair
+    invalid: Optional[torch.Tensor]  # bool [R, C] pairs outside the protocol, or None when there are none
+
+    def not_impostor(self) -> Optional[torch.Tensor]:
+        """bool [R, C] of the pairs that are genuine or outside the protocol, or None when none is."""
+        if self.invalid is None:
+            return self.genuine
+        return self.invalid if self.genuine is None else self.genuine | self.invalid
+
+
+class _PairTiles:
+    """Tile by tile, the score keys of every pair of the protocol.
+
+    Symmetric (no gallery): pairs i < j of one set. Otherwise every (probe, gallery) pair. A genuine pair
+    whose probe and gallery share a non-negative `group` (the same photo: a masked copy and its source)
+    is left out. Both sets are put in label order first, so that genuine pairs gather in few tiles and
+    every other tile needs no per-pair label test.
+    """
+
+    def __init__(self, probe, probe_labels, gallery, gallery_labels, probe_groups, gallery_groups,
+                 tile: int, device: torch.device) -> None:
+        self.device = device
+        self.symmetric = gallery is None
+        p = as_tensor(probe, torch.float32, device)
+        pl = as_tensor(probe_labels, torch.int64, device)
+        g = p if self.symmetric else as_tensor(gallery, torch.float32, device)
+        gl = pl if self.symmetric else as_tensor(gallery_labels, torch.int64, device)
+        if p.ndim != 2 or g.ndim != 2 or p.shape[1] != g.shape[1]:
+            raise ValueError(f"embeddings must be [N, D] with one D; got {tuple(p.shape)} and "
+                             f"{tuple(g.shape)}")
+        if len(pl) != len(p) or len(gl) != len(g):
+            raise ValueError("one label per embedding is needed")
+        if not (torch.isfinite(p).all() and torch.isfinite(g).all()):
+            raise ValueError("embeddings hold NaN or inf")
+        pg = None if probe_groups is None else as_tensor(probe_groups, torch.int64, device)
+        gg = pg
+        if not self.symmetric:
+            gg = None if gallery_groups is None else as_tensor(gallery_groups, torch.int64, device)
+        if (pg is None) != (gg is None):
+            raise ValueError("give groups for both probe and gallery, or for neither")
+        po = torch.argsort(pl, stable=True)
+        self.p, self.pl = p[po], pl[po]
+        self.pg = None if pg is None else pg[po]
+        if self.symmetric:
+            self.g, self.gl, self.gg = self.p, self.pl, self.pg
+        else:
+            go = torch.argsort(gl, stable=True)
+            self.g, self.gl = g[go], gl[go]
+            self.gg = None if gg is None else gg[go]
+        self.tile = tile
+
+    def __len__(self) -> int:
+        rows = math.ceil(len(self.p) / self.tile)
+        cols = math.ceil(len(self.g) / self.tile)
+        return rows * (rows + 1) // 2 if self.symmetric else rows * cols
+
+    def __iter__(self) -> Iterator[_Tile]:
+        t = self.tile
+        buf = torch.empty(t * t, dtype=torch.float32, device=self.device)
+        for a in range(0, len(self.p), t):
+            b = min(a + t, len(self.p))
+            rows = torch.arange(a, b, device=self.device)
+            row_lo, row_hi = int(self.pl[a]), int(self.pl[b - 1])
+            for c in range(a if self.symmetric else 0, len(self.g), t):
+                d = min(c + t, len(self.g))
+                scores = buf[: (b - a) * (d - c)].view(b - a, d - c)
+                torch.matmul(self.p[a:b], self.g[c:d].T, out=scores)
+                keys = _sortable_key_(scores)
+                genuine = invalid = None
+                if int(self.gl[c]) <= row_hi and int(self.gl[d - 1]) >= row_lo:  # label ranges overlap
+                    genuine = self.pl[a:b, None] == self.gl[None, c:d]
+                    if self.pg is not None:
+                        pg, gg = self.pg[a:b, None], self.gg[None, c:d]
+                        invalid = genuine & (pg == gg) & (pg >= 0)
+                if self.symmetric and c < b:  # a tile on the diagonal: keep j > i only
+                    below = torch.arange(c, d, device=self.device)[None, :] <= rows[:, None]
+                    invalid = below if invalid is None else invalid | below
+                yield _Tile(keys, rows, genuine, invalid)
+
+
+def _count_into(hist: torch.Tensor, idx: torch.Tensor) -> None:
+    """hist[i] += number of times i occurs in idx. (bincount would allocate and add a whole histogram per
+    tile, which costs more than the tile itself for small tiles.)"""
+    flat = idx.reshape(-1)
+    hist.index_add_(0, flat, torch.ones(1, dtype=hist.dtype, device=hist.device).expand(len(flat)))
+
+
+def all_pairs_verification(
+    probe,
+    probe_labels,
+    gallery=None,
+    gallery_labels=None,
+    *,
+    fars: Sequence[float] = FARS,
+    probe_groups=None,
+    gallery_groups=None,
+    n_folds: int = 10,
+    tile: int = 2048,
+    device=None,
+    progress: bool = True,
+) -> AllPairsResult:
+    """TAR@FAR over every genuine and every impostor pair, exact, in memory O(tile^2 + genuine pairs).
+
+    Give L2-normalised embeddings (scores are dot products). Without a gallery, every pair i < j of the
+    probe set counts once; with one, every (probe, gallery) pair. `*_groups` leave out genuine pairs that
+    share a non-negative group id. Pass 1 keeps every genuine score and histograms the impostor scores by
+    the top 20 bits of their sortable key (per fold); pass 2 histograms the low 12 bits inside the few bins
+    where the wanted impostor ranks fall, which pins each threshold to the exact float that sorting all
+    scores would give. Folds for the accuracy: a pair belongs to fold (probe position in label order) mod
+    n_folds.
+    """
+    device = resolve_device(device)
+    tiles = _PairTiles(probe, probe_labels, gallery, gallery_labels, probe_groups, gallery_groups, tile,
+                       device)
+    trash = n_folds * _BINS  # where pairs that are genuine or outside the protocol go in impostor histograms
+    imp_hist = torch.zeros(trash + 1, dtype=torch.int64, device=device)
+    gen_keys, gen_folds = [], []
+    for t in tqdm(tiles, desc="pairs, pass 1/2", disable=not progress, unit="tile", leave=False):
+        fold = (t.rows % n_folds).to(torch.int32)
+        if t.genuine is not None:
+            take = t.genuine if t.invalid is None else t.genuine & ~t.invalid
+            gen_keys.append(t.keys[take])
+            gen_folds.append(fold[:, None].expand_as(take)[take])
+        idx = t.keys >> _LOW_BITS
+        idx += (fold * _BINS + _BINS // 2)[:, None]
+        drop = t.not_impostor()
+        if drop is not None:
+            idx.masked_fill_(drop, trash)
+        _count_into(imp_hist, idx)
+    imp_fold = imp_hist[:trash].view(n_folds, _BINS).cpu().numpy()
+    gen_keys_np = torch.cat(gen_keys).cpu().numpy().astype(np.int64) if gen_keys else np.zeros(0, np.int64)
+    gen_folds_np = torch.cat(gen_folds).cpu().numpy() if gen_folds else np.zeros(0, np.int64)
+    gen_keys_sorted = np.sort(gen_keys_np)
+    imp_top = imp_fold.sum(0)
+    n_imp, n_gen = int(imp_top.sum()), len(gen_keys_np)
+    imp_ge = np.r_[np.cumsum(imp_top[::-1])[::-1], 0]  # impostors in top bins >= b
+
+    # Where the (k+1)-th highest impostor lies: its top bin and its rank inside that bin.
+    wanted: dict[float, tuple[int, int]] = {}
+    for far in fars:
+        k = _allowed_false_accepts(far, n_imp)
+        if n_gen and 1 <= k < n_imp:
+            top_bin = int(np.nonzero(imp_ge >= k + 1)[0][-1])
+            wanted[far] = (top_bin, k + 1 - int(imp_ge[top_bin + 1]))
+    slots = sorted({b for b, _ in wanted.values()})
+    low_hist = torch.zeros(len(slots) * _LOW, dtype=torch.int64, device=device)
+    if slots:
+        lut = torch.full((_BINS,), -1, dtype=torch.int64, device=device)
+        lut[torch.as_tensor(slots, device=device)] = torch.arange(len(slots), device=device)
+        lowest_key = (slots[0] - _BINS // 2) << _LOW_BITS
+        for t in tqdm(tiles, desc="pairs, pass 2/2", disable=not progress, unit="tile", leave=False):
+            # Only scores from the lowest wanted bin up matter (a share of about the largest FAR).
+            hit = t.keys >= lowest_key
+            drop = t.not_impostor()
+            if drop is not None:
+                hit &= ~drop
+            sel = t.keys[hit].long()
+            slot = lut[(sel >> _LOW_BITS) + _BINS // 2]
+            keep = slot >= 0
+            _count_into(low_hist, (sel[keep] & (_LOW - 1)) + _LOW * slot[keep])
+        low_hist = low_hist.view(len(slots), _LOW)
+        low_hist_np = low_hist.cpu().numpy()
+        for i, b in enumerate(slots):
+            if low_hist_np[i].sum() != imp_top[b]:
+                raise RuntimeError("the second pass scored pairs differently from the first (a "
+                                   "non-deterministic matmul on this device); the threshold cannot be exact")
+
+    result: dict[float, TarAtFar] = {}
+    for far in fars:
+        k = _allowed_false_accepts(far, n_imp)
+        if n_gen == 0 or n_imp == 0 or k < 1:
+            result[far] = TarAtFar(far, None, None, None)
+            continue
+        if k >= n_imp:
+            result[far] = TarAtFar(far, 1.0, -math.inf, 1.0)
+            continue
+        top_bin, rank_in_bin = wanted[far]
+        low = low_hist_np[slots.index(top_bin)]
+        low_ge = np.r_[np.cumsum(low[::-1])[::-1], 0]
+        low_bin = int(np.nonzero(low_ge >= rank_in_bin)[0][-1])
+        thr_key = ((top_bin - _BINS // 2) << _LOW_BITS) | low_bin
+        accepted_gen = n_gen - int(np.searchsorted(gen_keys_sorted, thr_key, side="right"))
+        accepted_imp = int(imp_ge[top_bin + 1]) + int(low_ge[low_bin + 1])
+        result[far] = TarAtFar(far, accepted_gen / n_gen, _key_to_float(thr_key), accepted_imp / n_imp)
+
+    gen_fold = np.zeros((n_folds, _BINS), dtype=np.int64)
+    np.add.at(gen_fold, (gen_folds_np, (gen_keys_np >> _LOW_BITS) + _BINS // 2), 1)
+    accuracies, fold_thr = kfold_accuracy_from_histograms(np.stack([imp_fold, gen_fold], axis=1))
+    # ROC at the top-bin resolution, from the strictest threshold down.
+    gen_ge = np.r_[np.cumsum(gen_fold.sum(0)[::-1])[::-1], 0]
+    fpr = imp_ge[::-1] / max(n_imp, 1)
+    tpr = gen_ge[::-1] / max(n_gen, 1)
+    keep = np.r_[True, (np.diff(fpr) != 0) | (np.diff(tpr) != 0)]
+    return AllPairsResult(n_gen, n_imp, result, accuracies, fpr[keep], tpr[keep], fold_thr)
+
+
+def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """k-fold accuracy on per-fold score histograms [fold, impostor/genuine, bin]. Threshold index t
+    accepts the bins >= t; each fold takes the strictest threshold with the best accuracy on the others.
+    Returns the accuracies and each fold's threshold (the lowest score its bin holds)."""
+    n_folds, _, n_bins = hist.shape
+    used = np.nonzero(hist.sum(axis=(0, 1)))[0]  # thresholds between empty bins change nothing
+    h = hist[:, :, used]
+    # correct[f, t] = genuine in bins >= t + impostors in bins < t, for t = 0 .. len(used).
+    zeros = np.zeros((n_folds, 1), np.int64)
+    gen_ge = np.concatenate([np.cumsum(h[:, 1, ::-1], axis=1)[:, ::-1], zeros], 1)
+    imp_lt = np.concatenate([zeros, np.cumsum(h[:, 0], axis=1)], 1)
+    correct = gen_ge + imp_lt
+    totals = h.sum(axis=(1, 2))
+    accs, thresholds = [], []
+    for f in range(n_folds):
+        if totals[f] == 0:
+            continue
+        train = correct.sum(0) - correct[f]
+        t = len(train) - 1 - int(np.argmax(train[::-1]))  # the last (strictest) of the best
+        accs.append(correct[f, t] / totals[f])
+        bin_ = int(used[t]) if t < len(used) else n_bins
+        thresholds.append(_key_to_float((bin_ - n_bins // 2) << _LOW_BITS) if bin_ < n_bins else math.inf)
+    return np.asarray(accs), np.asarray(thresholds)
