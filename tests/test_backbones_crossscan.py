@@ -8,9 +8,15 @@ import torch
 import torch.nn as nn
 
 from trainer.backbones import build_backbone
-from trainer.backbones.crossscan import (ASPP, Bottleneck, CrossScanViT, DirectionFusion, cross_scan,
-                                         sinusoidal_positions)
-from trainer.flops import count_params
+from trainer.backbones.crossscan import (
+    ASPP,
+    Bottleneck,
+    CrossScanViT,
+    DirectionFusion,
+    cross_scan,
+    sinusoidal_positions,
+)
+from trainer.model_io.flops import count_params
 
 # torchvision's resnet50 without its 1000-way FC: the trunk our SE-ResNet-50 adds SE gates to
 RESNET50_TRUNK = 25_557_032 - (2048 * 1000 + 1000)

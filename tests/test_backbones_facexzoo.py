@@ -19,7 +19,7 @@ import torch.nn as nn
 from trainer.backbones import available_backbones, build_backbone
 from trainer.backbones.ir_se import IRSEUnit
 from trainer.backbones.tf_nas import TF_NAS_A, MBInvertedResBlock
-from trainer.flops import count_params
+from trainer.model_io.flops import count_params
 
 NEW = ["ir_se50", "ir_se100", "ir_se152", "mbf_facexzoo", "tf_nas_a"]
 

@@ -7,9 +7,15 @@ import torch.nn as nn
 
 from trainer.backbones import build_backbone
 from trainer.backbones.iresnet import IBasicBlock
-from trainer.backbones.ressanet import (ABLATION_ROWS, FReLU, IBasicTransformerBlock, ResSaNet, SEIBasicBlock,
-                                        SqueezeExcite)
-from trainer.flops import count_flops, count_params
+from trainer.backbones.ressanet import (
+    ABLATION_ROWS,
+    FReLU,
+    IBasicTransformerBlock,
+    ResSaNet,
+    SEIBasicBlock,
+    SqueezeExcite,
+)
+from trainer.model_io.flops import count_flops, count_params
 
 
 def on_meta(name: str, **kwargs) -> nn.Module:

@@ -1,5 +1,5 @@
 """Our face ViT against insightface's arcface_torch ViT: the same keys, the same embeddings, both ways,
-through `python -m trainer.convert`; and weights saved under the old module names still load. IResNet and
+through `python -m trainer.model_io.convert`; and weights saved under the old module names still load. IResNet and
 MobileFaceNet weights of arcface_torch's own iresnet.py / mobilefacenet.py convert 1:1 too.
 
 The peers are insightface's own recognition/arcface_torch/backbones/{vit,iresnet,mobilefacenet}.py, from a
@@ -25,8 +25,9 @@ import torch.nn as nn
 from trainer.backbones import build_backbone
 from trainer.backbones.vit import upgrade_state_dict
 from trainer.checkpoint import save_model
-from trainer.convert import INSIGHTFACE_NETWORKS, main as convert_main
-from trainer.model_io import load_backbone
+from trainer.model_io.convert import INSIGHTFACE_NETWORKS
+from trainer.model_io.convert import main as convert_main
+from trainer.model_io.load import load_backbone
 
 
 def _peer_path(name: str = "vit") -> Path | None:

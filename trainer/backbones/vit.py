@@ -18,7 +18,7 @@ Module names are insightface's (`patch_embed.proj`, `blocks.N.mlp.fc1/fc2`, `mas
 arcface_torch's released ViT weights load with `load_state_dict(strict=True)` and ours save in their
 format; tests/test_vit_insightface.py runs their vit.py on the same weights and gets the same embedding.
 Renaming the modules (rather than mapping keys at every load and save) keeps one key set everywhere:
-training checkpoints, model.pt, the converter (trainer/convert.py) and insightface all agree. Weights
+training checkpoints, model.pt, the converter (trainer/model_io/convert.py) and insightface all agree. Weights
 saved before the rename (`patch_embed.weight`, `mlp.0/2`) still load: `upgrade_state_dict` maps them, and
 FaceViT applies it itself in `load_state_dict`. insightface always has a mask token; a model built with
 mask_ratio 0 has none (an unused parameter stalls DDP), so loading drops theirs (it only fills masked

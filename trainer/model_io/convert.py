@@ -1,11 +1,11 @@
-"""`python -m trainer.convert`: backbone weights between this trainer and insightface's arcface_torch.
+"""`python -m trainer.model_io.convert`: backbone weights between this trainer and insightface's arcface_torch.
 
-    python -m trainer.convert to-insightface SRC OUT.pt
+    python -m trainer.model_io.convert to-insightface SRC OUT.pt
         SRC: a model.pt, a run folder (OUTPUT) or a checkpoint folder (OUTPUT/checkpoints/step_...).
         OUT.pt: a bare state dict that arcface_torch's `get_model(name).load_state_dict` takes.
-    python -m trainer.convert from-insightface THEIRS.pt OUT_model.pt --network vit_b_dp005_mask_005
+    python -m trainer.model_io.convert from-insightface THEIRS.pt OUT_model.pt --network vit_b_dp005_mask_005
         THEIRS.pt: arcface_torch's backbone state dict; --network: its network name (or ours).
-        OUT_model.pt: our model.pt (trainer.model_io.load_backbone, eval, export take it).
+        OUT_model.pt: our model.pt (trainer.model_io.load.load_backbone, eval, export take it).
 
 Which networks have a counterpart: IResNet r18-r200 and MobileFaceNet mbf / mbf_large keep insightface's
 module names already (their weights map 1:1); the face ViTs keep them too since the rename in
@@ -29,8 +29,10 @@ from trainer import checkpoint as ckpt
 from trainer.backbones import build_backbone
 from trainer.backbones.iresnet import IRESNET_UNITS, IResNet
 from trainer.backbones.mobilefacenet import MobileFaceNet
-from trainer.backbones.vit import FaceViT, to_insightface as vit_to_insightface
-from trainer.model_io import CheckpointError, read_checkpoint
+from trainer.backbones.vit import FaceViT
+from trainer.backbones.vit import to_insightface as vit_to_insightface
+from trainer.checkpoint import CheckpointError
+from trainer.model_io.load import read_checkpoint
 
 # arcface_torch's get_model names -> (our network, its constructor arguments)
 _VIT_DP005 = {"drop_path_rate": 0.05}
@@ -130,7 +132,7 @@ def import_insightface(src: str | Path, out: str | Path, network: str,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer.model_io.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("to-insightface", help="our model.pt / checkpoint -> arcface_torch state dict")
     exp.add_argument("src", help="model.pt, run folder or checkpoint folder")
