@@ -16,7 +16,7 @@ the encoder sees only the rest and a learnt mask token stands in for the dropped
 
 Module names are insightface's (`patch_embed.proj`, `blocks.N.mlp.fc1/fc2`, `mask_token`, `feature`), so
 arcface_torch's released ViT weights load with `load_state_dict(strict=True)` and ours save in their
-format; tests/test_vit_insightface.py runs their vit.py on the same weights and gets the same embedding.
+format; tests/model_io/test_convert.py runs their vit.py on the same weights and gets the same embedding.
 Renaming the modules (rather than mapping keys at every load and save) keeps one key set everywhere:
 training checkpoints, model.pt, the converter (trainer/model_io/convert.py) and insightface all agree. Weights
 saved before the rename (`patch_embed.weight`, `mlp.0/2`) still load: `upgrade_state_dict` maps them, and
