@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from typing import Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
