@@ -37,6 +37,7 @@ from pipeline.manifest import (ManifestError, decode_identity,
 from pipeline.recordio import RecordIOError
 from trainer import metrics
 from trainer.embed import embed_folder, load_npz
+from trainer.ijb import add_ijb_arguments, run_ijb
 from trainer.model_io import CheckpointError, load_backbone
 from trainer.verification import (IMAGE_SIZE, VerificationError, VerificationSet, embed_batches, embed_images,
                                   load_target, mask_probes, score_pairs)
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", help="write every result here (JSON), with ROC/CMC PNGs beside it")
     ap.add_argument("--table", help="write a markdown table comparing the checkpoints")
     ap.add_argument("--no-progress", action="store_true")
+    add_ijb_arguments(ap, src)
     return ap
 
 
@@ -328,6 +330,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         if target is not None:
             summary, curves = _evaluate_pairs(model, target, args, device)
             result = {**head, **summary}
+        elif args.ijb:
+            summary, rocs, cmcs = run_ijb(args, model, device)
+            result, curves = {**head, **summary}, Curves(rocs, cmcs)
         else:
             distractors = None
             if args.distractors:
@@ -352,9 +357,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         out = Path(args.output)
         atomic_write_json(out, {"results": results})
         stem = out.with_suffix("")
-        plots.plot_roc(roc_curves, f"{stem}.roc.png", title=f"ROC: {args.pairs or args.data}")
+        plots.plot_roc(roc_curves, f"{stem}.roc.png", title=f"ROC: {args.pairs or args.data or args.ijb}")
         if cmc_curves:
-            plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data}")
+            plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data or args.ijb}")
     if args.table:
         atomic_write_bytes(args.table, results_table(results, args.fars).encode())
     return results
