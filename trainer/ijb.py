@@ -544,19 +544,21 @@ class SearchResult:
 
 
 def search(known: np.ndarray, feats: np.ndarray, gallery: TemplateSet, probe: TemplateSet,
-           fpirs: Sequence[float] = FPIRS, max_rank: int = 10) -> SearchResult:
+           fpirs: Sequence[float] = FPIRS, max_rank: int = 10, chunk: int = 4096) -> SearchResult:
     """One gallery's 1:N result for every probe template (rules in the module docstring)."""
     g = feats[template_rows(known, gallery.templates)]
     p = feats[template_rows(known, probe.templates)]
     k = min(max_rank, len(g))
-    # Non-mate scores only: a probe's own subject is left out of its candidates.
-    top, _ = metrics.chunked_topk(p, g, k, query_labels=probe.subjects, gallery_labels=gallery.subjects,
-                                  device="cpu", progress=False)
-    top = top.numpy()
-    pi, gi = metrics.mate_pairs(probe.subjects, gallery.subjects)
-    mate = np.full(len(p), -np.inf, np.float32)
-    np.maximum.at(mate, pi, np.einsum("ij,ij->i", p[pi], g[gi]))
     mated = np.isin(probe.subjects, gallery.subjects)
+    # Mate and non-mate scores from the same product, so that a tie between them stays a tie.
+    mate = np.full(len(p), -np.inf, np.float32)
+    top = np.empty((len(p), k), np.float32)
+    for a in range(0, len(p), chunk):
+        scores = p[a:a + chunk] @ g.T
+        same = probe.subjects[a:a + chunk, None] == gallery.subjects[None, :]
+        mate[a:a + chunk] = np.where(same, scores, -np.inf).max(axis=1)
+        scores[same] = -np.inf
+        top[a:a + chunk] = -np.sort(np.partition(-scores, k - 1, axis=1)[:, :k], axis=1)
     m = np.flatnonzero(mated)
     cmc = metrics.cmc_from_topk(mate[m], np.arange(len(m)), top[m])
     if k < max_rank:  # a gallery smaller than max_rank: every mate is found within it
