@@ -367,3 +367,17 @@ def test_equals_insightface_eval_ijbc(layout):
     for far, tar in res.tar_at_far.items():
         _, i = min(zip(abs(fpr - far), range(len(fpr))))
         assert tar == tpr[i], far
+
+
+def test_roc_equals_sklearn_roc_curve():
+    """insightface_roc re-implements sklearn's roc_curve (drop_intermediate=True) that eval_ijbc.py calls."""
+    metrics_mod = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(8)
+    for trial in range(20):
+        n = int(rng.integers(3, 2000))
+        labels = rng.random(n) < 0.3
+        labels[:2] = [True, False]
+        scores = np.round(rng.normal(labels * 0.4, 0.3), int(rng.integers(1, 4))).astype(np.float32)
+        fpr, tpr, _ = metrics_mod.roc_curve(labels.astype(int), scores)
+        got = ijb.insightface_roc(scores, labels)
+        assert np.array_equal(got[0], fpr) and np.array_equal(got[1], tpr), trial
