@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -399,25 +400,41 @@ def load_features(path: str | os.PathLike, layout: IJBLayout, checkpoint: str) -
 # ------------------------------------------------------------------------------------ pooling, scoring
 
 
+def _rows_matrix(starts: np.ndarray, cols: np.ndarray, values: np.ndarray, width: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """A sparse CSR [len(starts), width] matrix whose row r holds cols[starts[r]:starts[r + 1]]."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(np.r_[starts, len(cols)].astype(np.int64)),
+                                       torch.from_numpy(np.asarray(cols, np.int64)),
+                                       torch.from_numpy(np.asarray(values)).to(dtype),
+                                       size=(len(starts), width), check_invariants=False)
+
+
 def template_features(features: np.ndarray, faceness: np.ndarray, templates: np.ndarray, medias: np.ndarray,
                       norm_score: bool = True, detector_score: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(templates ascending, float32 [T, D] L2-normalised template features): image features (L2-normalised
     unless norm_score, times the detector score with detector_score), averaged per media, summed per
     template, normalised (a zero sum stays zero, as sklearn's normalize leaves it)."""
-    x = np.asarray(features, np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(features, np.float32))
+    weight = np.ones(len(x), np.float64)  # per image, folded into the pooling matrix: no copy of x
     if not norm_score:
-        x = x / np.sqrt(np.sum(x * x, axis=1, keepdims=True))
+        weight /= torch.linalg.vector_norm(x, dim=1).double().numpy()
     if detector_score:
-        x = x * np.asarray(faceness, np.float32)[:, None]
+        weight *= np.asarray(faceness, np.float64)
     templates, medias = np.asarray(templates, np.int64), np.asarray(medias, np.int64)
     order = np.lexsort((medias, templates))
     t, m = templates[order], medias[order]
     media_start = np.flatnonzero(np.r_[True, (t[1:] != t[:-1]) | (m[1:] != m[:-1])])
     counts = np.diff(np.r_[media_start, len(t)])
-    media = np.add.reduceat(x[order], media_start, axis=0, dtype=np.float64) / counts[:, None]
+    # media mean = a sparse [media, image] matrix of weight / count times the features (one kernel, no
+    # gathered copy of the 469k x 512 features)
+    mean_of = _rows_matrix(media_start, order, weight[order] / np.repeat(counts, counts), len(x), torch.float32)
+    media = (mean_of @ x).double()
     media_t = t[media_start]
     t_start = np.flatnonzero(np.r_[True, media_t[1:] != media_t[:-1]])
-    pooled = np.add.reduceat(media, t_start, axis=0)
+    sum_of = _rows_matrix(t_start, np.arange(len(media_t)), np.ones(len(media_t)), len(media_t), torch.float64)
+    pooled = (sum_of @ media).numpy()
     norms = np.linalg.norm(pooled, axis=1, keepdims=True)
     pooled = np.divide(pooled, norms, out=np.zeros_like(pooled), where=norms > 0)
     return media_t[t_start], pooled.astype(np.float32)
