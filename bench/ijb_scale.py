@@ -37,7 +37,7 @@ def synthetic_ijbc(images: int, gallery: int, probes: int, pairs: int, dim: int,
     feats = np.empty((images, dim), np.float32)
     for a in range(0, images, 65536):
         b = min(a + 65536, images)
-        feats[a:b] = centres[subject[img_t[a:b]]] + 3.0 * rng.standard_normal((b - a, dim), dtype=np.float32)
+        feats[a:b] = centres[subject[img_t[a:b]]] + 12.0 * rng.standard_normal((b - a, dim), dtype=np.float32)
     faceness = rng.uniform(0.5, 1.0, images).astype(np.float32)
     probe_idx = gallery + np.arange(probes)
     g = np.r_[subject[probe_idx], rng.integers(0, gallery, pairs - probes)]  # genuine first

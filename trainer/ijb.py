@@ -500,7 +500,7 @@ def insightface_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     (its rule, re-implemented: a point per distinct score, collinear points dropped, (0, 0) prepended)."""
     scores = np.asarray(scores)
     labels = np.asarray(labels, bool)
-    order = np.argsort(scores, kind="mergesort")[::-1]
+    order = np.argsort(-scores)  # not stable, unlike sklearn's: ties are one point of the curve either way
     s, y = scores[order], labels[order]
     idx = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
     tps = np.cumsum(y, dtype=np.int64)[idx]
