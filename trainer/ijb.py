@@ -500,11 +500,14 @@ def insightface_roc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     (its rule, re-implemented: a point per distinct score, collinear points dropped, (0, 0) prepended)."""
     scores = np.asarray(scores)
     labels = np.asarray(labels, bool)
-    order = np.argsort(-scores)  # not stable, unlike sklearn's: ties are one point of the curve either way
-    s, y = scores[order], labels[order]
-    idx = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tps = np.cumsum(y, dtype=np.int64)[idx]
-    fps = 1 + idx - tps
+    # Counts at or above each distinct score, from one sort of all scores (no argsort: 3x the time) and
+    # a search among the few genuine scores.
+    asc = np.sort(scores)
+    first = np.flatnonzero(np.r_[True, asc[1:] != asc[:-1]])
+    values = asc[first]
+    at_or_above = len(asc) - first
+    tps = (int(labels.sum()) - np.searchsorted(np.sort(scores[labels]), values, side="left"))[::-1]
+    fps = at_or_above[::-1] - tps
     if len(fps) > 2:
         keep = np.flatnonzero(np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True])
         fps, tps = fps[keep], tps[keep]
