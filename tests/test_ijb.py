@@ -381,3 +381,11 @@ def test_roc_equals_sklearn_roc_curve():
         fpr, tpr, _ = metrics_mod.roc_curve(labels.astype(int), scores)
         got = ijb.insightface_roc(scores, labels)
         assert np.array_equal(got[0], fpr) and np.array_equal(got[1], tpr), trial
+
+
+def test_ijbb_layout_uses_its_own_names(glint24, tmp_path):
+    build_ijb(glint24, tmp_path / "IJBB", name="IJBB", persons=3, templates_per_person=2)
+    layout = ijb.read_layout(tmp_path / "IJBB", "IJBB")
+    assert [g.name for g in layout.galleries] == ["S1", "S2"] and len(layout.probe.templates) == 3
+    with pytest.raises(ijb.IJBError, match="ijbc_face_tid_mid.txt: no such file"):
+        ijb.read_layout(tmp_path / "IJBB", "IJBC")

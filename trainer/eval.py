@@ -10,6 +10,8 @@ On pairs, --masked-probe masks the first image of every pair with maskgen (the s
 Identification (--cmc): MegaFace's rank-K protocol as FaceX-Zoo runs it, with a distractor gallery
 (a folder, a packed set, or a .npz from `python -m trainer.embed`); without one, each probe's
 distractors are the set's images of other identities.
+IJB-B / IJB-C template protocols (1:1 TAR@FAR as insightface's eval_ijbc.py, 1:N TPIR@FPIR and CMC) on the
+released layout, see trainer/ijb.py: `--ijb ROOT --ijb-set IJBC [--save-features F.npz | --features F.npz]`.
 Several checkpoints: one result line each, and `--table out.md` compares them. `--output r.json` writes
 all results, with r.roc.png (and r.cmc.png) beside it. The last line printed is one JSON object:
 {"pairs", "acc", "std", "tar_at_far": {"1e-6": ..., ...}, ...} (DESIGN.md section 2). A TAR is null
