@@ -8,7 +8,7 @@ template as the release's is; image features are subject centre plus noise, D = 
 
     python bench/ijb_scale.py                    # full scale: parse, pool, score, ROC, 1:N
     python bench/ijb_scale.py --pairs 2000000    # smaller
-    [--shuffle] (pairs in random order) [--no-parse] (skip writing and parsing the 15.7M-line file) [--record]
+    [--shuffle] (pairs in random order) [--no-parse] (skip writing and reading the meta files) [--record]
 """
 from __future__ import annotations
 
@@ -53,6 +53,25 @@ def synthetic_ijbc(images: int, gallery: int, probes: int, pairs: int, dim: int,
     return layout, feats
 
 
+def write_meta(root: Path, layout: ijb.IJBLayout) -> None:
+    """The release's meta files for a synthetic layout (crop names 1.jpg ...; points inside a 200x200 crop)."""
+    meta = root / "meta"
+    meta.mkdir()
+    names = [f"{i + 1}.jpg" for i in range(len(layout.templates))]
+    (meta / "ijbc_face_tid_mid.txt").write_text(
+        "".join(f"{n} {t} {m}\n" for n, t, m in zip(names, layout.templates.tolist(), layout.medias.tolist())))
+    pts = np.random.default_rng(1).uniform(20, 180, (len(names), 10))
+    rows = np.char.mod("%.3f", np.c_[pts, layout.faceness])
+    (meta / "ijbc_name_5pts_score.txt").write_text("".join(n + " " + " ".join(r) + "\n"
+                                                           for n, r in zip(names, rows.tolist())))
+    table = np.stack([layout.pair_t1, layout.pair_t2, layout.pair_label.astype(np.int64)], axis=1)
+    np.savetxt(meta / "ijbc_template_pair_label.txt", table, fmt="%d")
+    for ts, file in zip(layout.galleries + [layout.probe], ["1N_gallery_G1", "1N_gallery_G2", "1N_probe_mixed"]):
+        subject = dict(zip(ts.templates.tolist(), ts.subjects.tolist()))
+        lines = [f"{t},{subject[t]},img/{n}\n" for n, t in zip(names, layout.templates.tolist()) if t in subject]
+        (meta / f"ijbc_{file}.csv").write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=469375)
@@ -61,7 +80,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=15658489)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--shuffle", action="store_true", help="pairs in random order (the release is sorted)")
-    ap.add_argument("--no-parse", action="store_true", help="skip writing and parsing the pair file")
+    ap.add_argument("--no-parse", action="store_true", help="skip writing and reading the meta files")
     ap.add_argument("--check", action="store_true", help="compare 1M pair scores with a row-wise product")
     ap.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = ap.parse_args()
@@ -81,12 +100,12 @@ def main() -> int:
 
     if not args.no_parse:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "ijbc_template_pair_label.txt"
-            table = np.stack([layout.pair_t1, layout.pair_t2, layout.pair_label.astype(np.int64)], axis=1)
-            np.savetxt(path, table, fmt="%d")
-            parsed = stage(f"parse the {args.pairs:,}-line pair file", lambda: ijb._read_pairs(path))
-            assert np.array_equal(parsed, table)
-            del table, parsed
+            write_meta(Path(tmp), layout)
+            read = stage(f"read and check the meta files ({args.pairs:,} pairs, {args.images:,} faces)",
+                         lambda: ijb.read_layout(tmp, "IJBC"))
+            assert np.array_equal(read.pair_t2, layout.pair_t2) and np.array_equal(read.medias, layout.medias)
+            assert [len(g.templates) for g in read.galleries] == [len(g.templates) for g in layout.galleries]
+            del read
     known, tf = stage(f"pool {args.images:,} image features into templates",
                       lambda: ijb.template_features(feats, layout.faceness, layout.templates, layout.medias))
     r1, r2 = ijb.template_rows(known, layout.pair_t1), ijb.template_rows(known, layout.pair_t2)
