@@ -148,14 +148,14 @@ def _read_faces(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def _read_points(path: Path, names: Sequence[str], faces: Path) -> tuple[np.ndarray, np.ndarray]:
-    points = np.empty((len(names), 10), np.float32)
-    scores = np.empty(len(names), np.float32)
-    i = 0
+    tokens: list[str] = []
+    linenos: list[int] = []
     for lineno, line in enumerate(_lines(path), 1):
         fields = line.split()
         if not fields:
             continue
         where = f"{path}:{lineno}"
+        i = len(linenos)
         if len(fields) != 12:
             raise IJBError(f"{where}: expected 'image_name x1 y1 ... x5 y5 score' (12 fields), got "
                            f"{len(fields)}")
@@ -164,17 +164,23 @@ def _read_points(path: Path, names: Sequence[str], faces: Path) -> tuple[np.ndar
         if fields[0] != names[i]:
             raise IJBError(f"{where}: image {fields[0]!r}, but line {i + 1} of {faces} is {names[i]!r} "
                            "(the two files list the same crops in the same order)")
-        try:
-            values = np.array([float(x) for x in fields[1:]], np.float64)
-        except ValueError:
-            raise IJBError(f"{where}: a landmark or score is not a number") from None
-        if not np.isfinite(values).all():
-            raise IJBError(f"{where}: a landmark or score is not finite")
-        points[i], scores[i] = values[:10], values[10]
-        i += 1
-    if i != len(names):
-        raise IJBError(f"{path}: {i} lines for the {len(names)} faces of {faces}")
-    return points.reshape(-1, 5, 2), scores
+        tokens += fields[1:]
+        linenos.append(lineno)
+    if len(linenos) != len(names):
+        raise IJBError(f"{path}: {len(linenos)} lines for the {len(names)} faces of {faces}")
+    try:
+        values = np.array(tokens, dtype=np.float64).reshape(-1, 11)  # one conversion for all lines
+    except ValueError:
+        for row in range(len(linenos)):
+            try:
+                [float(x) for x in tokens[11 * row:11 * row + 11]]
+            except ValueError:
+                raise IJBError(f"{path}:{linenos[row]}: a landmark or score is not a number") from None
+        raise
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if len(bad):
+        raise IJBError(f"{path}:{linenos[bad[0]]}: a landmark or score is not finite")
+    return values[:, :10].astype(np.float32).reshape(-1, 5, 2), values[:, 10].astype(np.float32)
 
 
 def _nth_data_line(path: Path, row: int) -> int:
@@ -213,7 +219,7 @@ def _read_pairs(path: Path) -> np.ndarray:
     return rows
 
 
-def _read_template_csv(path: Path, known: np.ndarray, name: str) -> TemplateSet:
+def _read_template_csv(path: Path, known: set[int], name: str) -> TemplateSet:
     """A 1:N CSV: header, then TEMPLATE_ID,SUBJECT_ID,... per image; one subject per template."""
     lines = _lines(path)
     subject_of: dict[int, int] = {}
@@ -228,8 +234,7 @@ def _read_template_csv(path: Path, known: np.ndarray, name: str) -> TemplateSet:
         if subject_of.setdefault(tid, sid) != sid:
             raise IJBError(f"{where}: template {tid} is given subject {sid} here and {subject_of[tid]} "
                            "above")
-        pos = np.searchsorted(known, tid)
-        if pos >= len(known) or known[pos] != tid:
+        if tid not in known:
             raise IJBError(f"{where}: template {tid} has no face in "
                            f"{meta_file(path.parent.parent, name, 'face_tid_mid.txt')}")
     if not subject_of:
@@ -266,8 +271,9 @@ def read_layout(root: str | os.PathLike, name: str = "IJBC") -> IJBLayout:
         if not all(present):
             missing = [str(p) for p, ok in zip(csvs, present) if not ok]
             raise IJBError(f"{missing[0]}: no such file (1:N needs {', '.join(p.name for p in csvs)})")
-        galleries = [_read_template_csv(p, known, name) for p in csvs[:2]]
-        probe = _read_template_csv(csvs[2], known, name)
+        known_set = set(known.tolist())
+        galleries = [_read_template_csv(p, known_set, name) for p in csvs[:2]]
+        probe = _read_template_csv(csvs[2], known_set, name)
     return IJBLayout(root, name, images, templates, medias, points, scores, pairs[:, 0].copy(),
                      pairs[:, 1].copy(), pairs[:, 2] == 1, galleries, probe)
 
