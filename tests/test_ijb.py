@@ -295,7 +295,8 @@ def _edit_line(path: Path, lineno: int, edit) -> None:
 
 
 @pytest.mark.parametrize("fault", ["missing meta", "unknown template", "missing crop", "landmark outside",
-                                   "points out of order", "bad label", "1:N unknown template"])
+                                   "points out of order", "bad label", "1:N unknown template",
+                                   "landmark not a number"])
 def test_bad_input_is_one_line_naming_file_and_line(fixture, model_pt, tmp_path, capsys, fault):
     root = _broken_copy(fixture, tmp_path)
     meta = root / "meta"
@@ -315,6 +316,10 @@ def test_bad_input_is_one_line_naming_file_and_line(fixture, model_pt, tmp_path,
     elif fault == "points out of order":
         _edit_line(meta / "ijbc_name_5pts_score.txt", 4, lambda s: "3.jpg " + s.split(" ", 1)[1])
         expect = f"{meta / 'ijbc_name_5pts_score.txt'}:4: image '3.jpg'"
+    elif fault == "landmark not a number":
+        _edit_line(meta / "ijbc_name_5pts_score.txt", 6, lambda s: " ".join(
+            s.split()[:3] + ["abc"] + s.split()[4:]))
+        expect = f"{meta / 'ijbc_name_5pts_score.txt'}:6: a landmark or score is not a number"
     elif fault == "bad label":
         _edit_line(meta / "ijbc_template_pair_label.txt", 3, lambda s: s.rsplit(" ", 1)[0] + " 2")
         expect = f"{meta / 'ijbc_template_pair_label.txt'}:3: label 2"
