@@ -45,7 +45,8 @@ def synthetic_ijbc(images: int, gallery: int, probes: int, pairs: int, dim: int,
     label = subject[g] == subject[p]
     order = rng.permutation(pairs) if shuffle else np.argsort(g, kind="stable")
     g, p, label = g[order], p[order], label[order]
-    layout = ijb.IJBLayout(Path("synthetic"), "IJBC", [], tids[img_t], medias, np.zeros((0, 5, 2), np.float32),
+    no_points = np.zeros((0, 5, 2), np.float32)
+    layout = ijb.IJBLayout(Path("synthetic"), "IJBC", [], tids[img_t], medias, no_points,
                            faceness, tids[g], tids[p], label,
                            [ijb.TemplateSet("G1", tids[:gallery // 2], subject[:gallery // 2]),
                             ijb.TemplateSet("G2", tids[gallery // 2:gallery], subject[gallery // 2:gallery])],
@@ -54,21 +55,24 @@ def synthetic_ijbc(images: int, gallery: int, probes: int, pairs: int, dim: int,
 
 
 def write_meta(root: Path, layout: ijb.IJBLayout) -> None:
-    """The release's meta files for a synthetic layout (crop names 1.jpg ...; points inside a 200x200 crop)."""
+    """The release's meta files for a synthetic layout (crops 1.jpg ...; points inside a 200x200 crop)."""
     meta = root / "meta"
     meta.mkdir()
     names = [f"{i + 1}.jpg" for i in range(len(layout.templates))]
     (meta / "ijbc_face_tid_mid.txt").write_text(
-        "".join(f"{n} {t} {m}\n" for n, t, m in zip(names, layout.templates.tolist(), layout.medias.tolist())))
+        "".join(f"{n} {t} {m}\n" for n, t, m in zip(names, layout.templates.tolist(),
+                                                    layout.medias.tolist())))
     pts = np.random.default_rng(1).uniform(20, 180, (len(names), 10))
     rows = np.char.mod("%.3f", np.c_[pts, layout.faceness])
     (meta / "ijbc_name_5pts_score.txt").write_text("".join(n + " " + " ".join(r) + "\n"
                                                            for n, r in zip(names, rows.tolist())))
     table = np.stack([layout.pair_t1, layout.pair_t2, layout.pair_label.astype(np.int64)], axis=1)
     np.savetxt(meta / "ijbc_template_pair_label.txt", table, fmt="%d")
-    for ts, file in zip(layout.galleries + [layout.probe], ["1N_gallery_G1", "1N_gallery_G2", "1N_probe_mixed"]):
+    files = ["1N_gallery_G1", "1N_gallery_G2", "1N_probe_mixed"]
+    for ts, file in zip(layout.galleries + [layout.probe], files):
         subject = dict(zip(ts.templates.tolist(), ts.subjects.tolist()))
-        lines = [f"{t},{subject[t]},img/{n}\n" for n, t in zip(names, layout.templates.tolist()) if t in subject]
+        lines = [f"{t},{subject[t]},img/{n}\n" for n, t in zip(names, layout.templates.tolist())
+                 if t in subject]
         (meta / f"ijbc_{file}.csv").write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n" + "".join(lines))
 
 
@@ -85,7 +89,8 @@ def main() -> int:
     ap.add_argument("--record", action="store_true", help="append the figures to bench/RESULTS.md")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    layout, feats = synthetic_ijbc(args.images, args.gallery, args.probes, args.pairs, args.dim, 0, args.shuffle)
+    layout, feats = synthetic_ijbc(args.images, args.gallery, args.probes, args.pairs, args.dim, 0,
+                                   args.shuffle)
     print(f"synthetic data: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     rows = []
 
@@ -109,9 +114,11 @@ def main() -> int:
     known, tf = stage(f"pool {args.images:,} image features into templates",
                       lambda: ijb.template_features(feats, layout.faceness, layout.templates, layout.medias))
     r1, r2 = ijb.template_rows(known, layout.pair_t1), ijb.template_rows(known, layout.pair_t2)
-    scores = stage(f"score {args.pairs:,} template pairs", lambda: ijb.pair_scores(tf, r1, r2, progress=False))
+    scores = stage(f"score {args.pairs:,} template pairs",
+                   lambda: ijb.pair_scores(tf, r1, r2, progress=False))
     roc = stage("ROC and TAR@FAR (eval_ijbc.py rule and strict rule)",
-                lambda: (ijb.nearest_tar_at_far(*ijb.insightface_roc(scores, layout.pair_label), metrics.FARS),
+                lambda: (ijb.nearest_tar_at_far(*ijb.insightface_roc(scores, layout.pair_label),
+                                                metrics.FARS),
                          metrics.tar_at_far(scores[layout.pair_label], scores[~layout.pair_label])))
     ident = stage("1:N, G1 and G2 against every probe template",
                   lambda: [ijb.search(known, tf, g, layout.probe) for g in layout.galleries])
@@ -119,7 +126,7 @@ def main() -> int:
     # time other processes held the cores.
     lines = ["| stage | wall s | CPU s | RSS before -> peak (GiB) |", "|---|---|---|---|"] + rows
     tar = roc[0]
-    lines.append(f"\nTAR@FAR (eval_ijbc.py rule): " + ", ".join(f"{metrics.far_key(f)}: {v:.4f}"
+    lines.append("\nTAR@FAR (eval_ijbc.py rule): " + ", ".join(f"{metrics.far_key(f)}: {v:.4f}"
                                                                for f, v in tar.items())
                  + f"; rank-1 G1/G2: {ident[0].cmc[0]:.4f} / {ident[1].cmc[0]:.4f}")
     if args.check:

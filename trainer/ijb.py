@@ -435,11 +435,13 @@ def template_features(features: np.ndarray, faceness: np.ndarray, templates: np.
     counts = np.diff(np.r_[media_start, len(t)])
     # media mean = a sparse [media, image] matrix of weight / count times the features (one kernel, no
     # gathered copy of the 469k x 512 features)
-    mean_of = _rows_matrix(media_start, order, weight[order] / np.repeat(counts, counts), len(x), torch.float32)
+    mean_weight = weight[order] / np.repeat(counts, counts)
+    mean_of = _rows_matrix(media_start, order, mean_weight, len(x), torch.float32)
     media = (mean_of @ x).double()
     media_t = t[media_start]
     t_start = np.flatnonzero(np.r_[True, media_t[1:] != media_t[:-1]])
-    sum_of = _rows_matrix(t_start, np.arange(len(media_t)), np.ones(len(media_t)), len(media_t), torch.float64)
+    n_media = len(media_t)
+    sum_of = _rows_matrix(t_start, np.arange(n_media), np.ones(n_media), n_media, torch.float64)
     pooled = (sum_of @ media).numpy()
     norms = np.linalg.norm(pooled, axis=1, keepdims=True)
     pooled = np.divide(pooled, norms, out=np.zeros_like(pooled), where=norms > 0)
@@ -620,8 +622,8 @@ class IJBScores:
     identification: list[SearchResult]
 
 
-def score_layout(layout: IJBLayout, features: np.ndarray, norm_score: bool = True, detector_score: bool = True,
-                 fars: Sequence[float] = metrics.FARS, max_rank: int = 10,
+def score_layout(layout: IJBLayout, features: np.ndarray, norm_score: bool = True,
+                 detector_score: bool = True, fars: Sequence[float] = metrics.FARS, max_rank: int = 10,
                  progress: bool = True) -> IJBScores:
     """Both protocols on image features of every face line."""
     if features.shape[0] != len(layout.images):
@@ -641,10 +643,12 @@ def add_ijb_arguments(parser: argparse.ArgumentParser, source_group=None) -> Non
     """The IJB options of `python -m trainer.eval`; --ijb joins `source_group` (the mutually exclusive
     --pairs/--data group) when given."""
     (source_group or parser).add_argument("--ijb", metavar="ROOT",
-                                          help="IJB-B/IJB-C root in insightface's layout (meta/, loose_crop/)")
+                                          help="IJB-B/IJB-C root in insightface's layout "
+                                               "(meta/, loose_crop/)")
     parser.add_argument("--ijb-set", choices=SETS, default="IJBC", help="--ijb: which set (default IJBC)")
     parser.add_argument("--ijb-norm-score", action=argparse.BooleanOptionalAction, default=True,
-                        help="--ijb: keep each image feature's norm in pooling (eval_ijbc.py's N1; default on)")
+                        help="--ijb: keep each image feature's norm in pooling (eval_ijbc.py's N1; "
+                             "default on)")
     parser.add_argument("--ijb-detector-score", action=argparse.BooleanOptionalAction, default=True,
                         help="--ijb: weight each image by its detector score (eval_ijbc.py's D1; default on)")
     parser.add_argument("--save-features", metavar="NPZ",
@@ -676,7 +680,7 @@ def run_ijb(args: argparse.Namespace, model: torch.nn.Module, device: torch.devi
     name = layout.name
     out: dict[str, Any] = {"ijb": str(layout.root), "set": name, "flip": flip,
                            "norm_score": args.ijb_norm_score, "detector_score": args.ijb_detector_score,
-                           "images": len(layout.images), "templates": int(len(np.unique(layout.templates))),
+                           "images": len(layout.images), "templates": len(np.unique(layout.templates)),
                            "acc": None, "std": None, **res.verification.summary()}
     cmc_curves = {}
     if res.identification:
