@@ -244,6 +244,13 @@ def test_command_line_end_to_end(fixture, layout, model_pt, tmp_path, capsys):
     assert set(result["galleries"]) == {"G1", "G2"}
     assert (tmp_path / "r.roc.png").stat().st_size > 0 and (tmp_path / "r.cmc.png").stat().st_size > 0
     assert json.loads(out.read_text())["results"][0]["tar_at_far"] == result["tar_at_far"]
+    assert result["features"] == str(feats_file)
+    # Without --save-features, --output keeps them beside the results.
+    code, lines3, err = _eval(capsys, "--checkpoint", str(model_pt), "--ijb", str(fixture.root), "--output",
+                              str(tmp_path / "s.json"))
+    assert code == 0, err
+    assert json.loads(lines3[-1])["features"] == str(tmp_path / "s.ijbc_features.npz")
+    assert (tmp_path / "s.ijbc_features.npz").is_file()
 
     # The figures follow from the saved features by the brute-force loops.
     with np.load(feats_file) as z:

@@ -41,7 +41,8 @@ each gallery separately, the two results averaged, as the protocol says):
   non-mated top score, k = floor(f * non-mated searches) (trainer.metrics.tar_at_far's rule); None when
   k < 1.
 
-The features (per image, before pooling) are saved with --save-features before any scoring starts, and
+The features (per image, before pooling) are saved before any scoring starts (--save-features, or beside
+--output as OUTPUT_STEM.ijbc_features.npz for one checkpoint), and
 every input is checked before embedding (meta files, pairs naming unknown templates, missing crops,
 landmarks outside their image): a bad input stops the run at once with one line naming file and line.
 """
@@ -652,7 +653,8 @@ def add_ijb_arguments(parser: argparse.ArgumentParser, source_group=None) -> Non
     parser.add_argument("--ijb-detector-score", action=argparse.BooleanOptionalAction, default=True,
                         help="--ijb: weight each image by its detector score (eval_ijbc.py's D1; default on)")
     parser.add_argument("--save-features", metavar="NPZ",
-                        help="--ijb: save the image features here (before scoring starts)")
+                        help="--ijb: save the image features here before scoring starts (default with "
+                             "--output and one checkpoint: OUTPUT_STEM.ijbc_features.npz)")
     parser.add_argument("--features", metavar="NPZ",
                         help="--ijb: score these saved image features instead of embedding")
 
@@ -667,17 +669,22 @@ def run_ijb(args: argparse.Namespace, model: torch.nn.Module, device: torch.devi
     checkpoint = args.checkpoint[0] if len(args.checkpoint) == 1 else None
     progress = not args.no_progress
     layout = read_layout(args.ijb, args.ijb_set)
+    name = layout.name
+    save_to = None
     if args.features:
         features, flip = load_features(args.features, layout, checkpoint)
     else:
         check_crops(layout, args.workers, progress)
         flip = not args.no_flip
         features = embed_layout(model, layout, device, args.batch_size, flip, args.workers, progress)
-        if args.save_features:
-            save_features(args.save_features, features, layout, checkpoint, model.network, flip)
+        save_to = args.save_features
+        if save_to is None and args.output and checkpoint is not None:
+            # An hour of embedding is never lost to a failure after it: kept beside the results.
+            save_to = f"{Path(args.output).with_suffix('')}.{name.lower()}_features.npz"
+        if save_to:
+            save_features(save_to, features, layout, checkpoint, model.network, flip)
     res = score_layout(layout, features, args.ijb_norm_score, args.ijb_detector_score, args.fars,
                        args.max_rank, progress)
-    name = layout.name
     out: dict[str, Any] = {"ijb": str(layout.root), "set": name, "flip": flip,
                            "norm_score": args.ijb_norm_score, "detector_score": args.ijb_detector_score,
                            "images": len(layout.images), "templates": len(np.unique(layout.templates)),
@@ -688,6 +695,6 @@ def run_ijb(args: argparse.Namespace, model: torch.nn.Module, device: torch.devi
         cmc_curves[f"{name} 1:N"] = np.asarray(out["cmc"])
     if args.features:
         out["features"] = str(args.features)
-    elif args.save_features:
-        out["features"] = str(args.save_features)
+    elif save_to:
+        out["features"] = str(save_to)
     return out, {f"{name} 1:1": (res.verification.fpr, res.verification.tpr)}, cmc_curves
