@@ -42,9 +42,9 @@ each gallery separately, the two results averaged, as the protocol says):
   k < 1.
 
 The features (per image, before pooling) are saved before any scoring starts (--save-features, or beside
---output as OUTPUT_STEM.ijbc_features.npz for one checkpoint), and
-every input is checked before embedding (meta files, pairs naming unknown templates, missing crops,
-landmarks outside their image): a bad input stops the run at once with one line naming file and line.
+--output as OUTPUT_STEM.ijbc_features.npz for one checkpoint), and every input is checked before embedding
+(meta files, pairs naming unknown templates, missing crops, landmarks outside their image): a bad input
+stops the run at once with one line naming file and line.
 """
 from __future__ import annotations
 
