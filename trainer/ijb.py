@@ -25,9 +25,10 @@ packer's similarity transform (pipeline.landmarks.warp_to_template; black outsid
 - a pair's score is the dot product of its two template features (float32 here; insightface's float64
   differs by < 1e-6).
 - the ROC is sklearn's roc_curve(label, score) with its default drop_intermediate=True (collinear points
-  dropped). TAR at a FAR x is the TPR of the ROC point whose FPR is nearest to x; of equally near points,
-  the one with the highest threshold position in the flipped curve that eval_ijbc.py walks, i.e. the one
-  with the largest FPR, then the largest TPR. This is not a bound: the point's FPR may exceed x. The JSON
+  dropped). TAR at a FAR x is the TPR of the ROC point whose FPR is nearest to x (|fpr - x| least); of
+  equally near points, the first of the curve flipped to descending FPR, as eval_ijbc.py walks it: the
+  larger FPR, and of equal FPRs the largest TPR. No interpolation, and not a bound: the chosen point's FPR
+  may exceed x (FAR 1e-6 on 15.6M impostors is the point nearest 15.6 false accepts). The JSON
   also gives `tar_at_far_strict`, the conservative rule of trainer.metrics.tar_at_far (at most
   floor(x * impostors) impostors accepted).
 
