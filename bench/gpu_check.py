@@ -195,6 +195,7 @@ def load_check_config(args: argparse.Namespace, sizes: Sizes, data: Path):
     """The trainer's config for the training checks: `--config`, then the sizes, then `--set`."""
     from trainer.config import load_config
     from trainer.main import check_config
+    from trainer.modes import build_mode
 
     overrides = [f"network={sizes.network}", f"batch_size={sizes.batch}", f"amp={sizes.amp}",
                  f"loader_backend={args.reader}", f"num_threads={sizes.reader_threads}", "gradient_acc=1",
@@ -202,6 +203,7 @@ def load_check_config(args: argparse.Namespace, sizes: Sizes, data: Path):
     cfg = load_config(args.config, overrides)
     cfg.data = str(data)
     check_config(cfg)
+    build_mode(cfg)  # the mode's own keys (sample_rate, margin_list, ...) checked
     return cfg
 
 
@@ -225,7 +227,7 @@ def check_dali(data: Path, device: torch.device, sizes: Sizes) -> list[Row]:
 
 def _dali_row(data: Path, device: torch.device, sizes: Sizes, load: Optional[float], settings: str) -> Row:
     from pipeline.dali_reader import DaliTrainLoader
-    from trainer.main import micro_batches
+    from trainer.step import micro_batches
 
     kwargs = {"hw_decoder_load": load} if load is not None else {}
     # drop_last=False: every real image of an epoch counts, and the last batch's padding does not.
@@ -255,7 +257,7 @@ def check_nvjpeg(data: Path, device: torch.device, sizes: Sizes) -> list[Row]:
 
 def _nvjpeg_row(data: Path, device: torch.device, sizes: Sizes, settings: str) -> Row:
     from pipeline.nvjpeg_reader import NvjpegTrainLoader, decode_jpeg_cpu
-    from trainer.main import micro_batches
+    from trainer.step import micro_batches
 
     decode = None if device.type == "cuda" else decode_jpeg_cpu
     loader = NvjpegTrainLoader(data, sizes.dali_batch, device=device, num_threads=sizes.reader_threads,
@@ -289,7 +291,9 @@ def check_partial_fc(device: torch.device, sizes: Sizes, cfg) -> list[Row]:
 
 
 def _partial_fc_row(device: torch.device, sizes: Sizes, cfg, rate: float, settings: str) -> Row:
-    from trainer.main import AMP_DTYPES, build_margin_loss, build_optimizer
+    from trainer.heads import build_margin_loss
+    from trainer.optim import build_optimizer
+    from trainer.step import AMP_DTYPES
     from trainer.partial_fc import PartialFC
 
     classes, batch, dim = sizes.pfc_classes, sizes.pfc_batch, cfg.embedding_size
@@ -326,11 +330,12 @@ def _partial_fc_row(device: torch.device, sizes: Sizes, cfg, rate: float, settin
 
 class TrainingBench:
     """The trainer's model, classifier and optimizers, built by its own functions from `cfg`, and a timer
-    for `trainer.main.train_step` fed from any source of batches."""
+    for `trainer.step.train_step` fed from any source of batches."""
 
     def __init__(self, cfg, classes: int, device: torch.device, sizes: Sizes) -> None:
         from trainer.backbones import build_backbone
-        from trainer.main import build_margin_loss, build_optimizer
+        from trainer.heads import build_margin_loss
+        from trainer.optim import build_optimizer
         from trainer.partial_fc import PartialFC
 
         self.cfg, self.classes, self.device, self.sizes = cfg, classes, device, sizes
@@ -348,8 +353,8 @@ class TrainingBench:
                           torch.randint(0, classes, (cfg.batch_size,), device=device, generator=gen))
 
     def train_one(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One `trainer.main.train_step`; its loss."""
-        from trainer.main import AMP_DTYPES, train_step
+        """One `trainer.step.train_step`; its loss."""
+        from trainer.step import AMP_DTYPES, train_step
 
         group = [(images.contiguous(memory_format=self.memory_format), labels)]
         result = train_step(self.backbone, self.pfc, group, self.optimizers, self.scaler,
@@ -411,7 +416,8 @@ def check_training(data: Path, device: torch.device, sizes: Sizes, cfg, want: Se
 
 
 def _busy_row(bench: TrainingBench, data: Path, t_synthetic: float, settings: str) -> Row:
-    from trainer.main import build_loader, micro_batches
+    from trainer.main import build_loader
+    from trainer.step import micro_batches
 
     cfg, device = bench.cfg, bench.device
     loader = build_loader(cfg, device, 0, 1)  # what trainer.main.train builds for rank 0 of 1
@@ -466,7 +472,8 @@ def check_real_data(data: Path, device: torch.device, sizes: Sizes, cfg, want: S
 
 def _real_data_rows(data: Path, device: torch.device, sizes: Sizes, cfg, want: Sequence[str], steps: int,
                     settings: str) -> list[Row]:
-    from trainer.main import build_loader, micro_batches
+    from trainer.main import build_loader
+    from trainer.step import micro_batches
 
     loader = build_loader(cfg, device, 0, 1)
     bench = TrainingBench(cfg, loader.num_classes, device, sizes)

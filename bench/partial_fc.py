@@ -39,7 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from trainer.losses import ArcFace  # noqa: E402
-from trainer.partial_fc import PartialFC, RowSparseSGD  # noqa: E402
+from trainer.optim import RowSparseSGD  # noqa: E402
+from trainer.partial_fc import PartialFC  # noqa: E402
 
 SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 

@@ -6,7 +6,7 @@
     .venv/bin/python -m torch.distributed.run --nproc_per_node=8 bench/train.py --network r50 \
         --batch-size 512 --amp bf16
 
-Each step is trainer.main.train_step, the trainer's own step (DDP on the backbone when several ranks,
+Each step is trainer.step.train_step, the trainer's own step (DDP on the backbone when several ranks,
 gradient clipping, the non-finite check), under the trainer's CUDA switches (trainer/cuda_flags.py: the
 config's `cudnn_benchmark` and `tf32`, both on by default; `--set tf32=false` to compare). Input is random
 images and labels made on the device once, so the figure is the model's and not the reader's. Prints one
@@ -31,8 +31,10 @@ from tqdm import tqdm
 from trainer.config import apply_overrides, base_config
 from trainer.cuda_flags import apply_cuda_flags
 from trainer.distributed import barrier, get_rank, get_world_size
-from trainer.losses import build_margin_loss
-from trainer.main import AMP_DTYPES, build_optimizer, init_distributed, train_step, wrap_ddp
+from trainer.losses import ArcFace
+from trainer.distributed import init_distributed, wrap_ddp
+from trainer.optim import build_optimizer
+from trainer.step import AMP_DTYPES, train_step
 from trainer.partial_fc import PartialFC
 
 
@@ -76,7 +78,7 @@ def main() -> int:
     model = wrap_ddp(backbone, device)
     if args.compile:
         model = torch.compile(model)
-    pfc = PartialFC(build_margin_loss((1.0, 0.5, 0.0)), args.embedding_size, args.num_classes,
+    pfc = PartialFC(ArcFace(), args.embedding_size, args.num_classes,
                     sample_rate=args.sample_rate, embedding_grad_scale=float(world)).to(device)
     optimizers = [build_optimizer(cfg, backbone.parameters()),
                   build_optimizer(cfg, pfc.parameters(), row_sparse=True)]

@@ -23,7 +23,7 @@ class AugmentConfig:
     crop_area: float = 1.0  # random resized crop keeping at least this share of the area (1.0 = off)
     brightness: float = 0.0  # multiply by U(1-b, 1+b)
     contrast: float = 0.0  # scale around the mean by U(1-c, 1+c)
-    saturation: float = 0.0
+    saturation: float = 0.0  # scale the distance from grey by U(1-s, 1+s)
     grey_p: float = 0.0  # probability of a greyscale copy
     # Random erasing (Zhong et al., 2020): with probability erase_p, a rectangle of U(0.02, erase_area)
     # of the image, aspect ratio in [0.3, 3.3], is filled with mid grey (0 after normalisation), so that

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from trainer.distributed import shard_range
 from trainer.losses import ArcFace, CombinedMarginLoss, CosFace
-from trainer.partial_fc import PartialFC, RowSparseSGD
+from trainer.optim import RowSparseSGD
+from trainer.partial_fc import PartialFC
 
 
 class NormHead(torch.nn.Module):
@@ -198,6 +199,10 @@ def resume_one_step(rank: int, world_size: int, out_dir: str) -> None:
         pfc.load_full_state(torch.load(os.path.join(out_dir, f"full_{kind}.pt")), opt)
         train_steps(pfc, opt, range(3, 4), rank, world_size)
         torch.save(pfc.local_state(opt), os.path.join(out_dir, f"resumed_{kind}_{rank}.pt"))
+
+
+def sampled_pfc(num_classes: int = 1000, rate: float = 0.1, dim: int = 8, seed: int = 0) -> PartialFC:
+    return PartialFC(CosFace(), dim, num_classes, sample_rate=rate, seed=seed)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""The heads of trainer/heads.py: registry, hand-checked formulas, and 1 rank == 2 ranks for every head."""
+"""The heads of trainer/heads/: registry, hand-checked formulas, and 1 rank == 2 ranks for every head."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from tests._heads_helpers import run_ranks
 from trainer import distributed
-from trainer.heads import available_heads, build_head, register_head
+from trainer.config import ConfigError, load_config
+from trainer.heads import available_heads, build_head, build_margin_loss, register_head
+from trainer.losses import CombinedMarginLoss
 from trainer.partial_fc import PartialFC
 
 # (case id, registered name, kwargs): every registered head appears at least once.
@@ -105,6 +107,20 @@ def test_registry_names_are_case_and_dash_insensitive():
         build_head("nosuch")
     with pytest.raises(ValueError, match="registered twice"):
         register_head("AdaFace")(lambda: None)
+
+
+def test_config_loss_goes_through_the_registry():
+    cfg = load_config("cpu_demo", ["margin_list=(1.0,0.3,0.2)", "scale=30.0"])
+    combined = build_margin_loss(cfg, 10)
+    assert type(combined) is CombinedMarginLoss and (combined.s, combined.m2, combined.m3) == (30.0, 0.3, 0.2)
+    cfg.loss, cfg.loss_kwargs = "AdaCos", {}
+    assert type(build_margin_loss(cfg, 10)).__name__ == "AdaCos"
+    cfg.loss = "nosuch"
+    with pytest.raises(ConfigError, match="'nosuch' is not a head.*adaface"):
+        build_margin_loss(cfg, 10)
+    cfg.loss, cfg.loss_kwargs = "curricularface", {"nosuch": 1}
+    with pytest.raises(ConfigError, match="loss_kwargs"):
+        build_margin_loss(cfg, 10)
 
 
 def test_heads_that_need_the_class_count_say_so():

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from trainer.losses import ArcFace, CombinedMarginLoss, CosFace, build_margin_loss, positive_index
+from trainer.config import load_config
+from trainer.heads import build_margin_loss
+from trainer.losses import ArcFace, CombinedMarginLoss, CosFace, positive_index
 
 F64 = torch.float64
 
@@ -75,7 +77,9 @@ def test_combined_reduces_to_arcface_cosface_and_plain_softmax():
     rows, cols = positive_index(labels)
     expected = 64.0 * (torch.cos(torch.acos(cos[rows, cols]) + 0.3) - 0.2)
     torch.testing.assert_close(both[rows, cols], expected)
-    torch.testing.assert_close(build_margin_loss((1.0, 0.5, 0.0))(cos, labels), ArcFace()(cos, labels))
+    # The trainer's default loss "combined" takes (m1, m2, m3) from margin_list and s from scale.
+    cfg = load_config("cpu_demo", ["loss=combined", "margin_list=(1.0,0.5,0.0)", "scale=64.0"])
+    torch.testing.assert_close(build_margin_loss(cfg, 5)(cos, labels), ArcFace()(cos, labels))
 
 
 def test_arcface_gradient_is_the_margin_functions():

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from tests._heads_helpers import run_ranks
 from trainer import distributed
 from trainer.heads import build_head
-from trainer.modes.aaface import (AAFaceNet, AAFaceObjective, AAFaceSchedule, AAIModule, AttributeLoss,
-                                  aaface, attribute_targets, balanced_pos_weight)
+from trainer.backbones.aaface import AAFaceNet, AAIModule, aaface
+from trainer.modes.aaface import (AAFaceObjective, AAFaceSchedule, AttributeLoss, attribute_targets,
+                                  balanced_pos_weight)
 from trainer.modes.lvface import EPLHead, LVFaceCurriculum, LVFacePartialFC, build_lvface_partial_fc
 from trainer.modes.sst import IdentityPairLoader, PrototypeQueue, SemiSiameseTraining
-from trainer.partial_fc import PartialFC, RowSparseSGD
+from trainer.optim import RowSparseSGD
+from trainer.partial_fc import PartialFC
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,7 +11,8 @@ from tests._trainer_helpers import FakeLoader, TinyNet
 from trainer import checkpoint as ckpt
 from trainer.config import Config
 from trainer.losses import CombinedMarginLoss
-from trainer.main import build_optimizer, train_step
+from trainer.optim import build_optimizer
+from trainer.step import train_step
 from trainer.model_io.load import load_backbone
 from trainer.partial_fc import PartialFC
 
@@ -173,6 +174,22 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
     path = a.save(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="12 x 16"):
         Run(num_classes=12).load(path)
+
+
+def test_a_classifier_that_does_not_fit_another_world_size_is_a_checkpoint_error(tmp_path):
+    a = Run(num_classes=10)
+    a.steps(1)
+    path = a.save(tmp_path)
+    # As if saved on 2 ranks (so that loading re-shards fc_full.pt), with a torn classifier in it.
+    saved = torch.load(path / ckpt.TRAIN_STATE, weights_only=False)
+    saved["train_state"]["world_size"] = 2
+    torch.save(saved, path / ckpt.TRAIN_STATE)
+    full = torch.load(path / ckpt.FC_FULL, weights_only=False)
+    full["fc"]["weight"] = full["fc"]["weight"][:9]
+    torch.save(full, path / ckpt.FC_FULL)
+    with pytest.raises(ckpt.CheckpointError, match=f"{ckpt.FC_FULL}: full weight must be"):
+        Run(num_classes=10).load(path)
+    assert issubclass(ckpt.CheckpointError, ValueError)  # one error type with trainer.model_io's
 
 
 def test_model_file_rebuilds_the_backbone(tmp_path):

@@ -68,3 +68,31 @@ def test_config_attribute_access_and_copy():
     assert parse_value("None", None) is None
     assert parse_value("3", None) == 3
     assert apply_overrides(Config(x=(1, 2)), ["x=[3]"]).x == (3,)
+
+
+def test_each_mode_adds_its_own_keys_and_rejects_the_others():
+    standard = load_config("cpu_demo")
+    assert standard.mode == "standard" and standard.scale == 32.0 and standard.sample_rate == 1.0
+    assert not any(k.startswith(("sst_", "lvface_", "aaface_")) for k in standard)
+    sst = load_config("sst_mbf", ["sst_margin=0.2"])
+    assert sst.sst_margin == 0.2 and "scale" not in sst and "loss" not in sst
+    lvface = load_config("lvface_vit")
+    assert lvface.lvface_switch_epoch == 40.0 and lvface.margin_list == (1.0, 0.5, 0.0)
+    # The mode may come after its keys on the command line; the last mode= wins.
+    cfg = load_config("sst_mbf", ["sst_scale=10", "mode=lvface", "mode=sst"])
+    assert cfg.mode == "sst" and cfg.sst_scale == 10.0 and "lvface_switch_epoch" not in cfg
+    with pytest.raises(ConfigError, match="'sst_scale' belongs to mode 'sst'.*mode is 'standard'"):
+        load_config("cpu_demo", ["sst_scale=10"])
+    with pytest.raises(ConfigError, match="'scale' belongs to mode 'standard'.*mode is 'sst'"):
+        load_config("sst_mbf", ["scale=10"])
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        load_config("cpu_demo", ["mode=nosuch"])
+
+
+def test_a_job_module_with_a_key_of_another_mode_is_an_error(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text("from trainer.config import Config\nconfig = Config()\nconfig.aaface_lambda_fr = 2.0\n"
+                   "config.mode = 'lvface'\n")
+    with pytest.raises(ConfigError, match="'aaface_lambda_fr' belongs to mode 'aaface'.*mode is 'lvface'"):
+        load_config(str(job))
+    assert load_config(str(job), ["mode=aaface"]).aaface_lambda_fr == 2.0

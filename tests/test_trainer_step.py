@@ -1,4 +1,4 @@
-"""One optimizer step (trainer.main.train_step): accumulation, world-size invariance, non-finite skipping.
+"""One optimizer step (trainer.step.train_step): accumulation, world-size invariance, non-finite skipping.
 
 The backbone here has no BatchNorm, so the exact same update is expected whether a global batch is one
 batch on one rank, two accumulated micro batches, or split over 2 or 3 ranks (uneven class shards).
@@ -18,7 +18,8 @@ from tests._trainer_helpers import TinyNet, free_port
 from trainer.config import Config
 from trainer.distributed import gather_to
 from trainer.losses import CombinedMarginLoss
-from trainer.main import build_optimizer, train_step
+from trainer.optim import build_optimizer
+from trainer.step import train_step
 from trainer.partial_fc import PartialFC
 
 NUM_CLASSES = 10

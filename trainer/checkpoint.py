@@ -18,6 +18,9 @@ Resuming on the world size that saved: each rank reads its own shard (and its RN
 continues bit for bit). On another world size: every rank slices its new class range out of
 `fc_full.pt` (memory-mapped), and the reader restarts the saved epoch (see pipeline.loader).
 
+The shards' per-class state (Partial FC's rows, a margin head's per-class tensors) is split and joined by
+trainer/shard_state.py.
+
 OUTPUT/model.pt holds the backbone alone: {"network", "network_kwargs", "state_dict", "step", "config"};
 trainer.model_io.load_backbone rebuilds it.
 """
@@ -36,7 +39,8 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_with, fsync_dir
-from trainer.distributed import barrier, get_rank, get_world_size, shard_range
+from trainer.distributed import barrier, get_rank, get_world_size
+from trainer.shard_state import assemble_full_state, head_state, join_head_states, load_head_state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -48,7 +52,7 @@ FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not fit the model being trained."""
 
 
@@ -109,67 +113,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# ---------------------------------------------------------------------- per-class state of the head
-def _head(partial_fc: torch.nn.Module) -> Optional[torch.nn.Module]:
-    head = getattr(partial_fc, "margin_loss", None)
-    return head if isinstance(head, torch.nn.Module) else None
-
-
-def _head_state(partial_fc: Optional[torch.nn.Module], opt_fc: Optional[torch.optim.Optimizer]) -> dict:
-    """A head's (trainer.heads) state: tensors, which of them are per class, their optimizer state."""
-    head = _head(partial_fc) if partial_fc is not None else None
-    if head is None:
-        return {"state": {}, "per_class": [], "optimizer": {}}
-    params = dict(head.named_parameters())
-    optimizer = {name: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                        for k, v in opt_fc.state.get(p, {}).items()}
-                 for name, p in params.items() if p in opt_fc.state}
-    return {"state": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
-            "per_class": list(getattr(head, "per_class_state", ())), "optimizer": optimizer}
-
-
-def _join_head_states(shards: list[dict]) -> dict:
-    """Per-class head tensors concatenated in rank order; everything else from rank 0."""
-    first = shards[0]
-    per_class = set(first["per_class"])
-    state = {k: torch.cat([s["state"][k] for s in shards]) if k in per_class else v
-             for k, v in first["state"].items()}
-    optimizer = {}
-    for name, opt_state in first["optimizer"].items():
-        optimizer[name] = {}
-        for key, value in opt_state.items():
-            rows = [s["optimizer"][name][key] for s in shards]
-            optimizer[name][key] = torch.cat(rows) if name in per_class and torch.is_tensor(value) \
-                and value.dim() >= 1 else value
-    return {"state": state, "per_class": first["per_class"], "optimizer": optimizer}
-
-
-def _load_head_state(partial_fc: torch.nn.Module, opt_fc: torch.optim.Optimizer, saved: dict,
-                     reshard: bool, num_classes: int) -> None:
-    head = _head(partial_fc)
-    if head is None or not saved["state"] and not saved["optimizer"]:
-        return
-    per_class = set(saved["per_class"])
-    rank, world = get_rank(), get_world_size()
-    start, count = shard_range(num_classes, rank, world)
-
-    def local(name: str, value):
-        if reshard and name in per_class and torch.is_tensor(value) and value.dim() >= 1:
-            if value.shape[0] != num_classes:
-                raise CheckpointError(f"head state {name} has {value.shape[0]} rows for "
-                                      f"{num_classes} classes")
-            return value[start: start + count]
-        return value
-
-    head.load_state_dict({k: local(k, v) for k, v in saved["state"].items()})
-    params = dict(head.named_parameters())
-    for name, opt_state in saved["optimizer"].items():
-        if name in params:
-            device = params[name].device
-            opt_fc.state[params[name]] = {k: local(name, v).clone().to(device) if torch.is_tensor(v) else v
-                                          for k, v in opt_state.items()}
-
-
 # ------------------------------------------------------------------------------------ save
 def save_checkpoint(
     output: str | os.PathLike,
@@ -208,7 +151,7 @@ def save_checkpoint(
         "world_size": world,
         "fc": partial_fc.local_state(opt_fc) if partial_fc is not None else None,
         "sampler": partial_fc.sampler_state_dict() if partial_fc is not None else None,
-        "head": _head_state(partial_fc, opt_fc),
+        "head": head_state(partial_fc, opt_fc),
         "loader": loader.state_dict(),
         "rng": rng_state(),
     }, tmp / rank_file(rank))
@@ -230,15 +173,13 @@ def save_checkpoint(
     barrier()
 
     if rank == 0:
-        from trainer.partial_fc import assemble_full_state
-
         shards = [torch.load(tmp / rank_file(r), map_location="cpu", mmap=True, weights_only=False)
                   for r in range(world)]
         atomic_torch_save({
             "format": FORMAT,
             "world_size": world,
             "fc": assemble_full_state([s["fc"] for s in shards]) if partial_fc is not None else None,
-            "head": _join_head_states([s["head"] for s in shards]),
+            "head": join_head_states([s["head"] for s in shards]),
         }, tmp / FC_FULL)
         del shards
         fsync_dir(tmp)
@@ -379,16 +320,19 @@ def load_checkpoint(
             opt_fc.state[partial_fc.weight] = {k: v.clone().to(device) if torch.is_tensor(v) else v
                                                for k, v in fc.get("optimizer_state", {}).items()}
             partial_fc.load_sampler_state_dict(mine["sampler"])
-            _load_head_state(partial_fc, opt_fc, mine["head"], reshard=False,
-                             num_classes=partial_fc.num_classes)
+            load_head_state(partial_fc, opt_fc, mine["head"], reshard=False,
+                            num_classes=partial_fc.num_classes)
         set_rng_state(mine["rng"])
         loader_state = mine["loader"]
     else:
         if partial_fc is not None:
             full = torch.load(path / FC_FULL, map_location="cpu", mmap=True, weights_only=False)
-            partial_fc.load_full_state(full["fc"], opt_fc)
-            _load_head_state(partial_fc, opt_fc, full["head"], reshard=True,
-                             num_classes=partial_fc.num_classes)
+            try:
+                partial_fc.load_full_state(full["fc"], opt_fc)
+                load_head_state(partial_fc, opt_fc, full["head"], reshard=True,
+                                num_classes=partial_fc.num_classes)
+            except ValueError as e:  # a state that does not fit this run's classifier or head
+                raise CheckpointError(f"{path / FC_FULL}: {e}") from None
             del full
         # Another world size: the reader restarts the saved epoch, whichever rank's state it gets.
         other = torch.load(path / rank_file(min(rank, saved_world - 1)), map_location="cpu", mmap=True,

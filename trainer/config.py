@@ -1,9 +1,11 @@
 """Training configs: a base config, a short job module over it, and `key=value` overrides.
 
 A job config is a Python module in `trainer/configs/` (or any file) that defines `config`, a `Config`
-holding only the keys it changes. `load_config` starts from `trainer/configs/base.py`, applies the job
-module, then the command-line overrides. Every key must exist in the base config, so that a typo is an
-error instead of a silently ignored setting.
+holding only the keys it changes. `load_config` starts from `trainer/configs/base.py` plus the keys of
+the selected training mode (`mode`, from the overrides, else the job module, else the base; the keys are
+the `CONFIG` dict of the mode's module in trainer/modes/), applies the job module, then the command-line
+overrides. Every key must be declared there, so that a typo, or a key of a mode that is not selected,
+is an error instead of a silently ignored setting.
 """
 from __future__ import annotations
 
@@ -73,10 +75,18 @@ def _find_module(name_or_path: str):
         raise ConfigError(f"no config {name_or_path!r} ({e}); known: {', '.join(known)}") from None
 
 
-def _unknown_key(key: str, known: Iterable[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, list(known), n=3)
+def _unknown_key(key: str, config: dict) -> ConfigError:
+    if "mode" in config:
+        from trainer.modes import mode_of_key
+
+        owner = mode_of_key(key)
+        if owner is not None:
+            return ConfigError(f"config key {key!r} belongs to mode {owner!r}, but this config's mode is "
+                               f"{config['mode']!r} (set mode={owner} to use it)")
+    close = difflib.get_close_matches(key, list(config), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}{hint} (every key must be declared in configs/base.py)")
+    return ConfigError(f"unknown config key {key!r}{hint} (every key must be declared in configs/base.py "
+                       f"or in the mode's CONFIG in trainer/modes/)")
 
 
 def base_config() -> Config:
@@ -154,13 +164,32 @@ def apply_overrides(config: Config, overrides: Iterable[str]) -> Config:
     return config
 
 
+def _selected_mode(base: Config, job: dict, overrides: list[str]) -> str:
+    """The training mode the config will have: the last `mode=` override, else the job's, else the base's."""
+    mode = job.get("mode", base["mode"])
+    for item in overrides:
+        key, _, text = item.partition("=")
+        if key.strip() == "mode":
+            mode = text.strip()
+    return mode
+
+
 def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> Config:
-    """Base config, then the job module's `config`, then the overrides; `config.config_name` names the job."""
+    """Base config and the mode's keys, then the job module's `config`, then the overrides;
+    `config.config_name` names the job."""
+    from trainer.modes import UnknownModeError, mode_config
+
+    overrides = list(overrides)
     config = base_config()
     module = _find_module(name_or_path)
     job = getattr(module, "config", None)
     if not isinstance(job, dict):
         raise ConfigError(f"config module {name_or_path} defines no `config` dict")
+    config.mode = _selected_mode(config, job, overrides)
+    try:
+        config.update(mode_config(config.mode))
+    except UnknownModeError as e:
+        raise ConfigError(str(e)) from None
     for key, value in job.items():
         if key not in config:
             raise _unknown_key(key, config)

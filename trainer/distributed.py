@@ -5,10 +5,14 @@ Every helper also works without a process group (one process, world size 1), so 
 """
 from __future__ import annotations
 
+import inspect
+import os
+from datetime import timedelta
 from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 # torch >= 2.10 renamed the single-tensor collectives; keep older releases working.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -186,3 +190,51 @@ def gather_to(tensor: torch.Tensor, dst: int = 0) -> Optional[torch.Tensor]:
         return torch.cat([p[:s] for p, s in zip(parts, sizes)])
     dist.gather(padded, None, dst=dst)
     return None
+
+
+# ------------------------------------------------------------------------------- the trainer's setup
+def init_distributed() -> tuple[torch.device, int]:
+    """Join torchrun's process group when launched by it; returns (device, local_rank)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        backend, timeout = ("nccl" if use_cuda else "gloo"), timedelta(minutes=30)
+        env = os.environ
+        restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarted:
+            # torchrun's agent keeps one TCPStore across worker restarts, so a restarted worker would
+            # read the dead workers' addresses left in it and never connect. Scope this attempt's keys by
+            # the restart count, which a single agent (one node) reports alike to all its workers.
+            # Several nodes: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead.
+            if int(env.get("GROUP_WORLD_SIZE", 1)) > 1:
+                raise RuntimeError("a worker restart across several torchrun agents needs "
+                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment")
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                                  timeout=timeout)
+            store = dist.PrefixStore(f"facetrain/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+            dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=world_size,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    return device, local_rank
+
+
+def wrap_ddp(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around the backbone when there are several ranks (else the backbone itself).
+
+    DDP broadcasts rank 0's weights (a resumed backbone is the same on every rank anyway). BatchNorm
+    statistics stay per rank, as in insightface (model.pt keeps rank 0's).
+    """
+    if get_world_size() == 1:
+        return backbone
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+        inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
+    return DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, **no_buffer_sync)
+
+
+# ------------------------------------------------------------------------------------------ the run

@@ -3,8 +3,9 @@
 A margin loss is a callable `(cosine_logits [B, C_local], labels [B]) -> logits [B, C_local]` (fp32).
 `labels[i]` is the column of sample i's own class in this shard, or -1 when that class lives on
 another rank (or was not sampled); only those target entries receive a margin, every other entry is
-just scaled by `s`. The same convention serves Partial FC on any number of ranks and the heads in
-`trainer/heads.py`, which reuse `positive_index` and `replace_target` from here.
+just scaled by `s`. The same convention serves Partial FC on any number of ranks and the heads of
+`trainer.heads` (which registers these margins too), which reuse `prepare_logits`, `positive_index` and
+`replace_target` from here.
 
 CombinedMarginLoss is the general form of insightface's combined margin, for a target angle theta:
 
@@ -26,7 +27,7 @@ __all__ = [
     "CombinedMarginLoss",
     "positive_index",
     "replace_target",
-    "build_margin_loss",
+    "prepare_logits",
     "at_least_fp32",
 ]
 
@@ -58,13 +59,15 @@ def replace_target(
     return logits
 
 
-def _check_inputs(cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def prepare_logits(cosine: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A head's inputs checked: (cosine in fp32 or fp64, labels [B] as int64)."""
     if cosine.dim() != 2:
         raise ValueError(f"cosine logits must be [B, C_local], got shape {tuple(cosine.shape)}")
-    labels = labels.reshape(-1)
+    labels = labels.reshape(-1).long()
     if labels.shape[0] != cosine.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {cosine.shape[0]} rows of logits")
-    return labels.long()
+    # Statistics and margins are never computed in half precision, even under autocast.
+    return at_least_fp32(cosine), labels
 
 
 class CombinedMarginLoss(nn.Module):
@@ -137,8 +140,7 @@ class CombinedMarginLoss(nn.Module):
         return out - self.m3
 
     def forward(self, cosine_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        labels = _check_inputs(cosine_logits, labels)
-        cos = at_least_fp32(cosine_logits)
+        cos, labels = prepare_logits(cosine_logits, labels)
         rows, cols = positive_index(labels)
         if self.interclass_filtering_threshold > 0:
             with torch.no_grad():
@@ -162,11 +164,3 @@ class CosFace(CombinedMarginLoss):
 
     def __init__(self, s: float = 64.0, m: float = 0.4, interclass_filtering_threshold: float = 0.0):
         super().__init__(s, 1.0, 0.0, m, interclass_filtering_threshold)
-
-
-def build_margin_loss(
-    margin_list: Tuple[float, float, float], s: float = 64.0, interclass_filtering_threshold: float = 0.0
-) -> CombinedMarginLoss:
-    """From an insightface-style config's `margin_list = (m1, m2, m3)`."""
-    m1, m2, m3 = margin_list
-    return CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold)

@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Train a face-recognition backbone with model-parallel Partial FC.
 
-    torchrun --nproc_per_node=N trainer/main.py --config trainer/configs/cpu_demo.py \
-        --data DATA --output OUT [key=value ...]
+    .venv/bin/python -m torch.distributed.run --nproc_per_node=N trainer/main.py \
+        --config trainer/configs/cpu_demo.py --data DATA --output OUT [key=value ...]
     python trainer/main.py ...                        # one process
 
 The backbone is data-parallel (DDP: every rank holds all of it); the classifier is model-parallel (Partial
 FC: every rank holds a contiguous block of classes and is never wrapped in DDP). NCCL on GPUs, gloo on CPUs,
 env:// rendezvous from torchrun. A run resumes from OUTPUT's last checkpoint by itself (so a worker killed
 under `torchrun --max-restarts=K` continues where the checkpoint left off), on any number of ranks.
+
+`train()` reads top to bottom: distributed + config checks, data, model + head + optimizers, resume, the
+loop (trainer/step.py's `train_step` per optimizer step), the last checkpoint and model.pt.
 """
 from __future__ import annotations
 
@@ -20,32 +23,31 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import contextlib
-import inspect
-import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.loader import BACKENDS
 from pipeline.manifest import ManifestError
 from trainer import checkpoint as ckpt
+from trainer.backbones import build_backbone
 from trainer.config import Config, ConfigError, load_config
-from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size
+from trainer.cuda_flags import apply_cuda_flags, cuda_flags_text
+from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size, init_distributed, wrap_ddp
 from trainer.ema import ModelEMA
 from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
 from trainer.modes import build_mode
-from trainer.modes.standard import build_margin_loss, partial_fc_loss  # noqa: F401 (bench imports it here)
+from trainer.optim import build_optimizer
+from trainer.partial_fc import PartialFC
+from trainer.schedule import KINDS as LR_SCHEDULES
 from trainer.schedule import LRSchedule
-
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from trainer.schedule import build_schedule as build_lr_schedule
+from trainer.step import AMP_DTYPES, StepResult, micro_batches, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,36 +68,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def init_distributed() -> tuple[torch.device, int]:
-    """Join torchrun's process group when launched by it; returns (device, local_rank)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1:
-        backend, timeout = ("nccl" if use_cuda else "gloo"), timedelta(minutes=30)
-        env = os.environ
-        restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarted:
-            # torchrun's agent keeps one TCPStore across worker restarts, so a restarted worker would
-            # read the dead workers' addresses left in it and never connect. Scope this attempt's keys by
-            # the restart count, which a single agent (one node) reports alike to all its workers.
-            # Several nodes: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead.
-            if int(env.get("GROUP_WORLD_SIZE", 1)) > 1:
-                raise RuntimeError("a worker restart across several torchrun agents needs "
-                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment")
-            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
-                                  timeout=timeout)
-            store = dist.PrefixStore(f"facetrain/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
-            dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=world_size,
-                                    timeout=timeout)
-        else:
-            dist.init_process_group(backend, init_method="env://", timeout=timeout)
-    return device, local_rank
-
-
 def seed_everything(seed: int, rank: int) -> None:
     # Every rank differs (dropout, sampling) but a run is reproducible; DDP broadcasts rank 0's init.
     random.seed(seed + rank)
@@ -105,36 +77,16 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def check_config(cfg: Config) -> None:
     """Refuse settings that would only fail later, after the data and the model were loaded."""
-    choices = {"amp": AMP_DTYPES, "optimizer": ("sgd", "adamw"), "lr_schedule": ("poly", "cosine"),
-               "loader_backend": ("auto", "dali", "torch")}
+    choices = {"amp": AMP_DTYPES, "optimizer": ("sgd", "adamw"), "lr_schedule": LR_SCHEDULES,
+               "loader_backend": ("auto",) + BACKENDS}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
     for key in ("batch_size", "gradient_acc", "max_nan_steps", "frequent", "embedding_size"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
-    if not 0.0 < cfg.sample_rate <= 1.0:
-        raise ConfigError(f"sample_rate must be in (0, 1], got {cfg.sample_rate}")
-    if len(cfg.margin_list) != 3:
-        raise ConfigError(f"margin_list is (m1, m2, m3), got {cfg.margin_list!r}")
     if not cfg.data:
         raise ConfigError("no training data: pass --data DATA (a folder made by `python -m pipeline pack`)")
-
-
-def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], row_sparse: bool = False
-                    ) -> torch.optim.Optimizer:
-    """SGD or AdamW. `row_sparse` (the classifier): rows Partial FC did not sample are left untouched,
-    their momentum / Adam moments included (trainer.partial_fc explains why torch's own would not)."""
-    from trainer.partial_fc import RowSparseAdamW, RowSparseSGD
-
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        cls = RowSparseSGD if row_sparse else torch.optim.SGD
-        return cls(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        cls = RowSparseAdamW if row_sparse else torch.optim.AdamW
-        return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
 
 
 def resolve_val_targets(cfg: Config) -> dict[str, str]:
@@ -153,122 +105,6 @@ def resolve_val_targets(cfg: Config) -> dict[str, str]:
     return targets
 
 
-def wrap_ddp(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around the backbone when there are several ranks (else the backbone itself).
-
-    DDP broadcasts rank 0's weights (a resumed backbone is the same on every rank anyway). BatchNorm
-    statistics stay per rank, as in insightface (model.pt keeps rank 0's).
-    """
-    if get_world_size() == 1:
-        return backbone
-    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-        inspect.signature(DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False}
-    return DistributedDataParallel(backbone, device_ids=[device.index] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True, **no_buffer_sync)
-
-
-def micro_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The loader's batches across epoch boundaries (a gradient-accumulation step may straddle one)."""
-    while True:
-        yield from loader
-
-
-# ------------------------------------------------------------------------------------------ one step
-@dataclass
-class StepResult:
-    loss: float  # mean loss over the micro steps (NaN/inf when non-finite)
-    skipped: bool  # the optimizer did not step (non-finite loss or gradient on some rank)
-    loss_finite: bool
-    grad_norm: float  # L2 norm of the backbone's gradient before clipping
-    parts: dict = field(default_factory=dict)  # the objective's logged parts, mean over the micro steps
-
-
-def train_step(
-    backbone: torch.nn.Module,
-    partial_fc: torch.nn.Module,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    optimizers: Sequence[torch.optim.Optimizer],
-    scaler: Optional[torch.amp.GradScaler],
-    amp_dtype: Optional[torch.dtype],
-    clip_grad_norm: float,
-    objective: Callable = partial_fc_loss,
-) -> StepResult:
-    """One optimizer step over `len(batches)` micro batches, their gradients averaged.
-
-    `objective(backbone, partial_fc, batch) -> (loss, parts)` is a training mode's loss of one micro
-    batch (trainer.modes); `partial_fc` is the mode's head (a Partial FC, or the mode's own module).
-
-    Inner micro steps run under DDP's no_sync, so the backbone's gradients are all-reduced once. The step
-    is skipped on every rank when any rank saw a non-finite loss or gradient (a flag is all-reduced), so
-    the ranks never diverge.
-    """
-    device = batches[0][0].device
-    n = len(batches)
-    # A skipped step must leave no trace, but the forward pass already fed its (maybe NaN) batch into
-    # BatchNorm's running statistics and any head statistics: keep a copy to put back.
-    buffers = [b for m in (backbone, partial_fc) for b in m.buffers()]
-    saved_buffers = [b.detach().clone() for b in buffers]
-    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    parts_sum: dict = {}
-    for i, batch in enumerate(batches):
-        last = i == n - 1
-        sync = contextlib.nullcontext() if last or not isinstance(backbone, DistributedDataParallel) \
-            else backbone.no_sync()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, parts = objective(backbone, partial_fc, batch)
-            for key, value in parts.items():
-                parts_sum[key] = parts_sum.get(key, 0.0) + value / n
-            # Dividing by n makes the accumulated gradient the mean over the n micro batches.
-            scaled = loss / n
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += loss.detach().float()
-    loss_mean = loss_sum / n
-
-    if scaler is not None:
-        for opt in optimizers:
-            scaler.unscale_(opt)
-    backbone_params = [p for p in backbone.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        backbone_params, clip_grad_norm if clip_grad_norm > 0 else float("inf"), foreach=True)
-    # With sample_rate < 1 the classifier's gradient is sparse (the sampled rows only).
-    fc_grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
-                for p in partial_fc.parameters() if p.grad is not None]
-    fc_finite = torch.stack([torch.isfinite(g).all() for g in fc_grads]).all() if fc_grads \
-        else torch.ones((), dtype=torch.bool, device=device)
-    flags = torch.stack([
-        (~torch.isfinite(loss_mean)).to(torch.float32),
-        (~(torch.isfinite(grad_norm).to(device) & fc_finite)).to(torch.float32),
-    ])
-    all_reduce_(flags, "max")
-    # One host sync per step for everything the host needs.
-    bad_loss, bad_grad, loss_value, norm_value = torch.stack(
-        [flags[0], flags[1], loss_mean, grad_norm.to(device).float()]).tolist()
-    loss_finite = bad_loss == 0
-    skipped = bad_loss > 0 or bad_grad > 0
-
-    if skipped:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for buf, saved in zip(buffers, saved_buffers):
-                buf.copy_(saved)
-        if scaler is not None:
-            # GradScaler.step would decide per rank; decide here for all ranks and back the scale off.
-            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-    else:
-        for opt in optimizers:
-            if scaler is not None:
-                scaler.step(opt)
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()
-    return StepResult(loss_value, skipped, loss_finite, norm_value, parts_sum)
-
-
-# ------------------------------------------------------------------------------------------ the run
 def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
     """The mode's reader: (images, labels) batches, with the label vectors for AAFace's attributes;
     (images1, images2, identities) pairs for SST."""
@@ -277,14 +113,17 @@ def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
 
         return IdentityPairLoader(cfg.data, cfg.batch_size, rank, world_size, seed=cfg.seed, device=device,
                                   num_workers=cfg.num_threads, augment=cfg.augment, progress=cfg.progress_bar)
-    from pipeline.loader import build_train_loader
+    from pipeline.loader import build_train_loader, dali_available
 
     backend = cfg.loader_backend
     if backend == "auto":
-        backend = "dali" if device.type == "cuda" else "torch"
+        # nvJPEG through torchvision where no DALI wheel exists for this CUDA/platform
+        backend = ("dali" if dali_available() else "nvjpeg") if device.type == "cuda" else "torch"
     return build_train_loader(cfg.data, batch_size=cfg.batch_size, rank=rank, world_size=world_size,
                               seed=cfg.seed, device=device, backend=backend, num_threads=cfg.num_threads,
-                              augment=cfg.augment, return_label_vectors=cfg.mode == "aaface")
+                              augment=cfg.augment, return_label_vectors=cfg.mode == "aaface",
+                              dali_threads=cfg.dali_threads, dali_hw_decoder_load=cfg.dali_hw_decoder_load,
+                              dali_dont_use_mmap=cfg.dali_dont_use_mmap)
 
 
 def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, device: torch.device) -> dict:
@@ -303,9 +142,50 @@ def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, de
         torch.set_num_threads(threads)
 
 
+def find_resume(resume: Optional[str], cfg: Config, output: Path) -> Optional[Path]:
+    """The checkpoint to resume from: --resume, else (auto_resume) this run's own last one, else None."""
+    if resume:
+        found = ckpt.find_checkpoint(resume)
+        if found is None:
+            raise ckpt.CheckpointError(f"--resume {resume}: no complete checkpoint there")
+        return found
+    return ckpt.find_checkpoint(output) if cfg.auto_resume else None
+
+
+def build_schedule(cfg: Config, steps_per_epoch: float) -> tuple[LRSchedule, int]:
+    """The learning-rate schedule over num_epoch, and the optimizer steps this run takes.
+
+    The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed with
+    a larger max_steps follows the same schedule as one that never stopped)."""
+    schedule = build_lr_schedule(cfg, steps_per_epoch)
+    return schedule, cfg.max_steps if cfg.max_steps > 0 else schedule.total_steps
+
+
+def count_skipped(state: ckpt.TrainState, result: StepResult, step: int, fp16: bool, cfg: Config,
+                  logger) -> None:
+    """Counts a step `train_step` skipped; raises NonFiniteLossError after max_nan_steps in a row."""
+    if not result.skipped:
+        state.nan_in_a_row = 0
+        return
+    if result.loss_finite and fp16:
+        state.overflow_steps += 1  # fp16 gradient overflow: the scaler backs off, as usual
+        return
+    state.nan_steps += 1
+    state.nan_in_a_row += 1
+    logger.warning("step %d: non-finite %s, step skipped (%d in a row, %d in all)", step,
+                   "gradient" if result.loss_finite else "loss", state.nan_in_a_row, state.nan_steps)
+    if state.nan_in_a_row >= cfg.max_nan_steps:
+        raise NonFiniteLossError(
+            f"{state.nan_in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+            f"(max_nan_steps={cfg.max_nan_steps}); stopping at step {step}. Lower the lr, "
+            f"use amp=bf16 or fp32, or resume from the last checkpoint in {cfg.output}")
+
+
 def train(cfg: Config, resume: Optional[str] = None) -> dict:
     """The whole run on this rank; returns the last logged record (and the last eval on rank 0)."""
+    # 1. distributed, logging, the config's checks (before anything slow is loaded)
     device, _ = init_distributed()
+    cuda_flags = apply_cuda_flags(cfg, device)
     rank, world_size = get_rank(), get_world_size()
     output = Path(cfg.output or Path("runs") / cfg.config_name)
     cfg.output = str(output)
@@ -317,25 +197,17 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed, rank)
+    resume_dir = find_resume(resume, cfg, output)
 
-    # Resume source: --resume, else (auto_resume) this run's own last checkpoint.
-    resume_dir = None
-    if resume:
-        resume_dir = ckpt.find_checkpoint(resume)
-        if resume_dir is None:
-            raise ckpt.CheckpointError(f"--resume {resume}: no complete checkpoint there")
-    elif cfg.auto_resume:
-        resume_dir = ckpt.find_checkpoint(output)
-
+    # 2. data
     loader = build_loader(cfg, device, rank, world_size)
     if loader.steps_per_epoch < 1:
         raise ConfigError(f"{cfg.data} holds less than one batch of {cfg.batch_size} per rank for "
                           f"{world_size} ranks: lower batch_size")
     mode.bind_data(loader)
     num_classes = loader.num_classes
-    from trainer.backbones import build_backbone
-    from trainer.partial_fc import PartialFC
 
+    # 3. model, head, optimizers
     network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs,
                           **mode.network_kwargs())
     backbone = build_backbone(cfg.network, **network_kwargs).to(device)
@@ -357,6 +229,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         head_parts["replicated"]["ema"] = ema
     final_backbone = ema.module if ema is not None else backbone
 
+    # 4. resume
     state = ckpt.TrainState(world_size=world_size)
     if resume_dir is not None:
         state = ckpt.load_checkpoint(resume_dir, backbone=backbone, opt_backbone=opt_backbone, scaler=scaler,
@@ -370,19 +243,16 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     if rank == 0:
         ckpt.write_config(output, cfg)
 
+    # 5. the loop: schedule, DDP, logging, periodic eval and checkpoints
     ddp_backbone = wrap_ddp(backbone, device)
-
     steps_per_epoch = loader.steps_per_epoch / cfg.gradient_acc  # optimizer steps
-    # The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed
-    # with a larger max_steps follows the same schedule as one that never stopped).
-    schedule_steps = max(1, math.ceil(cfg.num_epoch * steps_per_epoch))
-    warmup_steps = min(schedule_steps, round(cfg.warmup_epoch * steps_per_epoch))
-    schedule = LRSchedule(cfg.lr, schedule_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else schedule_steps
+    schedule, total_steps = build_schedule(cfg, steps_per_epoch)
     samples_per_step = cfg.batch_size * cfg.gradient_acc * world_size
     logger.info("%s: %s, mode %s, on %d rank(s) (%s), %d classes, %d optimizer steps of %d samples, amp=%s",
                 cfg.config_name, cfg.network, mode.name, world_size, device.type, num_classes, total_steps,
                 samples_per_step, cfg.amp)
+    if cuda_flags:
+        logger.info("CUDA switches: %s", cuda_flags_text(cuda_flags))
     metrics = MetricsLogger(output, rank, total_steps, state.step, samples_per_step,
                             tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar)
 
@@ -431,23 +301,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 if ema is not None:
                     ema.update(backbone)
             step += 1
-            if result.skipped:
-                if result.loss_finite and scaler is not None:
-                    state.overflow_steps += 1  # fp16 gradient overflow: the scaler backs off, as usual
-                else:
-                    state.nan_steps += 1
-                    state.nan_in_a_row += 1
-                    logger.warning("step %d: non-finite %s, step skipped (%d in a row, %d in all)", step,
-                                   "gradient" if result.loss_finite else "loss", state.nan_in_a_row,
-                                   state.nan_steps)
-                    if state.nan_in_a_row >= cfg.max_nan_steps:
-                        raise NonFiniteLossError(
-                            f"{state.nan_in_a_row} optimizer steps in a row had a non-finite loss or "
-                            f"gradient "
-                            f"(max_nan_steps={cfg.max_nan_steps}); stopping at step {step}. Lower the lr, "
-                            f"use amp=bf16 or fp32, or resume from the last checkpoint in {output}")
-            else:
-                state.nan_in_a_row = 0
+            count_skipped(state, result, step, scaler is not None, cfg, logger)
             metrics.step(step, result.loss)
 
             epoch_done = loader.epoch != epoch_at_start
@@ -466,6 +320,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 save(step)
             if epoch_done:
                 epoch_at_start = loader.epoch
+
+        # 6. the last checkpoint, model.pt, the final eval
         if last_saved != step:
             save(step)
         if rank == 0:

@@ -32,8 +32,6 @@ def _load_all() -> None:
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
-    # Networks built around a backbone (AAFace's multi-branch model) live with their training mode.
-    importlib.import_module("trainer.modes.aaface")
 
 
 def available_backbones() -> list[str]:

@@ -10,6 +10,8 @@ On pairs, --masked-probe masks the first image of every pair with maskgen (the s
 Identification (--cmc): MegaFace's rank-K protocol as FaceX-Zoo runs it, with a distractor gallery
 (a folder, a packed set, or a .npz from `python -m trainer.eval.embed`); without one, each probe's
 distractors are the set's images of other identities.
+IJB-B / IJB-C template protocols (1:1 TAR@FAR as insightface's eval_ijbc.py, 1:N TPIR@FPIR and CMC) on the
+released layout, see trainer/eval/ijb.py: `--ijb ROOT --ijb-set IJBC [--save-features F.npz | --features F.npz]`.
 Several checkpoints: one result line each, and `--table out.md` compares them. `--output r.json` writes
 all results, with r.roc.png (and r.cmc.png) beside it. `--name` names the set in results and tables.
 
@@ -39,6 +41,7 @@ from pipeline.recordio import RecordIOError
 from trainer.checkpoint import CheckpointError
 from trainer.eval.common import FARS, EvalError, far_key, resolve_device
 from trainer.eval.embedding import embed_images
+from trainer.eval.ijb import add_ijb_arguments, run_ijb
 from trainer.eval.images import VerificationError
 from trainer.eval.packed import Curves, embed_packed, evaluate_packed, load_distractors
 from trainer.eval.pairs import score_pairs
@@ -98,6 +101,7 @@ def build_parser(prog: str = "python -m trainer.eval") -> argparse.ArgumentParse
     ap.add_argument("--output", help="write every result here (JSON), with ROC/CMC PNGs beside it")
     ap.add_argument("--table", help="write a markdown table comparing the checkpoints")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_ijb_arguments(ap, src)
     return ap
 
 
@@ -108,13 +112,18 @@ def headline(result: dict, far: float) -> str:
         return "n/a" if x is None else f"{100 * x:.2f}%"
 
     key = far_key(far)
+    name = result.get("target") or result.get("set", "")
     tar = result["tar_at_far"].get(key)
     tar_text = pct(tar)
     if tar is None and result["genuine"] and result["impostor"]:
         tar_text = f"n/a (needs {int(round(1 / far))} impostor pairs)"
-    return (f"{result.get('target', '')}: TAR@FAR={key} {tar_text}, balanced acc {pct(result['balanced_acc'])} "
-            f"on {result['genuine']} genuine / {result['impostor']} impostor pairs "
-            f"(acc {pct(result['acc'])}; always the commoner answer: {pct(result['majority_acc'])})")
+    parts = [f"TAR@FAR={key} {tar_text}"]
+    if "balanced_acc" in result:  # (IJB's protocol reports TARs only)
+        parts.append(f"balanced acc {pct(result['balanced_acc'])}")
+    line = f"{name}: {', '.join(parts)} on {result['genuine']} genuine / {result['impostor']} impostor pairs"
+    if result.get("acc") is not None:
+        line += f" (acc {pct(result['acc'])}; always the commoner answer: {pct(result.get('majority_acc'))})"
+    return line
 
 
 def _evaluate_pairs(model: torch.nn.Module, target: VerificationSet, args: argparse.Namespace,
@@ -175,6 +184,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         # One function per protocol, each returning (the result's own keys, its curves).
         if target is not None:
             summary, curves = _evaluate_pairs(model, target, args, device)
+        elif args.ijb:
+            summary, rocs, cmcs = run_ijb(args, model, device)
+            curves = Curves(rocs, cmcs)
         else:
             summary, curves = _evaluate_packed(model, ckpt, args, device)
         result = {**head, **summary}
@@ -192,9 +204,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         out = Path(args.output)
         atomic_write_json(out, {"results": results})
         stem = out.with_suffix("")
-        plots.plot_roc(roc_curves, f"{stem}.roc.png", title=f"ROC: {args.pairs or args.data}")
+        plots.plot_roc(roc_curves, f"{stem}.roc.png", title=f"ROC: {args.pairs or args.data or args.ijb}")
         if cmc_curves:
-            plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data}")
+            plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data or args.ijb}")
     if args.table:
         atomic_write_bytes(args.table, results_table(results, args.fars, args.headline_far).encode())
     return results

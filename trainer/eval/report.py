@@ -27,7 +27,7 @@ def results_table(results: Sequence[dict], fars: Sequence[float], headline_far: 
             prefix = r.get("target")
             rows = [(f"{prefix} {n}" if prefix else n, s) for n, s in r["subsets"].items()]
         else:
-            rows = [(r.get("target", "pairs"), r)]
+            rows = [(r.get("target") or r.get("set") or "pairs", r)]
         for name, s in rows:
             cells = [r["checkpoint"], name, str(s["genuine"]), str(s["impostor"]),
                      _percent(s["tar_at_far"].get(head_key)), _percent(s.get("balanced_acc")),

@@ -30,10 +30,20 @@ from trainer import distributed
 from trainer.config import Config, ConfigError
 from trainer.heads import Head
 from trainer.losses import ArcFace, at_least_fp32
+from trainer.modes import standard
 from trainer.modes.standard import StandardMode
 from trainer.partial_fc import PartialFC
 
 STAGES = ("ncs", "epl")
+
+# The mode's config keys and defaults: the margin head's (ArcFace: scale, margin_list[1]; `sample_rate` is
+# the NCS stage's) and the curriculum's.
+CONFIG = {
+    **standard.CONFIG,
+    "lvface_switch_epoch": 40.0,  # epochs of NCS before EPL (the paper switches at 40 of 100 epochs)
+    "lvface_epl_alpha": 0.5,  # weight of the class mean in the mixed centre
+    "lvface_epl_momentum": 0.9,  # EMA momentum of the class means
+}
 
 
 class EPLHead(Head):
@@ -187,6 +197,6 @@ class LVFaceMode(StandardMode):
         return {"stage": self.stage, "sample_rate": head.sample_rate}
 
 
-__all__ = ["EPLHead", "LVFacePartialFC", "LVFaceCurriculum", "LVFaceMode", "build_lvface_partial_fc",
+__all__ = ["CONFIG", "EPLHead", "LVFacePartialFC", "LVFaceCurriculum", "LVFaceMode", "build_lvface_partial_fc",
            "STAGES"]
 

@@ -40,6 +40,15 @@ from trainer.modes.standard import StandardMode
 
 LOSS_TYPES = ("softmax", "am_softmax", "arc_softmax")
 
+# The mode's config keys and defaults (no classifier: the margin head's keys are not SST's).
+CONFIG = {
+    "sst_queue_size": 16384,  # prototypes; a multiple of the global batch
+    "sst_scale": 30.0,
+    "sst_loss_type": "softmax",  # "softmax", "am_softmax" or "arc_softmax" (with sst_margin)
+    "sst_margin": 0.0,
+    "sst_alpha": 0.999,  # momentum of the gallery network's moving average of the probe
+}
+
 
 class PrototypeQueue(nn.Module):
     """The prototype queue and SST's symmetric loss (FaceX-Zoo's SST_Prototype)."""
@@ -289,7 +298,7 @@ class SSTMode(StandardMode):
     name = "sst"
 
     def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
+        self.cfg = cfg  # not StandardMode's checks: SST has no margin head
         if cfg.sst_loss_type not in LOSS_TYPES:
             raise ConfigError(f"sst_loss_type must be one of {', '.join(LOSS_TYPES)}, "
                               f"got {cfg.sst_loss_type!r}")
@@ -327,5 +336,5 @@ class SSTMode(StandardMode):
         return {"queue_filled": int((queue.queue_ids >= 0).sum())}
 
 
-__all__ = ["PrototypeQueue", "SemiSiameseTraining", "IdentityPairLoader", "SSTMode", "identity_index",
+__all__ = ["CONFIG", "PrototypeQueue", "SemiSiameseTraining", "IdentityPairLoader", "SSTMode", "identity_index",
            "LOSS_TYPES"]

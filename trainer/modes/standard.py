@@ -19,30 +19,20 @@ import torch
 import torch.nn as nn
 
 from trainer.config import Config, ConfigError
+from trainer.heads import build_margin_loss
+from trainer.step import partial_fc_loss
 
-
-def build_margin_loss(cfg: Config, num_classes: int) -> nn.Module:
-    """`loss = "combined"`: insightface's (m1, m2, m3) margin from `margin_list`; else a head by name."""
-    from trainer import losses
-
-    if cfg.loss == "combined":
-        return losses.build_margin_loss(cfg.margin_list, cfg.scale, cfg.interclass_filtering_threshold)
-    from trainer.heads import available_heads, build_head
-
-    try:
-        return build_head(cfg.loss, num_classes=num_classes, **cfg.loss_kwargs)
-    except KeyError:
-        raise ConfigError(f"loss {cfg.loss!r} is not 'combined' nor a head: {', '.join(available_heads())}") \
-            from None
-    except TypeError as e:  # a loss_kwargs key the head does not take
-        raise ConfigError(f"loss {cfg.loss!r} with loss_kwargs {cfg.loss_kwargs}: {e}") from None
-
-
-def partial_fc_loss(model: nn.Module, partial_fc: nn.Module, batch: Sequence[torch.Tensor]
-                    ) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """The plain step's loss: Partial FC's margin softmax of the batch's embeddings."""
-    images, labels = batch[0], batch[1]
-    return partial_fc(model(images), labels), {}
+# The mode's config keys and defaults (trainer/config.py adds them when this mode is selected).
+CONFIG = {
+    # The margin head (trainer/heads registry): "combined" is insightface's margin_list = (m1, m2, m3):
+    # (1.0, 0.5, 0.0) is ArcFace, (1.0, 0.0, 0.4) CosFace, with scale s.
+    "loss": "combined",
+    "margin_list": (1.0, 0.5, 0.0),
+    "scale": 64.0,
+    "interclass_filtering_threshold": 0.0,
+    "loss_kwargs": {},  # extra arguments for the head (a head other than "combined" takes only these)
+    "sample_rate": 1.0,  # Partial FC's share of negative classes sampled per step (1.0: all)
+}
 
 
 class StandardMode:
@@ -52,19 +42,10 @@ class StandardMode:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        if cfg.mix:
-            from trainer.mixing import MIX_KINDS
-
-            if cfg.mix not in MIX_KINDS:
-                raise ConfigError(f"mix must be '' or one of {MIX_KINDS}, got {cfg.mix!r}")
-            if self.name != "standard":
-                raise ConfigError(f"mix is for mode 'standard', not {self.name!r}")
-            if cfg.sample_rate < 1.0:
-                # Two Partial FC calls per step would sample two sets of negatives for one optimizer step.
-                raise ConfigError("mix needs sample_rate 1.0 (Partial FC samples negatives once per step)")
-        # The step's epoch and micro batch: with the seed, what the mixing draws depend on
-        # (trainer/mixing.py).
-        self._epoch, self._micro = 0.0, 0
+        if not 0.0 < cfg.sample_rate <= 1.0:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {cfg.sample_rate}")
+        if len(cfg.margin_list) != 3:
+            raise ConfigError(f"margin_list is (m1, m2, m3), got {cfg.margin_list!r}")
 
     def bind_data(self, loader) -> None:
         """Checks what the mode needs of the data (the loader is built)."""
@@ -84,20 +65,11 @@ class StandardMode:
 
     def begin_step(self, backbone: nn.Module, head: nn.Module, epoch: float) -> Optional[str]:
         """Sets up the step at `epoch` (fractional); returns the stage name when it changed, else None."""
-        self._epoch, self._micro = float(epoch), 0
         return None
 
     def loss(self, model: nn.Module, head: nn.Module, batch: Sequence[torch.Tensor]
              ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """(loss of one micro batch, parts to log) with `model` the (maybe DDP-wrapped) backbone."""
-        if self.cfg.mix:
-            from trainer.distributed import get_rank
-            from trainer.mixing import mixed_loss
-
-            cfg = self.cfg
-            self._micro += 1
-            return mixed_loss(model, head, batch[0], batch[1], cfg.mix, cfg.mix_p, cfg.mix_alpha,
-                              key=(cfg.seed, self._epoch.hex(), self._micro), rank=get_rank()), {}
         return partial_fc_loss(model, head, batch)
 
     def end_step(self, backbone: nn.Module, head: nn.Module) -> None:
@@ -108,4 +80,4 @@ class StandardMode:
         return {}
 
 
-__all__ = ["StandardMode", "build_margin_loss", "partial_fc_loss"]
+__all__ = ["CONFIG", "StandardMode"]

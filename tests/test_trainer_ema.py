@@ -1,4 +1,4 @@
-"""Whole runs with the weights' moving average and CutMix: a stopped and resumed run equals one that never
+"""Whole runs with the weights' moving average: a stopped and resumed run equals one that never
 stopped (losses and the exported averaged weights), and model.pt holds the average, not the last weights."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from trainer import checkpoint as ckpt
 pytestmark = pytest.mark.slow
 
 ARGS = ["--config", "trainer/configs/cpu_demo.py", "batch_size=16", "frequent=1", "progress_bar=false",
-        "warmup_epoch=0", "num_threads=1", "val_targets=[]", "ema_decay=0.9", "mix=cutmix", "mix_p=0.5"]
+        "warmup_epoch=0", "num_threads=1", "val_targets=[]", "ema_decay=0.9"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return pack_glint24(tmp_path_factory.mktemp("ema_mix_data") / "glint24", holdout=0)
+    return pack_glint24(tmp_path_factory.mktemp("ema_data") / "glint24", holdout=0)
 
 
 def _model(out: Path) -> dict:

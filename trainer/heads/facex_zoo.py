@@ -1,13 +1,5 @@
-"""The papers' classification heads on Partial FC's sharded cosine logits, selected by name.
-
-FaceX-Zoo's heads (AM-Softmax, ArcFace, AdaCos, AdaM-Softmax, CircleLoss, CurricularFace, MV-Softmax,
-NPCFace, MagFace), AdaFace, and the insightface margins of `trainer.losses` behind one registry:
-`build_head("curricularface", s=64.0, m=0.5)`.
-
-Calling convention (the same as `trainer.losses`, DESIGN.md section 4): a head maps this rank's cosine
-logits `[B, C_local]` (rows: the batch gathered over all ranks; columns: this rank's classes) and
-`labels [B]` (the column of the sample's class, or -1 when the class lives on another rank) to the
-logits that go into Partial FC's distributed softmax cross-entropy.
+"""FaceX-Zoo's heads (ArcFace, AdaCos, AdaM-Softmax, CircleLoss, CurricularFace, MV-Softmax, NPCFace,
+MagFace) and AdaFace on Partial FC's sharded cosine logits, registered by name (trainer.heads).
 
 Sharding: the batch dimension is already global (Partial FC all-gathers the embeddings), so every
 statistic over the batch (CurricularFace's t, AdaFace's norm mean/std, MagFace's regulariser) is the
@@ -15,83 +7,19 @@ same on every rank without communication. What is split is the class dimension: 
 cosine lives on one rank only, and sums over classes (AdaCos's B_avg, NPCFace's hard-negative mean,
 AdaM-Softmax's margin sum) are partial. Those are all-reduced (when a process group is initialised),
 so 1 rank and N ranks give the same logits and loss.
-
-Extra interface for Partial FC (optional attributes, read with getattr and a default):
-- `needs_norms = True`: forward takes `norms=` the L2 norms `[B]` of the gathered, un-normalised
-  embeddings (AdaFace, MagFace). MagFace differentiates through them; AdaFace detaches them.
-- `needs_class_index = True`: forward takes `class_index=` the local class rows `[C_local]` that the
-  columns are (Partial FC with sample_rate < 1), or None when the columns are all local classes in
-  order (AdaM-Softmax, whose per-class margins are indexed by class).
-- A head with a regulariser (AdaM-Softmax, MagFace) returns `(logits, extra)`: `extra` is a scalar
-  loss term with the same value on every rank, built from gathered (or differentiably all-reduced)
-  quantities; Partial FC adds it once and divides its gradient by the world size, since every rank
-  back-propagates its own copy.
-- `per_class_state`: names of parameters/buffers whose dim 0 is this rank's classes; a checkpoint
-  gathers and re-shards them exactly like Partial FC's weight.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 
 from trainer import distributed
-from trainer.losses import (ArcFace, CombinedMarginLoss, CosFace, at_least_fp32, positive_index,
-                            replace_target)
-
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
-
-
-def _canonical(name: str) -> str:
-    # "AM-Softmax", "am_softmax" and "AM_Softmax" are one head.
-    return name.strip().lower().replace("-", "_")
-
-
-def register_head(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Class or factory decorator: `@register_head("adacos")`."""
-
-    def wrap(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        key = _canonical(name)
-        if key in _REGISTRY:
-            raise ValueError(f"head {name!r} is registered twice")
-        _REGISTRY[key] = factory
-        return factory
-
-    return wrap
-
-
-def available_heads() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def build_head(name: str, **kwargs) -> nn.Module:
-    """Builds the head registered as `name` (case and '-'/'_' insensitive) with `kwargs`.
-
-    "arcface", "cosface" and "combined" are insightface's margins (trainer.losses); FaceX-Zoo's ArcFace,
-    whose fallback past theta + m > pi differs, is "facex_arcface"; its AM-Softmax is "am_softmax".
-
-    Heads that need the class count (AdaCos, AdaM-Softmax) take `num_classes`; it is accepted and
-    ignored by the others, so a trainer may always pass it.
-    """
-    key = _canonical(name)
-    if key not in _REGISTRY:
-        raise KeyError(f"unknown head {name!r}; known: {', '.join(available_heads())}")
-    return _REGISTRY[key](**kwargs)
-
-
-# --------------------------------------------------------------------------- shared pieces
-
-def _prepare(cosine: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if cosine.dim() != 2:
-        raise ValueError(f"cosine logits must be [B, C_local], got shape {tuple(cosine.shape)}")
-    labels = labels.reshape(-1).long()
-    if labels.shape[0] != cosine.shape[0]:
-        raise ValueError(f"{labels.shape[0]} labels for {cosine.shape[0]} rows of logits")
-    # Statistics and margins are never computed in half precision, even under autocast.
-    return at_least_fp32(cosine), labels
+from trainer.heads.registry import Head, register_head
+from trainer.losses import ArcFace, at_least_fp32, positive_index, prepare_logits, replace_target
 
 
 def _global_target_cosine(cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -130,47 +58,6 @@ def _all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return dist_nn.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
 
 
-class Head(nn.Module):
-    """Base of the heads here: declares the optional Partial FC interface with its defaults."""
-
-    needs_norms = False
-    needs_class_index = False
-    per_class_state: Tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        super().__init__()
-
-
-# --------------------------------------------------------------------------- insightface margins
-# The standard margins live in trainer.losses; FaceX-Zoo's AM-Softmax is CosFace with its defaults.
-
-@register_head("arcface")
-def _arcface(s: float = 64.0, m: float = 0.5, interclass_filtering_threshold: float = 0.0,
-             easy_margin: bool = False, num_classes: Optional[int] = None) -> nn.Module:
-    return ArcFace(s=s, m=m, interclass_filtering_threshold=interclass_filtering_threshold,
-                   easy_margin=easy_margin)
-
-
-@register_head("cosface")
-def _cosface(s: float = 64.0, m: float = 0.4, interclass_filtering_threshold: float = 0.0,
-             num_classes: Optional[int] = None) -> nn.Module:
-    return CosFace(s=s, m=m, interclass_filtering_threshold=interclass_filtering_threshold)
-
-
-@register_head("combined")
-def _combined(s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
-              interclass_filtering_threshold: float = 0.0, num_classes: Optional[int] = None) -> nn.Module:
-    return CombinedMarginLoss(s, m1, m2, m3, interclass_filtering_threshold=interclass_filtering_threshold)
-
-
-@register_head("am_softmax")
-def _am_softmax(s: float = 32.0, m: float = 0.35, num_classes: Optional[int] = None) -> nn.Module:
-    """AM-Softmax (Wang et al. 2018): s * (cos - m) at the target, i.e. CosFace; FaceX-Zoo's s=32, m=0.35."""
-    return CosFace(s=s, m=m)
-
-
-# --------------------------------------------------------------------------- FaceX-Zoo heads
-
 @register_head("facex_arcface")
 class FaceXArcFace(Head):
     """FaceX-Zoo's ArcFace: s * cos(theta + m_arc) at the target, and where theta + m_arc > pi the
@@ -183,7 +70,7 @@ class FaceXArcFace(Head):
         self.threshold = math.cos(math.pi - m_arc)
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         cosine = cosine.clamp(-1.0, 1.0)
         rows, cols = positive_index(labels)
         target = cosine[rows, cols]
@@ -204,7 +91,7 @@ class AdaCos(Head):
         self.register_buffer("scale", torch.tensor(math.sqrt(2.0) * math.log(num_classes - 1)))
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         with torch.no_grad():
             target = _global_target_cosine(cosine, labels)
             theta_med = torch.median(torch.acos(target.clamp(-1.0 + 1e-7, 1.0 - 1e-7)))
@@ -245,7 +132,7 @@ class AdaMSoftmax(Head):
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor,
                 class_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         if class_index is None and cosine.shape[1] != self.margins.shape[0]:
             raise ValueError(
                 f"AdaM-Softmax holds {self.margins.shape[0]} local classes but got {cosine.shape[1]} "
@@ -272,7 +159,7 @@ class CircleLoss(Head):
         self.m, self.gamma = m, gamma
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         cosine = cosine.clamp(-1.0, 1.0)
         logits = torch.clamp_min(cosine.detach() + self.m, 0.0) * (cosine - self.m) * self.gamma
         rows, cols = positive_index(labels)
@@ -295,7 +182,7 @@ class CurricularFace(Head):
         self.register_buffer("t", torch.zeros(()))
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         cosine = cosine.clamp(-1.0, 1.0)
         target_all = _global_target_cosine(cosine, labels)
         with torch.no_grad():
@@ -319,7 +206,7 @@ class MVSoftmax(Head):
         self.arc = None if self.is_am else ArcFace(s=s, m=m, easy_margin=True)
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         target_all = _global_target_cosine(cosine, labels)
         with torch.no_grad():
             bar = target_all - self.m if self.is_am else _cos_theta_plus(target_all, self.m)
@@ -346,7 +233,7 @@ class NPCFace(Head):
         self.s, self.m, self.m0, self.m1, self.t, self.a = s, m, m0, m1, t, a
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         cosine = cosine.clamp(-1.0, 1.0)
         rows, cols = positive_index(labels)
         target_all = _global_target_cosine(cosine, labels)
@@ -383,7 +270,7 @@ class MagFace(Head):
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor,
                 norms: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         if norms is None or norms.reshape(-1).shape != labels.shape:
             raise ValueError("MagFace needs norms= the [B] norms of the gathered embeddings")
         a = at_least_fp32(norms.reshape(-1)).clamp(self.l_a, self.u_a)
@@ -414,7 +301,7 @@ class AdaFace(Head):
 
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor,
                 norms: Optional[torch.Tensor] = None) -> torch.Tensor:
-        cosine, labels = _prepare(cosine, labels)
+        cosine, labels = prepare_logits(cosine, labels)
         if norms is None or norms.reshape(-1).shape != labels.shape:
             raise ValueError("AdaFace needs norms= the [B] norms of the gathered embeddings")
         safe = at_least_fp32(norms.detach().reshape(-1)).clamp(0.001, 100.0)

@@ -1,0 +1,121 @@
+"""One optimizer step of the trainer: micro batches, gradient accumulation, AMP, clipping, and the
+all-rank skip of a non-finite step (trainer/main.py's loop and bench/train.py run it)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.distributed import all_reduce_
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def partial_fc_loss(model: torch.nn.Module, partial_fc: torch.nn.Module, batch: Sequence[torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict]:
+    """The plain step's loss: Partial FC's margin softmax of the batch's embeddings."""
+    images, labels = batch[0], batch[1]
+    return partial_fc(model(images), labels), {}
+
+
+def micro_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's batches across epoch boundaries (a gradient-accumulation step may straddle one)."""
+    while True:
+        yield from loader
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss over the micro steps (NaN/inf when non-finite)
+    skipped: bool  # the optimizer did not step (non-finite loss or gradient on some rank)
+    loss_finite: bool
+    grad_norm: float  # L2 norm of the backbone's gradient before clipping
+    parts: dict = field(default_factory=dict)  # the objective's logged parts, mean over the micro steps
+
+
+def train_step(
+    backbone: torch.nn.Module,
+    partial_fc: torch.nn.Module,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    optimizers: Sequence[torch.optim.Optimizer],
+    scaler: Optional[torch.amp.GradScaler],
+    amp_dtype: Optional[torch.dtype],
+    clip_grad_norm: float,
+    objective: Callable = partial_fc_loss,
+) -> StepResult:
+    """One optimizer step over `len(batches)` micro batches, their gradients averaged.
+
+    `objective(backbone, partial_fc, batch) -> (loss, parts)` is a training mode's loss of one micro
+    batch (trainer.modes); `partial_fc` is the mode's head (a Partial FC, or the mode's own module).
+
+    Inner micro steps run under DDP's no_sync, so the backbone's gradients are all-reduced once. The step
+    is skipped on every rank when any rank saw a non-finite loss or gradient (a flag is all-reduced), so
+    the ranks never diverge.
+    """
+    device = batches[0][0].device
+    n = len(batches)
+    # A skipped step must leave no trace, but the forward pass already fed its (maybe NaN) batch into
+    # BatchNorm's running statistics and any head statistics: keep a copy to put back.
+    buffers = [b for m in (backbone, partial_fc) for b in m.buffers()]
+    saved_buffers = [b.detach().clone() for b in buffers]
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    parts_sum: dict = {}
+    for i, batch in enumerate(batches):
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not isinstance(backbone, DistributedDataParallel) \
+            else backbone.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, parts = objective(backbone, partial_fc, batch)
+            for key, value in parts.items():
+                parts_sum[key] = parts_sum.get(key, 0.0) + value / n
+            # Dividing by n makes the accumulated gradient the mean over the n micro batches.
+            scaled = loss / n
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach().float()
+    loss_mean = loss_sum / n
+
+    if scaler is not None:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+    backbone_params = [p for p in backbone.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        backbone_params, clip_grad_norm if clip_grad_norm > 0 else float("inf"), foreach=True)
+    # With sample_rate < 1 the classifier's gradient is sparse (the sampled rows only).
+    fc_grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                for p in partial_fc.parameters() if p.grad is not None]
+    fc_finite = torch.stack([torch.isfinite(g).all() for g in fc_grads]).all() if fc_grads \
+        else torch.ones((), dtype=torch.bool, device=device)
+    flags = torch.stack([
+        (~torch.isfinite(loss_mean)).to(torch.float32),
+        (~(torch.isfinite(grad_norm).to(device) & fc_finite)).to(torch.float32),
+    ])
+    all_reduce_(flags, "max")
+    # One host sync per step for everything the host needs.
+    bad_loss, bad_grad, loss_value, norm_value = torch.stack(
+        [flags[0], flags[1], loss_mean, grad_norm.to(device).float()]).tolist()
+    loss_finite = bad_loss == 0
+    skipped = bad_loss > 0 or bad_grad > 0
+
+    if skipped:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buf, saved in zip(buffers, saved_buffers):
+                buf.copy_(saved)
+        if scaler is not None:
+            # GradScaler.step would decide per rank; decide here for all ranks and back the scale off.
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    else:
+        for opt in optimizers:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+    return StepResult(loss_value, skipped, loss_finite, norm_value, parts_sum)
