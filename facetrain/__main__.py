@@ -8,6 +8,7 @@
     facetrain embed --checkpoint RUN/model.pt --images DIR --out faces.npz
     facetrain export --checkpoint RUN/model.pt [--format onnx,torchscript,insightface]
     facetrain flops --network r50 mbf [--size 112]
+    facetrain convert to-insightface|from-insightface SRC OUT [--network NAME]
 
 Training on several GPUs (torchrun is `python -m torch.distributed.run`); any of these starts the same
 trainer in every process:
@@ -45,6 +46,8 @@ COMMANDS: dict[str, Command] = {
     "embed": Command("trainer.eval.embed", "embeddings of every image of a folder, to a .npz"),
     "export": Command("trainer.model_io.export", "model.pt to ONNX, TorchScript or insightface's backbone.pth"),
     "flops": Command("trainer.model_io.flops", "parameters and GMACs of named backbones"),
+    "convert": Command("trainer.model_io.convert", "backbone weights to and from insightface's arcface_torch",
+                       takes_prog=False),
 }
 
 

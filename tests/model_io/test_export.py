@@ -102,7 +102,8 @@ def test_export_insightface_state_dict_input_name_permissions_and_no_tracer_warn
         assert os.stat(path).st_mode & 0o777 == 0o644, path  # not mkstemp's 0600
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["img"]
-    # backbone.pth is what arcface_torch saves: a plain state_dict that a fresh network loads as it is.
+    # backbone.pth is what arcface_torch saves: a plain state_dict (for MobileFaceNet our names are
+    # arcface_torch's, tests/model_io/test_convert.py) that a fresh network loads as it is.
     state = torch.load(pth, map_location="cpu", weights_only=True)
     model = load_backbone(model_pt)
     assert set(state) == set(model.state_dict()) and all(isinstance(v, torch.Tensor) for v in state.values())
@@ -130,15 +131,22 @@ def test_export_paths_by_format_and_by_path(tmp_path):
         export.build_parser().parse_args(["--checkpoint", "m.pt", "--format", "onnx,tflite"])
 
 
-def test_iresnet_state_dict_has_insightface_key_names():
-    # insightface's iresnet.py names (arcface_torch backbones/iresnet.py): a backbone.pth of ours loads there.
+def test_backbone_pth_goes_through_the_converter(tmp_path):
+    # A face ViT gets arcface_torch's names (its mask token included); a network that arcface_torch does not
+    # have is refused in one line, and nothing is written.
     from trainer.backbones import build_backbone
+    from trainer.backbones.vit import to_insightface
+    from trainer.model_io.convert import ConvertError
 
-    keys = list(build_backbone("r18").state_dict())
-    for name in ("conv1.weight", "bn1.running_var", "prelu.weight", "layer1.0.bn1.weight",
-                 "layer1.0.conv1.weight", "layer1.0.bn2.weight", "layer1.0.prelu.weight", "layer1.0.conv2.weight",
-                 "layer1.0.bn3.weight", "layer1.0.downsample.0.weight", "layer1.0.downsample.1.weight",
-                 "layer4.1.conv2.weight", "bn2.weight", "fc.weight", "fc.bias", "features.weight",
-                 "features.running_mean"):
-        assert name in keys, name
-    assert len(keys) == 187 and not any(k.startswith(("module.", "_orig_mod.")) for k in keys)
+    vit = build_backbone("vit_t", embedding_size=EMBEDDING, mask_ratio=0.0)
+    vit.network, vit.network_kwargs = "vit_t", {"embedding_size": EMBEDDING, "mask_ratio": 0.0}
+    assert "mask_token" not in vit.state_dict()
+    n = export.export_backbone_pth(vit, tmp_path / "backbone.pth")
+    state = torch.load(tmp_path / "backbone.pth", map_location="cpu", weights_only=True)
+    want = to_insightface(vit.state_dict(), 256)
+    assert n == len(state) and set(state) == set(want) and "mask_token" in state
+    other = build_backbone("lightcnn9")
+    other.network, other.network_kwargs = "lightcnn9", {}
+    with pytest.raises(ConvertError, match="no arcface_torch counterpart"):
+        export.export_backbone_pth(other, tmp_path / "other.pth")
+    assert not (tmp_path / "other.pth").exists()

@@ -11,8 +11,10 @@ Formats, written beside the checkpoint unless a path is given (a path alone pick
                the network and the preprocessing. `data` is the input name of arcface_torch's ONNX files
                (and of the MXNet models before them), so scripts written for those feed this one as it is.
   torchscript  model.torchscript.pt, traced; the same input and output.
-  insightface  backbone.pth: a plain state_dict, as arcface_torch saves its backbones, to load with
-               `net.load_state_dict(torch.load("backbone.pth"))` (for IResNet, insightface's own key names).
+  insightface  backbone.pth: a plain state_dict under arcface_torch's names, as it saves its backbones,
+               to load with `get_model(name).load_state_dict(torch.load("backbone.pth"))`; for the
+               networks it shares (IResNet, MobileFaceNet, the face ViTs: `python -m
+               trainer.model_io.convert`, which does the renaming, lists them).
 A file whose outputs differ from PyTorch's by more than --atol is not written (exit status 1). The files
 get ordinary permissions (0666 less the umask: 0644 under umask 022). model.pt: docs/design.md section 3.
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -32,10 +33,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, atomic_write_with
 from pipeline.help_format import HelpFormatter
 from trainer.checkpoint import CheckpointError
 from trainer.eval.images import IMAGE_SIZE
+from trainer.model_io.convert import ConvertError
 from trainer.model_io.load import load_backbone
 
 INPUT_NAME = "data"  # arcface_torch's torch2onnx name
@@ -123,19 +125,16 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike, atol: float = 
         return _check("TorchScript", lambda x: loaded(x).numpy(), model, path, atol, check_batches)
 
 
-def export_state_dict(model: nn.Module, path: str | os.PathLike) -> float:
-    """Write the backbone's plain state_dict (insightface's backbone.pth: no wrapper prefixes, no
-    metadata); returns the largest deviation of a fresh backbone that loads it, strictly, from `model`."""
-    path = Path(path)
-    model = model.eval().cpu()
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-        loaded = torch.load(tmp, map_location="cpu", weights_only=True)
-        fresh = copy.deepcopy(model)
-        fresh.load_state_dict(loaded, strict=True)
-        fresh.eval()
-        return _check("state_dict", lambda x: fresh(x).numpy(), model, path, 0.0, (2,))
+def export_backbone_pth(model: nn.Module, path: str | os.PathLike) -> int:
+    """Write arcface_torch's backbone.pth of `model` (built by load_backbone): its state_dict under
+    arcface_torch's names, through trainer.model_io.convert (ConvertError for a network without an
+    arcface_torch counterpart). Returns the number of tensors written."""
+    from trainer.model_io.convert import to_insightface_state_dict
+
+    state = to_insightface_state_dict(model.network, model.network_kwargs, model.state_dict())
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write_with(path, lambda f: torch.save(state, f))
+    return len(state)
 
 
 def _formats(text: str) -> list[str]:
@@ -195,11 +194,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m trainer.mo
             result["torchscript_max_abs_diff"] = export_torchscript(model, paths["torchscript"], args.atol)
         if "insightface" in paths:
             result["insightface"] = str(paths["insightface"])
-            export_state_dict(model, paths["insightface"])
+            result["insightface_tensors"] = export_backbone_pth(model, paths["insightface"])
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ExportError, OSError) as e:
+    except (ExportError, ConvertError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result))
