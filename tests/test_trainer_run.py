@@ -78,7 +78,7 @@ def test_resume_on_one_rank_continues(base_run, data, tmp_path):
     out = tmp_path / "out1"
     # the same global batch (32) on one rank; plain `python trainer/main.py`
     run_trainer(0, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
-                    "--resume", str(base_run),
+                    "--resume", str(base_run), "--allow-config-change",
                     *FAST, "batch_size=32", f"max_steps={STEPS + 4}"])
     before = train_records(base_run)
     after = _resumed(out)
@@ -95,7 +95,7 @@ def test_resume_on_one_rank_continues(base_run, data, tmp_path):
 def test_resume_on_three_ranks(base_run, data, tmp_path):
     out = tmp_path / "out3"
     run_trainer(3, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
-                    "--resume", str(base_run),
+                    "--resume", str(base_run), "--allow-config-change",
                     *FAST, "batch_size=11", f"max_steps={STEPS + 2}", "val_targets=[]"])
     after = _resumed(out)
     assert [r["step"] for r in after] == [STEPS + 1, STEPS + 2]
