@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import logging
 import os
 import random
 import time
@@ -97,8 +98,9 @@ def check_config(cfg: Config) -> None:
         require_wandb()
 
 
-def check_data(cfg: Config) -> dict:
-    """The packed dataset's manifest; before anything else, a one-line error when --data is not one."""
+def check_data(cfg: Config, world_size: int) -> dict:
+    """The packed dataset's manifest; before anything else, a one-line error when --data is not one or
+    holds less than one optimizer step."""
     if not cfg.data:
         raise ConfigError("no training data: pass --data DATA (a folder made by `python -m pipeline pack`)")
     data = Path(cfg.data)
@@ -108,10 +110,16 @@ def check_data(cfg: Config) -> dict:
         raise ConfigError(f"--data {data}: no {MANIFEST}: run `python -m pipeline pack` first (this is not a "
                           f"packed dataset, or its pack did not finish)")
     try:
-        return load_manifest(data)
+        manifest = load_manifest(data)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{data / MANIFEST} is not UTF-8 text (byte {e.start}: {e.reason}); it is not a "
                           f"manifest written by `python -m pipeline pack`: pack the dataset again") from None
+    per_step = cfg.batch_size * cfg.gradient_acc * world_size
+    if manifest["num_images"] < per_step:
+        raise ConfigError(f"{data} holds {manifest['num_images']} images, less than one optimizer step of "
+                          f"{per_step} (batch_size {cfg.batch_size} x gradient_acc {cfg.gradient_acc} x "
+                          f"{world_size} ranks): lower batch_size")
+    return manifest
 
 
 def check_val_targets(cfg: Config, output: Path, rank: int) -> dict[str, Path]:
@@ -236,7 +244,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     device, _ = init_distributed()
     rank, world_size = get_rank(), get_world_size()
     logger = setup_logging(None, rank)  # stderr only, until the checks pass
-    manifest = check_data(cfg)
+    manifest = check_data(cfg, world_size)
     check_config(cfg)
     output = Path(cfg.output or Path("runs") / cfg.config_name)
     cfg.output = str(output)
@@ -406,6 +414,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.data:
@@ -422,6 +431,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ValueError as e:
+        # What the readers and the classifier refuse in the data (a label outside the classes, a record
+        # that does not parse): one line here, the traceback in training.log for whoever debugs it.
+        logging.getLogger("trainer").error("stopped by bad input", exc_info=True, extra={"console": False})
+        data = (cfg.data if cfg is not None else "") or "DATA"
+        print(f"error: {e} (the data does not fit this run: check it with `python -m pipeline verify "
+              f"{data}`, or pack it again)", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
