@@ -192,3 +192,17 @@ def test_log_has_the_start_dump_and_a_step_line_with_eta(data, tmp_path, capsys)
     assert all(isinstance(r["time"], float) for r in records)
     evals = [r for r in records if "eval" in r]
     assert evals and evals[-1]["epoch"] > 0 and "tar_at_far" in evals[-1]["eval"]["holdout_pairs"]
+
+
+def test_a_val_target_rank_0_cannot_read_stops_every_rank(data, tmp_path):
+    """Rank 0 reads the targets; rank 1 hears of its failure instead of waiting in the next collective."""
+    from tests._trainer_helpers import run_trainer
+
+    bad = tmp_path / "broken.bin"
+    bad.write_bytes(b"not a pickle")
+    proc = run_trainer(2, [*FAST, "--data", str(data), "--output", str(tmp_path / "run"),
+                           f"val_targets=['{bad}']"], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "error: val target broken" in proc.stderr
+    assert "error: rank 0 could not read a val target" in proc.stderr
+    assert "Traceback" not in proc.stderr

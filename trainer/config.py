@@ -199,8 +199,9 @@ def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> Config:
 
 # Keys that may differ between the run that saved a checkpoint and the run that resumes from it: where
 # the run writes and how it reports, how often it evaluates and saves, how it reads the data (the same
-# samples in the same order), the CUDA speed switches, and where it stops (max_steps: the lr curve spans
-# num_epoch, so a longer max_steps continues the same curve). `data` may name the same pack moved
+# samples in the same order), the speed switches (memory layout, cuDNN, TF32, deterministic kernels),
+# and where it stops (max_steps: the lr curve spans num_epoch, so a longer max_steps continues the same
+# curve; a longer num_epoch stretches the curve, and is a change). `data` may name the same pack moved
 # elsewhere; another dataset is caught by the classifier's class count. Everything else (lr, batch_size,
 # network, loss, num_epoch, seed, ...) changes what is trained: a resume with such a change is refused
 # unless `allow_config_change` (or --allow-config-change) says it is meant.
@@ -210,7 +211,7 @@ RESUME_FREE_KEYS = frozenset({
     "verbose", "val_targets", "val_batch_size", "val_align",
     "save_every", "save_epoch_end", "keep_checkpoints", "max_nan_steps",
     "loader_backend", "num_threads", "dali_threads", "dali_hw_decoder_load", "dali_dont_use_mmap",
-    "cudnn_benchmark", "tf32",
+    "cudnn_benchmark", "tf32", "deterministic", "channels_last",
 })
 
 

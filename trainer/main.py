@@ -122,18 +122,16 @@ def check_data(cfg: Config, world_size: int) -> dict:
     return manifest
 
 
-def check_val_targets(cfg: Config, output: Path, rank: int) -> dict[str, Path]:
+def check_val_targets(cfg: Config, output: Path, rank: int, device: torch.device) -> dict[str, Path]:
     """Every val target read once (rank 0, which evaluates), aligned and cached where asked; the other
     ranks stop too when rank 0 finds a problem, instead of waiting for it in the next collective."""
     targets, failed = {}, None
-    if rank == 0:
-        try:
-            targets = prepare_val_targets(cfg, output, progress=cfg.progress_bar)
-        except ConfigError as e:
-            failed = e
-    else:
-        targets = resolve_val_targets(cfg)
-    flag = all_reduce_(torch.tensor([float(failed is not None)]), "max")
+    try:
+        targets = prepare_val_targets(cfg, output, progress=cfg.progress_bar) if rank == 0 else \
+            resolve_val_targets(cfg)
+    except Exception as e:  # raised after the other ranks heard of it
+        failed = e
+    flag = all_reduce_(torch.tensor([float(failed is not None)], device=device), "max")  # NCCL: on the GPU
     if failed is not None:
         raise failed
     if flag.item() > 0:
@@ -253,7 +251,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     resume_dir = find_resume(resume, cfg, output)
     config_changes = ckpt.check_resume_config(resume_dir, cfg, cfg.allow_config_change) \
         if resume_dir is not None else {}
-    targets = check_val_targets(cfg, output, rank)
+    targets = check_val_targets(cfg, output, rank, device)
     logger = setup_logging(output, rank)
     cuda_flags = apply_cuda_flags(cfg, device)
     if cfg.deterministic:
@@ -434,7 +432,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         # What the readers and the classifier refuse in the data (a label outside the classes, a record
         # that does not parse): one line here, the traceback in training.log for whoever debugs it.
-        logging.getLogger("trainer").error("stopped by bad input", exc_info=True, extra={"console": False})
+        logger = logging.getLogger("trainer")
+        if logger.handlers:  # set up by train(): the traceback goes to training.log alone
+            logger.error("stopped by bad input", exc_info=True, extra={"console": False})
         data = (cfg.data if cfg is not None else "") or "DATA"
         print(f"error: {e} (the data does not fit this run: check it with `python -m pipeline verify "
               f"{data}`, or pack it again)", file=sys.stderr)
