@@ -205,4 +205,5 @@ def test_a_val_target_rank_0_cannot_read_stops_every_rank(data, tmp_path):
     assert proc.returncode != 0
     assert "error: val target broken" in proc.stderr
     assert "error: rank 0 could not read a val target" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    # no frame of ours (torchrun prints its own ChildFailedError traceback for any worker's exit code 2)
+    assert 'trainer/main.py", line' not in proc.stderr and "trainer/val_targets.py" not in proc.stderr
