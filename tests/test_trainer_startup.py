@@ -207,3 +207,12 @@ def test_a_val_target_rank_0_cannot_read_stops_every_rank(data, tmp_path):
     assert "error: rank 0 could not read a val target" in proc.stderr
     # no frame of ours (torchrun prints its own ChildFailedError traceback for any worker's exit code 2)
     assert 'trainer/main.py", line' not in proc.stderr and "trainer/val_targets.py" not in proc.stderr
+
+
+def test_a_broken_shard_index_is_a_one_line_error(data, tmp_path, capsys):
+    copy = _copy(data, tmp_path)
+    index = sorted(copy.glob("train-*.idx"))[0]
+    index.write_text("garbage\tline\n")
+    assert trainer_main.main([*FAST, "--data", str(copy), "--output", str(tmp_path / "run"), "max_steps=2",
+                              "val_targets=[]"]) == 2
+    assert f"{index}:1" in _one_line_error(capsys)
