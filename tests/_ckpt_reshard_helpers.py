@@ -30,8 +30,8 @@ def save_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         for kind in KINDS:
             parts = _parts(kind)
             train_steps(parts["partial_fc"], parts["opt_fc"], range(3), rank, world_size)
-            ckpt.save_checkpoint(os.path.join(out_dir, kind), ckpt.TrainState(step=3), cfg={"network": "tiny"},
-                                 network_kwargs={}, **parts)
+            ckpt.save_checkpoint(os.path.join(out_dir, kind), ckpt.TrainState(step=3),
+                                 cfg={"network": "tiny"}, network_kwargs={}, **parts)
     finally:
         dist.destroy_process_group()
 
@@ -42,8 +42,8 @@ def load_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
         for kind in KINDS:
             parts = _parts(kind)
-            ckpt.load_checkpoint(ckpt.find_checkpoint(os.path.join(out_dir, kind)), device=torch.device("cpu"),
-                                 **parts)
+            ckpt.load_checkpoint(ckpt.find_checkpoint(os.path.join(out_dir, kind)),
+                                 device=torch.device("cpu"), **parts)
             torch.save(parts["partial_fc"].local_state(parts["opt_fc"]),
                        os.path.join(out_dir, f"loaded_{kind}_w{world_size}_r{rank}.pt"))
     finally:

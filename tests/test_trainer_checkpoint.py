@@ -209,7 +209,7 @@ def test_model_file_rebuilds_the_backbone(tmp_path):
 def test_uneven_partial_fc_reshards_on_resume_row_for_row(tmp_path):
     """11 classes saved from 2 ranks (6 + 5 rows) and loaded on 1 and on 3 ranks (4 + 4 + 3): every
     class row of the weight and of every per-row optimizer tensor is the row that was saved."""
-    from tests._ckpt_reshard_helpers import KINDS, save_worker, load_worker
+    from tests._ckpt_reshard_helpers import KINDS, load_worker, save_worker
     from tests._pfc_helpers import TRAIN, run_ranks
 
     classes = TRAIN["c"]

@@ -103,7 +103,8 @@ def test_wandb_gets_the_config_losses_and_evals(tmp_path, monkeypatch, no_root_h
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = load_config("cpu_demo", ["wandb=true", "wandb_project=faces"])
-    metrics = MetricsLogger(tmp_path / "myrun", 0, 10, 0, 8, tensorboard=False, progress_bar=False, config=cfg)
+    metrics = MetricsLogger(tmp_path / "myrun", 0, 10, 0, 8, tensorboard=False, progress_bar=False,
+                            config=cfg)
     metrics.step(1, 2.0)
     metrics.flush(1, 0, 0.1)
     metrics.eval(1, 0.1, RESULTS)

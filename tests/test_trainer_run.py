@@ -97,8 +97,8 @@ def test_resume_on_one_rank_with_the_same_batch_continues_the_lr_curve(base_run,
     samples, and the lr continues from where 640 samples put the 2-rank run, not from step 20 of a
     schedule twice as long (which would be 10 of the old steps back)."""
     out = tmp_path / "same_batch"
-    run_trainer(0, ["--config", "cpu_demo", "--data", str(data), "--output", str(out), "--resume", str(base_run),
-                    *FAST, f"max_steps={STEPS + 2}", "val_targets=[]"])
+    run_trainer(0, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
+                    "--resume", str(base_run), *FAST, f"max_steps={STEPS + 2}", "val_targets=[]"])
     before, after = train_records(base_run), train_records(out)
     assert [r["step"] for r in after] == [STEPS + 1, STEPS + 2]
     per_step = before[-2]["lr"] - before[-1]["lr"]  # cosine: the lr falls by about this per 2-rank step

@@ -14,7 +14,7 @@ from tests._trainer_helpers import pack_glint24, read_jsonl, train_records
 from tests.conftest import SHARED_DATA
 from trainer import main as trainer_main
 from trainer import val_targets
-from trainer.config import ConfigError, load_config
+from trainer.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +104,8 @@ def test_unreadable_val_target_stops_before_the_first_step(data, tmp_path, capsy
     bad = tmp_path / "broken.bin"
     bad.write_bytes(b"not a pickle")
     out = tmp_path / "run"
-    assert trainer_main.main([*FAST, "--data", str(data), "--output", str(out), f"val_targets=['{bad}']"]) == 2
+    assert trainer_main.main([*FAST, "--data", str(data), "--output", str(out),
+                              f"val_targets=['{bad}']"]) == 2
     line = _one_line_error(capsys)
     assert "val target broken" in line and "not an insightface .bin pack" in line
     assert not out.exists()

@@ -254,7 +254,7 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
 
 
 def saved_config(path: str | os.PathLike) -> dict:
-    """The config a checkpoint was trained with (train_state.pt is memory-mapped: its weights stay on disk)."""
+    """The config a checkpoint was trained with (train_state.pt memory-mapped: its weights stay on disk)."""
     path = Path(path)
     try:
         saved = torch.load(path / TRAIN_STATE, map_location="cpu", mmap=True, weights_only=False)

@@ -404,7 +404,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     finally:
         metrics.close()
     # every rank met its own corrupt records
-    skipped_records = int(all_reduce_(torch.tensor(float(loader.skipped_records), device=device), "sum").item())
+    skipped_records = int(all_reduce_(torch.tensor(float(loader.skipped_records), device=device),
+                                      "sum").item())
     logger.info("done: %d steps, %d non-finite steps skipped, %d corrupt records skipped; model in %s",
                 step, state.nan_steps, skipped_records, output / ckpt.MODEL_FILE)
     return {"record": last_record, "eval": last_eval, "step": step}

@@ -50,14 +50,16 @@ def resolve_val_targets(cfg: Config) -> dict[str, Path]:
     return targets
 
 
-def cache_candidates(pairs_txt: str | os.PathLike, extra_dirs: Iterable[str | os.PathLike] = ()) -> list[Path]:
+def cache_candidates(pairs_txt: str | os.PathLike,
+                     extra_dirs: Iterable[str | os.PathLike] = ()) -> list[Path]:
     """Where the aligned copy of `pairs_txt` is written: beside it first, then in each of `extra_dirs`."""
     pairs_txt = Path(pairs_txt)
     name = pairs_txt.stem + CACHE_SUFFIX
     return [pairs_txt.parent / name, *(Path(d) / name for d in extra_dirs)]
 
 
-def aligned_cache(pairs_txt: str | os.PathLike, extra_dirs: Iterable[str | os.PathLike] = ()) -> Optional[Path]:
+def aligned_cache(pairs_txt: str | os.PathLike,
+                  extra_dirs: Iterable[str | os.PathLike] = ()) -> Optional[Path]:
     """The aligned `.bin` cached for `pairs_txt`, or None; a cache older than the pairs.txt is stale."""
     pairs_txt = Path(pairs_txt)
     mtime = pairs_txt.stat().st_mtime_ns
@@ -111,7 +113,8 @@ def align_and_cache(pairs_txt: Path, name: str, output: Optional[Path], progress
         logger.info("val target %s: aligned set cached as %s (%d faces not found, resized whole)", name,
                     candidate, target.align_failures)
         return candidate
-    raise ConfigError(f"val target {name}: cannot write the aligned copy of {pairs_txt} ({'; '.join(errors)})")
+    raise ConfigError(f"val target {name}: cannot write the aligned copy of {pairs_txt} "
+                      f"({'; '.join(errors)})")
 
 
 def prepare_val_targets(cfg: Config, output: Optional[Path], progress: bool = False) -> dict[str, Path]:
