@@ -272,8 +272,8 @@ def check_resume_config(path: str | os.PathLike, cfg: dict, allow_change: bool =
     diff = config_diff(saved_config(path), cfg)
     if diff and not allow_change:
         raise CheckpointError(f"{path} was trained with another config: {describe_diff(diff)}. Resume with "
-                              f"the same settings, or pass --allow-config-change (allow_config_change=true) "
-                              f"if the change is meant")
+                              f"the same settings, pass --allow-config-change (allow_config_change=true) if "
+                              f"the change is meant, or start afresh in another --output")
     return diff
 
 
