@@ -10,8 +10,13 @@ FC: every rank holds a contiguous block of classes and is never wrapped in DDP).
 env:// rendezvous from torchrun. A run resumes from OUTPUT's last checkpoint by itself (so a worker killed
 under `torchrun --max-restarts=K` continues where the checkpoint left off), on any number of ranks.
 
-`train()` reads top to bottom: distributed + config checks, data, model + head + optimizers, resume, the
-loop (trainer/step.py's `train_step` per optimizer step), the last checkpoint and model.pt.
+`train()` reads top to bottom: the checks (the packed data, the config, the resume's config, every val
+target read whole; none makes the run folder), data, model + head + optimizers, resume, the loop
+(trainer/step.py's `train_step` per optimizer step), the last checkpoint and model.pt.
+
+Exit status: 0 done; 2 bad input (one line on stderr: the project's typed errors, and a ValueError the
+readers or the classifier raise on the data, whose traceback goes to training.log); 1 stopped by
+non-finite losses.
 """
 from __future__ import annotations
 
