@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from PIL import Image
 
-from pipeline.atomic import atomic_write_with
-from pipeline.imageio import encode_jpeg
 from trainer.config import Config, ConfigError
 from trainer.eval.images import IMAGE_SIZE, VerificationError
-from trainer.eval.targets import VerificationSet, cached_target, load_pairs_txt, parse_pairs_txt
+from trainer.eval.targets import (aligned_cache, cache_candidates, cached_target, load_pairs_txt,
+                                  parse_pairs_txt, write_bin)
 
 logger = logging.getLogger("trainer")
 
-CACHE_SUFFIX = ".aligned.bin"
 CACHE_DIR = "val_cache"  # in the run folder, when the pairs.txt's own folder is read-only
 
 
@@ -50,25 +47,6 @@ def resolve_val_targets(cfg: Config) -> dict[str, Path]:
     return targets
 
 
-def cache_candidates(pairs_txt: str | os.PathLike,
-                     extra_dirs: Iterable[str | os.PathLike] = ()) -> list[Path]:
-    """Where the aligned copy of `pairs_txt` is written: beside it first, then in each of `extra_dirs`."""
-    pairs_txt = Path(pairs_txt)
-    name = pairs_txt.stem + CACHE_SUFFIX
-    return [pairs_txt.parent / name, *(Path(d) / name for d in extra_dirs)]
-
-
-def aligned_cache(pairs_txt: str | os.PathLike,
-                  extra_dirs: Iterable[str | os.PathLike] = ()) -> Optional[Path]:
-    """The aligned `.bin` cached for `pairs_txt`, or None; a cache older than the pairs.txt is stale."""
-    pairs_txt = Path(pairs_txt)
-    mtime = pairs_txt.stat().st_mtime_ns
-    for candidate in cache_candidates(pairs_txt, extra_dirs):
-        if candidate.is_file() and candidate.stat().st_mtime_ns >= mtime:
-            return candidate
-    return None
-
-
 def first_unaligned(pairs_txt: str | os.PathLike) -> Optional[tuple[Path, tuple[int, int]]]:
     """The first image of a pairs list that is not an aligned 112x112 face, with its size; None when all
     are. Reads the image headers only."""
@@ -87,14 +65,6 @@ def first_unaligned(pairs_txt: str | os.PathLike) -> Optional[tuple[Path, tuple[
             if size != IMAGE_SIZE:
                 return p, size
     return None
-
-
-def write_bin(target: VerificationSet, path: str | os.PathLike) -> None:
-    """An insightface pack: pickle of (list of encoded images, two per pair; list of issame)."""
-    encoded = [encode_jpeg(image) for image in target.images]
-    # the same bytes object for an image in several pairs: pickle stores it once
-    bins = [encoded[i] for pair in target.pairs for i in pair]
-    atomic_write_with(path, lambda f: pickle.dump((bins, [bool(s) for s in target.issame]), f, protocol=4))
 
 
 def align_and_cache(pairs_txt: Path, name: str, output: Optional[Path], progress: bool) -> Path:

@@ -149,3 +149,29 @@ def test_a_pairs_txt_is_named_after_its_folder(faces, tmp_path):
     assert V.load_target(root / "pairs.txt").name == "lfw"
     assert V.load_target(root / "cplfw_pairs.txt").name == "cplfw_pairs"
     assert V.load_target(root / "pairs.txt", name="LFW-test").name == "LFW-test"
+
+
+def test_align_reads_the_trainers_aligned_cache(faces, tmp_path):
+    """`trainer.eval --pairs pairs.txt --align` reads `<stem>.aligned.bin` (written once by the trainer's
+    val_align) instead of aligning again; a cache older than the pairs.txt is not used."""
+    import os
+
+    imgs = face_images(faces)
+    a = list(imgs)[0]
+    x, y = imgs[a][0], imgs[a][1]
+    for i, img in enumerate((x, y)):
+        (tmp_path / f"{i}.png").write_bytes(encode(img, ".png"))
+    txt = tmp_path / "pairs.txt"
+    txt.write_text("0.png 1.png 1\n")
+    # the cache holds other faces than the list's files: which one was read is visible
+    other = imgs[list(imgs)[1]]
+    cache = write_bin(tmp_path / f"pairs{V.CACHE_SUFFIX}", [encode(other[0], ".png"), encode(other[1], ".png")],
+                      [True])
+    assert V.aligned_cache(txt) == cache
+    got = V.load_target(txt, align=True)
+    assert np.array_equal(got.images[0], other[0]) and got.name == tmp_path.name
+    assert np.array_equal(V.load_target(txt, align=False).images[0], x)  # no --align: the files themselves
+    old = txt.stat().st_mtime_ns - 10**9
+    os.utime(cache, ns=(old, old))
+    assert V.aligned_cache(txt) is None
+    assert not np.array_equal(V.load_target(txt, align=True).images[0], other[0])

@@ -15,12 +15,13 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.imageio import ImageRejected
+from pipeline.atomic import atomic_write_with
+from pipeline.imageio import ImageRejected, encode_jpeg
 from trainer.eval.images import (
     IMAGE_EXTENSIONS,
     IMAGE_SIZE,
@@ -172,12 +173,47 @@ def pairs_list_name(path: str | os.PathLike) -> str:
     return path.resolve().parent.name or path.stem if path.stem.lower() == "pairs" else path.stem
 
 
+# A pairs.txt over raw photos, aligned once (the trainer's `val_align`), is cached as an insightface pack
+# beside it (or in a run's val_cache/ folder) and read from there by later runs and by trainer.eval --align.
+CACHE_SUFFIX = ".aligned.bin"
+
+
+def cache_candidates(pairs_txt: str | os.PathLike,
+                     extra_dirs: Iterable[str | os.PathLike] = ()) -> list[Path]:
+    """Where the aligned copy of `pairs_txt` is written: beside it first, then in each of `extra_dirs`."""
+    pairs_txt = Path(pairs_txt)
+    name = pairs_txt.stem + CACHE_SUFFIX
+    return [pairs_txt.parent / name, *(Path(d) / name for d in extra_dirs)]
+
+
+def aligned_cache(pairs_txt: str | os.PathLike,
+                  extra_dirs: Iterable[str | os.PathLike] = ()) -> Optional[Path]:
+    """The aligned `.bin` cached for `pairs_txt`, or None; a cache older than the pairs.txt is stale."""
+    pairs_txt = Path(pairs_txt)
+    mtime = pairs_txt.stat().st_mtime_ns
+    for candidate in cache_candidates(pairs_txt, extra_dirs):
+        if candidate.is_file() and candidate.stat().st_mtime_ns >= mtime:
+            return candidate
+    return None
+
+
+def write_bin(target: VerificationSet, path: str | os.PathLike) -> None:
+    """An insightface pack: pickle of (list of encoded images, two per pair; list of issame)."""
+    encoded = [encode_jpeg(image) for image in target.images]
+    # the same bytes object for an image in several pairs: pickle stores it once
+    bins = [encoded[i] for pair in target.pairs for i in pair]
+    atomic_write_with(path, lambda f: pickle.dump((bins, [bool(s) for s in target.issame]), f, protocol=4))
+
+
 def load_target(path: str | os.PathLike, root: Optional[str | os.PathLike] = None, align: bool = False,
                 name: Optional[str] = None, progress: bool = False) -> VerificationSet:
     """A `.bin` pack or a pairs list (any other suffix), by file name."""
     path = Path(path)
     if path.suffix == ".bin":
         return load_bin(path, name, align, progress)
+    cached = aligned_cache(path) if align and root is None else None
+    if cached is not None:  # aligned once already: the faces in the pack are the aligned ones
+        return load_bin(cached, name or pairs_list_name(path), False, progress)
     return load_pairs_txt(path, root, align, name, progress)
 
 
