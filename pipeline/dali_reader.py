@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from .augment import ERASE_ASPECT, ERASE_FILL, ERASE_MIN_AREA, MEAN, STD, AugmentConfig
 from .manifest import SPLIT_BITS, SPLIT_IDENTITY_FIELDS, load_manifest
-from .record_check import LabelRules, ShardIndex, check_shard
+from .record_check import RecordRules, ShardIndex, check_shard
 from .recordio import RecordIOError, format_index
 
 
 def check_shards(data_dir: Path, manifest: dict, progress: bool = False) -> list[ShardIndex]:
     """`check_shard` of every training shard, in manifest order."""
-    rules = LabelRules.from_manifest(manifest)
+    rules = RecordRules.from_manifest(manifest)
     shards = manifest["shards"]
     return [check_shard(data_dir, s, rules)
             for s in tqdm(shards, desc="checking shards", unit="shard", disable=not progress, leave=False)]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .augment import AugmentConfig, augment_numpy, normalise
 from .imageio import ImageRejected, decode_jpeg_rgb
 from .manifest import load_manifest
-from .record_check import BadRecord, LabelRules, check_label, check_record, load_shard_index
+from .record_check import BadRecord, RecordRules, check_label, check_record, load_shard_index
 from .recordio import RecordIO, RecordIOError, unpack_record
 
 
@@ -39,7 +39,7 @@ class PackedDataset(Dataset):
         self.manifest = load_manifest(self.data_dir)
         self.label_fields = list(self.manifest["label_fields"])
         self.num_classes = int(self.manifest["num_classes"])
-        self.rules = LabelRules.from_manifest(self.manifest)
+        self.rules = RecordRules.from_manifest(self.manifest)
         shards = self.manifest.get("holdout", {}).get("shards", []) if holdout else [
             s for s in self.manifest["shards"] if s["kind"] in kinds]
         self.shards = shards
@@ -71,7 +71,7 @@ class PackedDataset(Dataset):
         try:
             check_record(f.buffer, offset, self.rules)
         except BadRecord as e:
-            raise BadRecord(f"{f.path}: {e}") from None
+            raise BadRecord(f"{f.path} at byte {offset}: {e}") from None
         return unpack_record(f.read_at(offset))
 
     def label_vector(self, header) -> np.ndarray:

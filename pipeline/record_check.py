@@ -54,20 +54,22 @@ class BadRecord(RecordIOError):
     """A record no reader trains on: malformed framing, header, label or image; the message says why."""
 
 
-class LabelRules(NamedTuple):
-    """What a record's label must be: from the manifest's `label_fields` and `num_classes`."""
+class RecordRules(NamedTuple):
+    """What a record must hold: from the manifest's `label_fields`, `num_classes` and `image_size`."""
 
     num_fields: int
     num_classes: int
     split: tuple[int, int] | None  # positions of identity_hi/identity_lo in the label vector, if any
+    image_size: tuple[int, int]  # width, height
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "LabelRules":
+    def from_manifest(cls, manifest: dict) -> "RecordRules":
         fields = list(manifest["label_fields"])
         split = None
         if SPLIT_IDENTITY_FIELDS[0] in fields:
             split = (fields.index(SPLIT_IDENTITY_FIELDS[0]), fields.index(SPLIT_IDENTITY_FIELDS[1]))
-        return cls(len(fields), int(manifest["num_classes"]), split)
+        width, height = manifest["image_size"]
+        return cls(len(fields), int(manifest["num_classes"]), split, (int(width), int(height)))
 
 
 def _whole(v: float, what: str) -> int:
@@ -76,7 +78,7 @@ def _whole(v: float, what: str) -> int:
     return int(v)
 
 
-def check_label(flag: int, values, rules: LabelRules) -> int:
+def check_label(flag: int, values, rules: RecordRules) -> int:
     """The identity of a record with IRHeader `flag` and label `values` (the scalar, or the vector);
     BadRecord when the label does not fit the manifest."""
     if flag > rules.num_fields:
@@ -96,15 +98,22 @@ def check_label(flag: int, values, rules: LabelRules) -> int:
     return identity
 
 
-def check_image(buf: Buffer, start: int, end: int) -> None:
+def _check_size(width: int, height: int, size: tuple[int, int]) -> None:
+    if (width, height) != size:
+        raise BadRecord(f"image is {width}x{height}; the manifest's image_size is {size[0]}x{size[1]}")
+
+
+def check_image(buf: Buffer, start: int, end: int, size: tuple[int, int]) -> None:
     """The image `buf[start:end]` is a JPEG whose header segments are whole, up to its scan, and which
-    ends with EOI; or a PNG that ends with IEND. Reads the markers, not the image data."""
+    ends with EOI; or a PNG that ends with IEND; of `size` (width, height). Reads the markers, not the
+    image data."""
     n = end - start
     if n <= 0:
         raise BadRecord("record has no image")
     if buf[start:start + 8] == _PNG_SIGNATURE:
-        if n < 8 + 12 or buf[end - 12:end] != _PNG_IEND:
-            raise BadRecord("PNG image is truncated (no IEND chunk at its end)")
+        if n < 8 + 25 + 12 or buf[end - 12:end] != _PNG_IEND or buf[start + 12:start + 16] != b"IHDR":
+            raise BadRecord("PNG image is truncated (no IHDR chunk at its start or IEND chunk at its end)")
+        _check_size(*struct.unpack_from(">II", buf, start + 16), size)
         return
     if buf[start:start + 3] != _JPEG_SOI:
         raise BadRecord(f"image is neither JPEG nor PNG (starts {bytes(buf[start:start + 4]).hex()})")
@@ -129,14 +138,19 @@ def check_image(buf: Buffer, start: int, end: int) -> None:
         if marker in _STANDALONE:
             pos += 2
             continue
-        seen_frame |= marker in _SOF
         length = (buf[pos + 2] << 8) | buf[pos + 3]
         if length < 2:
             raise BadRecord(f"JPEG segment 0xff{marker:02x} of length {length}")
+        if marker in _SOF:
+            if length < 8 or pos + 9 > end:
+                raise BadRecord("JPEG frame header (SOF) is cut short")
+            height, width = struct.unpack_from(">HH", buf, pos + 5)
+            _check_size(width, height, size)
+            seen_frame = True
         pos += 2 + length
 
 
-def check_payload(payload: bytes | memoryview, rules: LabelRules) -> int:
+def check_payload(payload: bytes | memoryview, rules: RecordRules) -> int:
     """A whole record payload (IRHeader, label values, image); returns its identity."""
     n = len(payload)
     if n < IR_SIZE:
@@ -147,11 +161,11 @@ def check_payload(payload: bytes | memoryview, rules: LabelRules) -> int:
         raise BadRecord(f"IRHeader declares {flag} label values but the record has {n} bytes")
     values = label if flag == 0 else np.frombuffer(payload, "<f4", count=flag, offset=IR_SIZE)
     identity = check_label(flag, values, rules)
-    check_image(payload, body, n)
+    check_image(payload, body, n, rules.image_size)
     return identity
 
 
-def check_record(buf: Buffer, offset: int, rules: LabelRules, limit: int | None = None) -> int:
+def check_record(buf: Buffer, offset: int, rules: RecordRules, limit: int | None = None) -> int:
     """The record at `offset` of a mapped shard, as DALI would read it, from its headers alone; returns the
     byte after it. `limit`: where the next record starts (a frame must not run into it)."""
     size = len(buf)
@@ -174,7 +188,7 @@ def check_record(buf: Buffer, offset: int, rules: LabelRules, limit: int | None 
             raise BadRecord(f"record at byte {offset}: IRHeader declares {flag} label values in {length} bytes")
         values = label if flag == 0 else np.frombuffer(buf, "<f4", count=flag, offset=offset + 8 + IR_SIZE)
         check_label(flag, values, rules)
-        check_image(buf, body, end)
+        check_image(buf, body, end, rules.image_size)
         return offset + 8 + ((length + 3) & ~3)
     # A payload split at aligned magic words (rare): read it whole.
     try:
@@ -225,7 +239,7 @@ def load_shard_index(data_dir: Path, shard: dict) -> tuple[np.ndarray, np.ndarra
     return keys, offsets
 
 
-def _scan_shard(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, rules: LabelRules) -> ShardIndex:
+def _scan_shard(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, rules: RecordRules) -> ShardIndex:
     good = np.ones(len(offsets), dtype=bool)
     first_bad = ""
     buf = open_map(rec_path)
@@ -236,41 +250,49 @@ def _scan_shard(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, rules: La
                 check_record(buf, off, rules, limit)
             except BadRecord as e:
                 good[i] = False
-                first_bad = first_bad or f"{rec_path.name}: {e}"
+                first_bad = first_bad or f"{rec_path.name} at byte {off}: {e}"
     finally:
         close_map(buf)
     return ShardIndex(keys[good], offsets[good], int((~good).sum()), first_bad)
 
 
-def cache_dir() -> Path:
-    """Where checked shard indexes are kept: $FACETRAIN_CACHE, else ~/.cache/facetrain."""
-    root = os.environ.get("FACETRAIN_CACHE") or Path.home() / ".cache" / "facetrain"
-    return Path(root) / "shard-check"
+def cache_dir() -> Path | None:
+    """Where checked shard indexes are kept: $FACETRAIN_CACHE (`off`: nowhere), else ~/.cache/facetrain."""
+    root = os.environ.get("FACETRAIN_CACHE")
+    if root == "off":
+        return None
+    return Path(root or Path.home() / ".cache" / "facetrain") / "shard-check"
 
 
-def check_shard(data_dir: Path, shard: dict, rules: LabelRules, use_cache: bool = True) -> ShardIndex:
+def _file_key(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def check_shard(data_dir: Path, shard: dict, rules: RecordRules) -> ShardIndex:
     """`load_shard_index`, then `check_record` on every entry; the result cached against the shard's and
-    the index's size and mtime and the label rules (a changed file is checked again)."""
+    the index's size, times and inode and the rules (a file written since is checked again)."""
     rec_path, idx_path = data_dir / shard["rec"], data_dir / shard["idx"]
-    stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns)
-             for p in (rec_path, idx_path) for st in [p.stat()]] if rec_path.exists() and idx_path.exists() else None
-    key = json.dumps([CHECK_VERSION, stats, list(rules), shard["count"], shard["bytes"]])
-    path = cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
-    if use_cache and stats is not None and path.is_file():
+    root = cache_dir()
+    path = key = None
+    if root is not None and rec_path.is_file() and idx_path.is_file():
+        key = json.dumps([CHECK_VERSION, _file_key(rec_path), _file_key(idx_path), list(rules), shard["count"],
+                          shard["bytes"]])  # taken before the scan: a write during it makes the key stale
+        path = root / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
         try:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
                     return ShardIndex(z["keys"], z["offsets"], int(z["bad"]), str(z["first_bad"]))
         except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file is checked again and rewritten
+            pass  # none yet, or damaged: checked again and rewritten
     keys, offsets = load_shard_index(data_dir, shard)
     result = _scan_shard(rec_path, keys, offsets, rules)
-    if use_cache:
+    if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_with(path, lambda f: np.savez(f, key=np.array(key), keys=result.keys,
                                                        offsets=result.offsets, bad=np.int64(result.bad),
                                                        first_bad=np.array(result.first_bad)))
         except OSError:
-            pass  # a read-only home: no cache, the check runs again next time
+            pass  # a read-only cache: no cache, the check runs again next time
     return result

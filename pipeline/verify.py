@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .imageio import decode_jpeg_rgb
 from .manifest import ManifestError, load_manifest
-from .record_check import BadRecord, LabelRules, check_payload
+from .record_check import BadRecord, RecordRules, check_payload
 from .recordio import IR_SIZE, RecordIOError, map_file, read_frame, read_index_arrays
 
 
@@ -33,7 +33,7 @@ def verify(data_dir: str | Path, decode: bool = False, progress: bool = True) ->
         manifest = load_manifest(data_dir)
     except ManifestError as e:
         raise VerifyError(str(e)) from None
-    rules = LabelRules.from_manifest(manifest)
+    rules = RecordRules.from_manifest(manifest)
     shards = _all_shards(manifest)
     total_bytes = sum(s["bytes"] for s in shards)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="verify", disable=not progress)
@@ -71,7 +71,7 @@ def _check_unique_ids(ids: list[np.ndarray], shards: list[dict]) -> None:
                           f"(in {', '.join(where)})")
 
 
-def _verify_shard(data_dir: Path, shard: dict, rules: LabelRules, decode: bool, bar) -> np.ndarray:
+def _verify_shard(data_dir: Path, shard: dict, rules: RecordRules, decode: bool, bar) -> np.ndarray:
     """Check one shard; return the ids of its records."""
     rec_path, idx_path = data_dir / shard["rec"], data_dir / shard["idx"]
     name = shard["rec"]
