@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .atomic import atomic_write_with
-from .manifest import SPLIT_BITS, SPLIT_IDENTITY_FIELDS
+from .manifest import MANIFEST, SPLIT_BITS, SPLIT_IDENTITY_FIELDS
 from .recordio import (
     IR_FORMAT,
     IR_SIZE,
@@ -217,14 +217,14 @@ def load_shard_index(data_dir: Path, shard: dict) -> tuple[np.ndarray, np.ndarra
     try:
         size = rec_path.stat().st_size
     except OSError as e:
-        raise RecordIOError(f"{rec_path}: {e.strerror or e}") from None
+        raise RecordIOError(f"{rec_path} (listed in {MANIFEST}): {e.strerror or e}") from None
     if size != shard["bytes"]:
         raise RecordIOError(f"{rec_path}: {size} bytes, the manifest says {shard['bytes']} (truncated or "
                             f"appended to); run `python -m pipeline verify`")
     try:
         keys, offsets = read_index_arrays(idx_path)
     except OSError as e:
-        raise RecordIOError(f"{idx_path}: {e.strerror or e}") from None
+        raise RecordIOError(f"{idx_path} (listed in {MANIFEST}): {e.strerror or e}") from None
     if len(offsets) != shard["count"]:
         raise RecordIOError(f"{idx_path}: {len(offsets)} entries, the manifest says {shard['count']} "
                             f"(a line deleted or repeated)")

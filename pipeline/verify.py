@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .imageio import decode_jpeg_rgb
-from .manifest import ManifestError, load_manifest
+from .manifest import MANIFEST, ManifestError, load_manifest
 from .record_check import BadRecord, RecordRules, check_payload
 from .recordio import IR_SIZE, RecordIOError, map_file, read_frame, read_index_arrays
 
@@ -43,7 +43,7 @@ def verify(data_dir: str | Path, decode: bool = False, progress: bool = True) ->
             try:
                 ids.append(_verify_shard(data_dir, shard, rules, decode, bar))
             except OSError as e:
-                raise VerifyError(f"{shard['rec']}: {e.strerror or e}") from None
+                raise VerifyError(f"{e.filename or shard['rec']}: {e.strerror or e}") from None
     finally:
         bar.close()
     _check_unique_ids(ids, shards)
@@ -51,7 +51,7 @@ def verify(data_dir: str | Path, decode: bool = False, progress: bool = True) ->
     if skipped and skipped.get("file"):
         path = data_dir / skipped["file"]
         if not path.is_file():
-            raise VerifyError(f"{path.name} (the list of skipped inputs) is missing")
+            raise VerifyError(f"{path.name} (the list of skipped inputs that {MANIFEST} names) is missing")
         with open(path, "rb") as f:
             lines = sum(1 for _ in f)
         if lines != skipped["count"]:
@@ -77,7 +77,7 @@ def _verify_shard(data_dir: Path, shard: dict, rules: RecordRules, decode: bool,
     name = shard["rec"]
     for p in (rec_path, idx_path):
         if not p.is_file():
-            raise VerifyError(f"{p.name}: missing")
+            raise VerifyError(f"{p.name}: missing (listed in {MANIFEST})")
     if rec_path.stat().st_size != shard["bytes"]:
         raise VerifyError(f"{name}: {rec_path.stat().st_size} bytes, the manifest says {shard['bytes']} "
                           f"(truncated or appended to)")
