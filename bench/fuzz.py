@@ -310,12 +310,20 @@ def variant(seed: int, i: int, base: Baseline) -> Mutation:
     return mutate(random.Random(seed * 1_000_003 + i), base)
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """A new file under the old name: a reader that still maps the old one keeps it (rewriting a mapped
+    file in place is a SIGBUS for the mapper, the harness's doing, not a finding). No fsync: scratch files."""
+    tmp = path.with_name(f".{path.name}.fuzz")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def apply(data: Path, m: Mutation) -> None:
-    (data / m.file).write_bytes(m.data)
+    _replace(data / m.file, m.data)
 
 
 def restore(data: Path, base: Baseline, m: Mutation) -> None:
-    (data / m.file).write_bytes(base.files[m.file])
+    _replace(data / m.file, base.files[m.file])
 
 
 # ------------------------------------------------------------------------------------------ the oracle
@@ -340,7 +348,27 @@ def names_a_file(message: str, base: Baseline) -> bool:
     return any(name in message for name in base.files)
 
 
-def check_variant(base: Baseline, m: Mutation, tally: Tally, torch_loader: bool = False) -> bool:
+def check_cli(base: Baseline, m: Mutation, passed: bool, tally: Tally) -> None:
+    """`python -m pipeline verify` in-process: exit 0 or 1 as verify, one line on stderr, no traceback."""
+    import contextlib
+    import io
+
+    from pipeline.__main__ import main
+
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            rc = main(["verify", str(base.data), "--no-progress"])
+    except BaseException as e:  # noqa: BLE001 - a traceback is what this looks for
+        tally.add("untyped", f"{m.what} -> CLI raised {type(e).__name__}: {e}")
+        return
+    lines = err.getvalue().strip().splitlines()
+    tally.add("cli_checked")
+    if rc != (0 if passed else 1) or len(lines) != (0 if passed else 1):
+        tally.add("untyped", f"{m.what} -> CLI exit {rc}, stderr {err.getvalue()[-300:]!r}")
+
+
+def check_variant(base: Baseline, m: Mutation, tally: Tally, torch_loader: bool = False, cli: bool = False) -> bool:
     """Run verify and the in-process readers on the mutated set; tally; return whether verify passed."""
     from pipeline.dataset import PackedDataset, TorchTrainLoader
     from pipeline.manifest import ManifestError
@@ -360,6 +388,8 @@ def check_variant(base: Baseline, m: Mutation, tally: Tally, torch_loader: bool 
     except Exception as e:  # noqa: BLE001 - the campaign counts exactly these
         passed = False
         tally.add("untyped", f"{m.what} -> verify: {type(e).__name__}: {e}")
+    if cli:
+        check_cli(base, m, passed, tally)
     typed = (ManifestError, RecordIOError)
     try:
         got, skipped = read_all(PackedDataset(data))
@@ -391,7 +421,7 @@ def check_variant(base: Baseline, m: Mutation, tally: Tally, torch_loader: bool 
     return passed
 
 
-def run_campaign(data: Path, variants: int, seed: int = 0, torch_every: int = 20,
+def run_campaign(data: Path, variants: int, seed: int = 0, torch_every: int = 20, cli_every: int = 10,
                  progress: bool = False) -> tuple[Tally, list[int]]:
     """In-process part over a private copy of `data`; returns the tally and the variants verify passed."""
     from tqdm import tqdm
@@ -405,7 +435,7 @@ def run_campaign(data: Path, variants: int, seed: int = 0, torch_every: int = 20
             m = variant(seed, i, base)
             apply(base.data, m)
             try:
-                if check_variant(base, m, tally, torch_loader=i % torch_every == 0):
+                if check_variant(base, m, tally, torch_loader=i % torch_every == 0, cli=i % cli_every == 0):
                     passed.append(i)
             finally:
                 restore(base.data, base, m)
@@ -421,9 +451,12 @@ def _dali_worker(data: Path, seed: int, indices: list[int]) -> None:
     from pipeline.manifest import ManifestError
     from pipeline.recordio import RecordIOError
 
+    import gc
+
     os.environ["FACETRAIN_CACHE"] = "off"  # rewrites within one mtime tick must be checked again
     base = Baseline.load(data)
     for i in indices:
+        loader = None
         m = variant(seed, i, base)
         print(json.dumps({"start": i}), flush=True)
         apply(data, m)
@@ -438,6 +471,8 @@ def _dali_worker(data: Path, seed: int, indices: list[int]) -> None:
         except Exception as e:  # noqa: BLE001
             out = {"i": i, "status": "untyped", "error": f"{type(e).__name__}: {str(e)[:200]}"}
         finally:
+            del loader  # its prefetching threads stop before the files change back
+            gc.collect()
             restore(data, base, m)
         print(json.dumps(out), flush=True)
 
@@ -464,6 +499,8 @@ def run_dali(data: Path, indices: list[int], passed: set[int], seed: int, tally:
                 done.add(rec["i"])
                 i, ok = rec["i"], rec["i"] in passed
                 tally.add(f"dali_{rec['status']}")
+                if rec.get("skipped"):
+                    tally.add("dali_skipped")
                 if rec["status"] == "untyped":
                     tally.add("untyped", f"variant {i} -> DALI: {rec['error']}")
                 elif ok and (rec["status"] != "read" or rec["skipped"] or not rec["same"]):
@@ -474,8 +511,8 @@ def run_dali(data: Path, indices: list[int], passed: set[int], seed: int, tally:
                 tally.add("crash", f"variant {started} -> DALI worker exit {proc.returncode}")
                 done.add(started)
                 base = Baseline.load(data)  # the crashed worker left its variant applied
-                (work / "d" / variant(seed, started, base).file).write_bytes(
-                    base.files[variant(seed, started, base).file])
+                name = variant(seed, started, base).file
+                _replace(work / "d" / name, base.files[name])
             todo = [i for i in todo if i not in done]
     finally:
         shutil.rmtree(work, ignore_errors=True)
