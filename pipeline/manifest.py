@@ -57,6 +57,8 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
         raise ManifestError(f"{path} is not valid JSON: {e}") from None
     except RecursionError:
         raise ManifestError(f"{path} is not a manifest: JSON nested too deep") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: {e.strerror or e}") from None
     validate_manifest(manifest, path)
     return manifest
 
