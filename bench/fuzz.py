@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -447,11 +446,11 @@ def run_campaign(data: Path, variants: int, seed: int = 0, torch_every: int = 20
 # ------------------------------------------------------------------------------------------ DALI
 def _dali_worker(data: Path, seed: int, indices: list[int]) -> None:
     """Subprocess: for each variant, one DALI (CPU) epoch; a JSON line before and after each."""
+    import gc
+
     from pipeline.dali_reader import DaliTrainLoader
     from pipeline.manifest import ManifestError
     from pipeline.recordio import RecordIOError
-
-    import gc
 
     os.environ["FACETRAIN_CACHE"] = "off"  # rewrites within one mtime tick must be checked again
     base = Baseline.load(data)

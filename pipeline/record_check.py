@@ -28,13 +28,12 @@ import numpy as np
 from .atomic import atomic_write_with
 from .manifest import MANIFEST, SPLIT_BITS, SPLIT_IDENTITY_FIELDS
 from .recordio import (
-    IR_FORMAT,
     IR_SIZE,
     MAGIC,
     Buffer,
     RecordIOError,
-    open_map,
     close_map,
+    open_map,
     read_frame,
     read_index_arrays,
 )

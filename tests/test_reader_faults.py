@@ -27,6 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LEN_MASK = (1 << 29) - 1
 
 
+@pytest.fixture(autouse=True)
+def shard_check_cache(tmp_path, monkeypatch):
+    """The DALI reader's shard checks are cached per test, not in the home folder."""
+    monkeypatch.setenv("FACETRAIN_CACHE", str(tmp_path / "shard-check-cache"))
+
+
 @pytest.fixture(scope="module")
 def small(glint24, tmp_path_factory):
     """80 glint24 faces of 20 identities: 60 in 4 train shards, 20 held out."""

@@ -15,6 +15,12 @@ from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
 from tests.conftest import run_cli
 
 
+@pytest.fixture(autouse=True)
+def shard_check_cache(tmp_path, monkeypatch):
+    """The DALI reader's shard checks are cached per test, not in the home folder."""
+    monkeypatch.setenv("FACETRAIN_CACHE", str(tmp_path / "shard-check-cache"))
+
+
 @pytest.fixture()
 def damaged(packed_glint, tmp_path):
     copy = tmp_path / "data"
