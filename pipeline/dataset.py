@@ -55,21 +55,23 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _locate(self, index: int) -> tuple[int, int]:
+    def _locate(self, index: int) -> tuple[int, int, Optional[int]]:
+        """(shard, offset, where the next record of the shard starts or None)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} outside [0, {len(self)})")
         shard = bisect.bisect_right(self._starts, index) - 1
-        return shard, int(self._offsets[shard][index - self._starts[shard]])
+        offsets, j = self._offsets[shard], index - self._starts[shard]
+        return shard, int(offsets[j]), int(offsets[j + 1]) if j + 1 < len(offsets) else None
 
     def read_record(self, index: int):
         """(IRHeader, encoded image bytes) of record `index`; BadRecord (naming the shard) when the record
         fails `check_record`."""
-        shard, offset = self._locate(index)
+        shard, offset, limit = self._locate(index)
         f = self._files.get(shard)
         if f is None:  # opened lazily: each DataLoader worker maps the files itself
             f = self._files[shard] = RecordIO(self.data_dir / self.shards[shard]["rec"], "r")
         try:
-            check_record(f.buffer, offset, self.rules)
+            check_record(f.buffer, offset, self.rules, limit)  # the DALI reader's check, record for record
         except BadRecord as e:
             raise BadRecord(f"{f.path} at byte {offset}: {e}") from None
         return unpack_record(f.read_at(offset))

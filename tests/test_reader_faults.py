@@ -107,6 +107,11 @@ def _long_length(buf, o):
     struct.pack_into("<I", buf, o + 4, struct.unpack_from("<I", buf, o + 4)[0] + 64)
 
 
+def _length_into_next(buf, o):
+    """8 bytes longer: the image still ends with EOI within its last 16 bytes, but runs into the next record."""
+    struct.pack_into("<I", buf, o + 4, struct.unpack_from("<I", buf, o + 4)[0] + 8)
+
+
 def _zero_jpeg(buf, o):
     start, end = _image_span(buf, o)
     buf[start:end] = bytes(end - start)
@@ -121,7 +126,7 @@ def _label_999(buf, o):
     struct.pack_into("<f", buf, o + 12, 999.0)
 
 
-CORRUPTIONS = [_zero_header, _flag_100, _long_length, _zero_jpeg, _cut_jpeg_end, _label_999]
+CORRUPTIONS = [_zero_header, _flag_100, _long_length, _zero_jpeg, _cut_jpeg_end, _label_999, _length_into_next]
 
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS[:3], ids=lambda f: f.__name__)
