@@ -27,7 +27,8 @@ class TrainLoader(Protocol):
     num_classes: int
     steps_per_epoch: Optional[int]  # batches per epoch, equal on every rank; None only without drop_last
     epoch: int
-    skipped_records: int  # records replaced because they did not decode, so far (this rank)
+    # records skipped so far (this rank): failed pipeline.record_check or did not decode; never trained on
+    skipped_records: int
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
