@@ -36,7 +36,7 @@ from .record_check import RecordRules, ShardIndex, check_shard
 from .recordio import RecordIOError, format_index
 
 
-def check_shards(data_dir: Path, manifest: dict, rank: int = 0, world_size: int = 1,
+def check_shards(data_dir: Path, manifest: dict, rank: int = 0, world_size: int = 1, decode: bool = False,
                  progress: bool = False) -> list[ShardIndex]:
     """`check_shard` of every training shard, in manifest order. Rank r checks shards r, r+W, ... first:
     ranks sharing a cache folder (one node) then find most of the others' results cached when they get to
@@ -47,7 +47,7 @@ def check_shards(data_dir: Path, manifest: dict, rank: int = 0, world_size: int 
     order = [*mine, *(i for i in range(len(shards)) if i % world_size != rank % world_size)]
     checked: dict[int, ShardIndex] = {}
     for i in tqdm(order, desc="checking shards", unit="shard", disable=not progress, leave=False):
-        checked[i] = check_shard(data_dir, shards[i], rules)
+        checked[i] = check_shard(data_dir, shards[i], rules, decode)
     return [checked[i] for i in range(len(shards))]
 
 
@@ -74,6 +74,8 @@ class DaliTrainLoader:
 
     `drop_last=True` (training): every rank yields `steps_per_epoch` full batches per epoch.
     `drop_last=False` (evaluation, tests): every real sample of the rank's shard once per epoch.
+    `decode_check=True`: the shard check decodes every image too (once, cached), so that DALI skips exactly
+    the records the PyTorch reader skips.
     """
 
     backend = "dali"
@@ -82,12 +84,12 @@ class DaliTrainLoader:
                  seed: int = 0, device: str | torch.device = "cpu", num_threads: int = 2,
                  augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
                  initial_fill: int = 4096, prefetch: int = 2, hw_decoder_load: float = 0.65,
-                 return_label_vectors: bool = False) -> None:
+                 return_label_vectors: bool = False, decode_check: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         self.label_fields = list(self.manifest["label_fields"])
         self.num_classes = int(self.manifest["num_classes"])
-        checked = check_shards(self.data_dir, self.manifest, rank, world_size, progress=rank == 0)
+        checked = check_shards(self.data_dir, self.manifest, rank, world_size, decode_check, progress=rank == 0)
         self.excluded = sum(c.bad for c in checked)  # records DALI is not given (failed the check)
         self.num_samples = sum(len(c.offsets) for c in checked)
         if self.num_samples == 0:
@@ -104,7 +106,8 @@ class DaliTrainLoader:
         self.hw_decoder_load = hw_decoder_load
         self.return_label_vectors = return_label_vectors
         # Records left out by the check, this rank's share each epoch. Images that pass the check and still do
-        # not decode are not found before DALI decodes them; `pipeline verify --decode` finds those.
+        # not decode (corrupt scan data) are left out too only with `decode_check` (every image decoded once
+        # on the CPU, cached); otherwise DALI decodes them to garbage. `pipeline verify --decode` finds them.
         self.skipped_records = 0
         sizes = [dali_shard_bounds(self.num_samples, s, world_size) for s in range(world_size)]
         self._shard_sizes = [b - a for a, b in sizes]

@@ -238,7 +238,21 @@ def load_shard_index(data_dir: Path, shard: dict) -> tuple[np.ndarray, np.ndarra
     return keys, offsets
 
 
-def _scan_shard(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, rules: RecordRules) -> ShardIndex:
+def decode_record(buf: Buffer, offset: int) -> None:
+    """Decode the image of a record that passed `check_record`, as the PyTorch reader does; BadRecord if it
+    does not decode (the scan data is corrupt: only a decoder finds that)."""
+    from .imageio import ImageRejected, decode_jpeg_rgb
+
+    payload, _ = read_frame(buf, offset)
+    flag = struct.unpack_from("<I", payload, 0)[0]
+    try:
+        decode_jpeg_rgb(payload[IR_SIZE + 4 * flag:])
+    except ImageRejected as e:
+        raise BadRecord(f"image does not decode ({e})") from None
+
+
+def _scan_shard(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, rules: RecordRules,
+                decode: bool = False) -> ShardIndex:
     good = np.ones(len(offsets), dtype=bool)
     first_bad = ""
     buf = open_map(rec_path)
@@ -247,6 +261,8 @@ def _scan_shard(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, rules: Re
         for i, (off, limit) in enumerate(zip(offsets.tolist(), limits)):
             try:
                 check_record(buf, off, rules, limit)
+                if decode:
+                    decode_record(buf, off)
             except BadRecord as e:
                 good[i] = False
                 first_bad = first_bad or f"{rec_path.name} at byte {off}: {e}"
@@ -268,15 +284,16 @@ def _file_key(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def check_shard(data_dir: Path, shard: dict, rules: RecordRules) -> ShardIndex:
-    """`load_shard_index`, then `check_record` on every entry; the result cached against the shard's and
-    the index's size, times and inode and the rules (a file written since is checked again)."""
+def check_shard(data_dir: Path, shard: dict, rules: RecordRules, decode: bool = False) -> ShardIndex:
+    """`load_shard_index`, then `check_record` on every entry (and with `decode`, `decode_record`: about
+    1 ms a record, once); the result cached against the shard's and the index's size, times and inode, the
+    rules and `decode` (a file written since is checked again)."""
     rec_path, idx_path = data_dir / shard["rec"], data_dir / shard["idx"]
     root = cache_dir()
     path = key = None
     if root is not None and rec_path.is_file() and idx_path.is_file():
         key = json.dumps([CHECK_VERSION, _file_key(rec_path), _file_key(idx_path), list(rules), shard["count"],
-                          shard["bytes"]])  # taken before the scan: a write during it makes the key stale
+                          shard["bytes"], decode])  # taken before the scan: a write during it makes the key stale
         path = root / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".npz")
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -285,7 +302,7 @@ def check_shard(data_dir: Path, shard: dict, rules: RecordRules) -> ShardIndex:
         except (OSError, ValueError, KeyError):
             pass  # none yet, or damaged: checked again and rewritten
     keys, offsets = load_shard_index(data_dir, shard)
-    result = _scan_shard(rec_path, keys, offsets, rules)
+    result = _scan_shard(rec_path, keys, offsets, rules, decode)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

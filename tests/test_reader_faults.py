@@ -74,15 +74,15 @@ _DALI = """
 import json, sys
 from pipeline.dali_reader import DaliTrainLoader
 loader = DaliTrainLoader(sys.argv[1], batch_size=16, drop_last=False, shuffle=False, augment={"flip": False},
-                         initial_fill=16, num_threads=1)
+                         initial_fill=16, num_threads=1, decode_check=sys.argv[2] == "1")
 labels = [y for _, ys in loader for y in ys.tolist()]
 print(json.dumps({"n": len(labels), "skipped": loader.skipped_records, "max": max(labels)}))
 """
 
 
-def _dali(data) -> dict:
+def _dali(data, decode_check: bool = False) -> dict:
     """One DALI (CPU) epoch in a subprocess, so that a segfault fails the test instead of killing pytest."""
-    proc = subprocess.run([sys.executable, "-c", _DALI, str(data)], cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _DALI, str(data), str(int(decode_check))], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "FACETRAIN_CACHE": "off", "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 0, f"DALI reader exited {proc.returncode}: {proc.stderr[-1500:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -148,6 +148,23 @@ def test_both_backends_skip_and_count_the_same_corrupt_records(copy):
     assert got["max"] < m["num_classes"]
     proc = _verify_cli(data)
     assert proc.returncode == 1 and m["shards"][0]["rec"] in proc.stderr
+
+
+def _corrupt_scan(buf, o):
+    """Markers whole, scan data zeroed: only a decoder finds it."""
+    start, end = _image_span(buf, o)
+    mid = (start + end) // 2
+    buf[mid:mid + 400] = bytes(400)
+
+
+def test_dali_with_decode_check_skips_what_the_torch_reader_skips(copy):
+    data, m = copy
+    _edit_rec(data, m["shards"][1], _corrupt_scan)
+    _edit_rec(data, m["shards"][3], _zero_jpeg)
+    n, skipped, _ = _torch_epoch(data)
+    assert (n, skipped) == (m["num_images"], 2)
+    got = _dali(data, decode_check=True)
+    assert (got["n"], got["skipped"]) == (m["num_images"] - 2, 2)
 
 
 def test_dali_counts_its_share_of_left_out_records_per_rank_and_epoch(copy):
