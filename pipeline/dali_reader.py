@@ -10,33 +10,57 @@ hold it to them):
 - Labels come out as float32 vectors ([1] for flag-0 records, [flag] otherwise).
 So every rank can compute exactly which of its batches are real, and all ranks yield the same number of
 full batches per epoch (the drop-last rule), which DDP and Partial FC's all-gather need.
+
+DALI crashes (SIGSEGV) on a record whose framing lies and trains on an image it cannot decode, and it has
+no way to skip a sample. So DALI is only given records that passed `pipeline.record_check.check_shard`
+(framing, header, label, image markers; cached per shard): the bad ones are left out of the combined index
+and counted in `skipped_records` (each epoch, this rank's share of them), as the PyTorch reader counts the
+records it replaces.
 """
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from tqdm import tqdm
 
 from .augment import ERASE_ASPECT, ERASE_FILL, ERASE_MIN_AREA, MEAN, STD, AugmentConfig
-from .manifest import SPLIT_BITS, SPLIT_IDENTITY_FIELDS, load_manifest, shard_paths
-from .recordio import read_index
+from .manifest import SPLIT_BITS, SPLIT_IDENTITY_FIELDS, load_manifest
+from .record_check import RecordRules, ShardIndex, check_shard
+from .recordio import RecordIOError, format_index
 
 
-def write_combined_index(data_dir: Path, manifest: dict, out_path: Path) -> list[str]:
-    """The single index DALI needs for several `.rec` files; returns the `.rec` paths in its order."""
+def check_shards(data_dir: Path, manifest: dict, rank: int = 0, world_size: int = 1, decode: bool = False,
+                 progress: bool = False) -> list[ShardIndex]:
+    """`check_shard` of every training shard, in manifest order. Rank r checks shards r, r+W, ... first:
+    ranks sharing a cache folder (one node) then find most of the others' results cached when they get to
+    them, so a first start costs about 1/W of the check per rank instead of all of it."""
+    rules = RecordRules.from_manifest(manifest)
+    shards = manifest["shards"]
+    mine = range(rank % world_size, len(shards), world_size)
+    order = [*mine, *(i for i in range(len(shards)) if i % world_size != rank % world_size)]
+    checked: dict[int, ShardIndex] = {}
+    for i in tqdm(order, desc="checking shards", unit="shard", disable=not progress, leave=False):
+        checked[i] = check_shard(data_dir, shards[i], rules, decode)
+    return [checked[i] for i in range(len(shards))]
+
+
+def write_combined_index(data_dir: Path, manifest: dict, checked: list[ShardIndex], out_path: Path) -> list[str]:
+    """The single index DALI needs for several `.rec` files, of the records that passed the check;
+    returns the `.rec` paths in its order. Written shard by shard: memory is one shard's arrays."""
     recs: list[str] = []
     base = 0
-    with open(out_path, "w") as out:
-        for rec, idx in shard_paths(data_dir, manifest):
-            keys, offsets = read_index(idx)
-            out.writelines(f"{k}\t{o + base}\n" for k, o in zip(keys, offsets))
-            base += rec.stat().st_size
-            recs.append(str(rec))
+    with open(out_path, "wb") as out:
+        for shard, ok in zip(manifest["shards"], checked):
+            out.write(format_index(ok.keys.tolist(), (ok.offsets + base).tolist()))
+            base += shard["bytes"]
+            recs.append(str(data_dir / shard["rec"]))
     return recs
 
 
@@ -50,6 +74,8 @@ class DaliTrainLoader:
 
     `drop_last=True` (training): every rank yields `steps_per_epoch` full batches per epoch.
     `drop_last=False` (evaluation, tests): every real sample of the rank's shard once per epoch.
+    `decode_check=True`: the shard check decodes every image too (once, cached), so that DALI skips exactly
+    the records the PyTorch reader skips.
     """
 
     backend = "dali"
@@ -58,12 +84,21 @@ class DaliTrainLoader:
                  seed: int = 0, device: str | torch.device = "cpu", num_threads: int = 2,
                  augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
                  initial_fill: int = 4096, prefetch: int = 2, hw_decoder_load: float = 0.65,
-                 return_label_vectors: bool = False, dont_use_mmap: bool = False) -> None:
+                 return_label_vectors: bool = False, dont_use_mmap: bool = False,
+                 decode_check: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         self.label_fields = list(self.manifest["label_fields"])
         self.num_classes = int(self.manifest["num_classes"])
-        self.num_samples = sum(s["count"] for s in self.manifest["shards"])
+        checked = check_shards(self.data_dir, self.manifest, rank, world_size, decode_check, progress=rank == 0)
+        self.excluded = sum(c.bad for c in checked)  # records DALI is not given (failed the check)
+        self.num_samples = sum(len(c.offsets) for c in checked)
+        if self.num_samples == 0:
+            raise RecordIOError(f"{self.data_dir}: no record of the dataset is usable "
+                                f"({next(c.first_bad for c in checked if c.bad)})")
+        if self.excluded and rank == 0:
+            first = next(c.first_bad for c in checked if c.bad)
+            print(f"pipeline.dali_reader: left out {self.excluded} bad records (first: {first})", file=sys.stderr)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.drop_last, self.shuffle = seed, drop_last, shuffle
         self.device = torch.device(device)
@@ -74,7 +109,10 @@ class DaliTrainLoader:
         # of a mapped file stall the reader threads
         self.dont_use_mmap = dont_use_mmap
         self.return_label_vectors = return_label_vectors
-        self.skipped_records = 0  # DALI cannot skip undecodable records; `pipeline verify --decode` finds them
+        # Records left out by the check, this rank's share each epoch. Images that pass the check and still do
+        # not decode (corrupt scan data) are left out too only with `decode_check` (every image decoded once
+        # on the CPU, cached); otherwise DALI decodes them to garbage. `pipeline verify --decode` finds them.
+        self.skipped_records = 0
         sizes = [dali_shard_bounds(self.num_samples, s, world_size) for s in range(world_size)]
         self._shard_sizes = [b - a for a, b in sizes]
         if min(self._shard_sizes) < batch_size and drop_last:
@@ -83,7 +121,7 @@ class DaliTrainLoader:
         self.steps_per_epoch = min(self._shard_sizes) // batch_size if drop_last else None
         self._tmp = Path(tempfile.mkdtemp(prefix="dali-index-"))
         atexit.register(shutil.rmtree, self._tmp, True)
-        self._recs = write_combined_index(self.data_dir, self.manifest, self._tmp / "all.idx")
+        self._recs = write_combined_index(self.data_dir, self.manifest, checked, self._tmp / "all.idx")
         self.epoch = 0
         self.step = 0  # batches yielded in this epoch
         self._dali_epoch = 0  # epochs this pipeline object has run (decides which shard it reads)
@@ -156,6 +194,10 @@ class DaliTrainLoader:
         real = self._dali_epoch_shard_size()
         total = self._batches_this_dali_epoch()
         wanted = self.steps_per_epoch if self.drop_last else total
+        if self.step == 0 and self._dali_batches == 0:
+            lo, hi = dali_shard_bounds(self.excluded, (self.rank + self._dali_epoch) % self.world_size,
+                                       self.world_size)
+            self.skipped_records += hi - lo
         while self.step < wanted:
             images, labels = self._run()
             self._dali_batches += 1
@@ -202,13 +244,14 @@ class DaliTrainLoader:
         return {"backend": self.backend, "world_size": self.world_size, "rank": self.rank,
                 "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch, "step": self.step,
                 "dali_epoch": self._dali_epoch, "dali_batches": self._dali_batches,
-                "checkpoint": self._pipe.checkpoint()}
+                "skipped_records": self.skipped_records, "checkpoint": self._pipe.checkpoint()}
 
     def load_state_dict(self, state: dict) -> None:
         """Same backend, world size and batch size: exact mid-epoch resume. Otherwise the saved epoch
         starts again (a rank of another partition cannot take over another's DALI state)."""
         same = (state.get("backend") == self.backend and state["world_size"] == self.world_size
                 and state["rank"] == self.rank and state["batch_size"] == self.batch_size)
+        self.skipped_records = state.get("skipped_records", 0)
         if same:
             self._pipe = self._build(checkpoint=state["checkpoint"], start_epoch=0)
             self.epoch, self.step = state["epoch"], state["step"]

@@ -1,7 +1,9 @@
 """The plain PyTorch path over the same shards: a random-access `Dataset` (mmap) and a train loader.
 
 For users without DALI, and for tests. Same samples, labels and normalisation as the DALI reader; a record
-that does not decode is replaced by another (so batches keep their size) and counted, never a crash.
+that fails `pipeline.record_check.check_record` (the DALI reader's rules) or does not decode is replaced by
+another (so batches keep their size) and counted, never a crash. An index that disagrees with its shard or
+the manifest stops the reader at its start (RecordIOError naming the file).
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import AugmentConfig, apply_numpy, normalise, record_draws
 from .imageio import ImageRejected, decode_jpeg_rgb
-from .manifest import decode_identity, load_manifest
-from .recordio import RecordIO, RecordIOError, read_index, unpack_record
+from .manifest import load_manifest
+from .record_check import BadRecord, RecordRules, check_label, check_record, load_shard_index
+from .recordio import RecordIO, RecordIOError, unpack_record
 
 
 class PackedDataset(Dataset):
@@ -36,16 +39,15 @@ class PackedDataset(Dataset):
         self.manifest = load_manifest(self.data_dir)
         self.label_fields = list(self.manifest["label_fields"])
         self.num_classes = int(self.manifest["num_classes"])
+        self.rules = RecordRules.from_manifest(self.manifest)
         shards = self.manifest.get("holdout", {}).get("shards", []) if holdout else [
-            s for s in self.manifest["shards"] if s.get("kind", "train") in kinds]
+            s for s in self.manifest["shards"] if s["kind"] in kinds]
         self.shards = shards
         self.augment = AugmentConfig.from_dict(augment) if augment is not None else AugmentConfig.none()
         self.raw, self.return_label_vector, self.seed = raw, return_label_vector, seed
         self.uint8_chw = uint8_chw
-        self._offsets: list[np.ndarray] = []
-        for s in shards:
-            _, offsets = read_index(self.data_dir / s["idx"])
-            self._offsets.append(np.sort(np.asarray(offsets, dtype=np.int64)))
+        # int64 offsets per shard, ascending: 8 bytes a record (docs/design.md section 1, readers' memory)
+        self._offsets: list[np.ndarray] = [load_shard_index(self.data_dir, s)[1] for s in shards]
         self._starts = np.cumsum([0] + [len(o) for o in self._offsets]).tolist()
         self._files: dict[int, RecordIO] = {}
         self.epoch = 0  # varies the augmentation draw per epoch
@@ -53,18 +55,25 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _locate(self, index: int) -> tuple[int, int]:
+    def _locate(self, index: int) -> tuple[int, int, Optional[int]]:
+        """(shard, offset, where the next record of the shard starts or None)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} outside [0, {len(self)})")
         shard = bisect.bisect_right(self._starts, index) - 1
-        return shard, int(self._offsets[shard][index - self._starts[shard]])
+        offsets, j = self._offsets[shard], index - self._starts[shard]
+        return shard, int(offsets[j]), int(offsets[j + 1]) if j + 1 < len(offsets) else None
 
     def read_record(self, index: int):
-        """(IRHeader, encoded image bytes) of record `index`."""
-        shard, offset = self._locate(index)
+        """(IRHeader, encoded image bytes) of record `index`; BadRecord (naming the shard) when the record
+        fails `check_record`."""
+        shard, offset, limit = self._locate(index)
         f = self._files.get(shard)
         if f is None:  # opened lazily: each DataLoader worker maps the files itself
             f = self._files[shard] = RecordIO(self.data_dir / self.shards[shard]["rec"], "r")
+        try:
+            check_record(f.buffer, offset, self.rules, limit)  # the DALI reader's check, record for record
+        except BadRecord as e:
+            raise BadRecord(f"{f.path} at byte {offset}: {e}") from None
         return unpack_record(f.read_at(offset))
 
     def label_vector(self, header) -> np.ndarray:
@@ -77,7 +86,7 @@ class PackedDataset(Dataset):
         header, image = self.read_record(index)
         rgb = decode_jpeg_rgb(image)
         vector = self.label_vector(header)
-        identity = int(decode_identity(vector, self.label_fields))
+        identity = check_label(header.flag, header.label, self.rules)
         if self.raw:
             tensor = torch.from_numpy(np.ascontiguousarray(rgb))
         else:
@@ -112,7 +121,7 @@ class _SkippingView(Dataset):
                 return (*self.base[(index + attempt) % len(self.base)], attempt > 0)
             except (ImageRejected, RecordIOError):
                 continue
-        raise RuntimeError("no record of the dataset decodes")
+        raise RecordIOError(f"{self.base.data_dir}: no record of the dataset is usable (none decodes)")
 
 
 class _EpochSampler(Sampler):

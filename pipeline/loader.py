@@ -28,7 +28,8 @@ class TrainLoader(Protocol):
     num_classes: int
     steps_per_epoch: Optional[int]  # batches per epoch, equal on every rank; None only without drop_last
     epoch: int
-    skipped_records: int  # records replaced because they did not decode, so far (this rank)
+    # records skipped so far (this rank): failed pipeline.record_check or did not decode; never trained on
+    skipped_records: int
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
 
@@ -57,12 +58,14 @@ def build_train_loader(data_dir: str | os.PathLike, batch_size: int, rank: int =
                        num_threads: int = 2, augment: Optional[AugmentConfig | dict] = None,
                        drop_last: bool = True, return_label_vectors: bool = False,
                        dali_threads: int = 0, dali_hw_decoder_load: float = 0.65,
-                       dali_dont_use_mmap: bool = False) -> TrainLoader:
+                       dali_dont_use_mmap: bool = False, dali_decode_check: bool = False) -> TrainLoader:
     """One reader per rank: `shard_id` = rank, `num_shards` = world size; `device='cuda'` decodes on the GPU
     (DALI `mixed`, or nvJPEG through torchvision), `cpu` on the CPU. Every rank yields `steps_per_epoch`
     batches per epoch. `num_threads`: torch reader workers, nvjpeg host threads, and DALI's threads unless
     `dali_threads` > 0; `dali_hw_decoder_load`: DALI's share of images for the hardware JPEG decoder (A100,
-    H100); `dali_dont_use_mmap`: DALI reads the shards instead of mapping them (network file systems)."""
+    H100); `dali_dont_use_mmap`: DALI reads the shards instead of mapping them (network file systems);
+    `dali_decode_check`: DALI's record check decodes every image once (cached), so that DALI skips exactly
+    the records the other readers skip, corrupt pixel data included (the default checks headers only)."""
     if backend == "dali":
         if not dali_available():
             raise RuntimeError("backend 'dali' needs nvidia-dali (nvidia-dali-cuda120 or -cuda130, for "
@@ -70,7 +73,7 @@ def build_train_loader(data_dir: str | os.PathLike, batch_size: int, rank: int =
         threads = dali_threads or num_threads
         return DaliTrainLoader(data_dir, batch_size, rank, world_size, seed, device, threads, augment, drop_last,
                                hw_decoder_load=dali_hw_decoder_load, return_label_vectors=return_label_vectors,
-                               dont_use_mmap=dali_dont_use_mmap)
+                               dont_use_mmap=dali_dont_use_mmap, decode_check=dali_decode_check)
     if backend == "nvjpeg":
         return NvjpegTrainLoader(data_dir, batch_size, rank, world_size, seed, device, num_threads, augment,
                                  drop_last, return_label_vectors=return_label_vectors)

@@ -240,6 +240,11 @@ class RecordIO:
         return self._pos
 
     @property
+    def buffer(self) -> Buffer:
+        """The mapped file (mode 'r'), for checks that read a few bytes of a record in place."""
+        return self._map
+
+    @property
     def size(self) -> int:
         return len(self._map) if self.mode == "r" else self._pos
 
@@ -257,19 +262,25 @@ class RecordIO:
         """The next record, or None at the end of the file."""
         if self._pos >= len(self._map):
             return None
-        payload, self._pos = read_frame(self._map, self._pos)
+        payload, self._pos = self._frame(self._pos)
         return payload
 
     def read_at(self, offset: int) -> bytes:
         if offset < 0 or offset >= len(self._map):
             raise RecordIOError(f"offset {offset} is outside {self.path} ({len(self._map)} bytes)")
-        return read_frame(self._map, offset)[0]
+        return self._frame(offset)[0]
+
+    def _frame(self, offset: int) -> tuple[bytes, int]:
+        try:
+            return read_frame(self._map, offset)
+        except RecordIOError as e:  # the framing error alone does not say which file
+            raise RecordIOError(f"{self.path}: {e}") from None
 
     def scan(self) -> Iterator[tuple[int, bytes]]:
         """(offset, payload) of every record from the start, without an index."""
         pos = 0
         while pos < len(self._map):
-            payload, nxt = read_frame(self._map, pos)
+            payload, nxt = self._frame(pos)
             yield pos, payload
             pos = nxt
 
@@ -280,24 +291,94 @@ class RecordIO:
                 os.fsync(self._file.fileno())
 
 
-def read_index(idx_path: str | os.PathLike) -> tuple[list[int], list[int]]:
-    """Parse `key<TAB>offset` lines (MXNet's .idx) into (keys, offsets), in file order."""
+MAX_OFFSET = (1 << 63) - 1  # offsets and keys are int64 everywhere downstream (numpy, DALI)
+
+
+_INDEX_BYTES = np.zeros(256, dtype=bool)
+_INDEX_BYTES[[*range(48, 58), 9, 10, 13, 32]] = True  # digits, tab, newline, CR, space
+_MAX_DIGITS = 18  # below 2^63 for sure: longer numbers take the exact (slow) path
+
+
+def read_index_arrays(idx_path: str | os.PathLike, block: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Parse `key<TAB>offset` lines (MXNet's .idx) into int64 arrays (keys, offsets), in file order.
+
+    Arrays, not lists: a reader over 42M images keeps 16 bytes per record, not a Python int pair, and the
+    parse itself holds one block of text at a time (numpy, no Python object per line). Every line that is
+    not two integers in [0, 2^63) is a RecordIOError naming the file and line (found line by line)."""
+    keys: list[np.ndarray] = []
+    offsets: list[np.ndarray] = []
+    with open(idx_path, "rb") as f:
+        rest = b""
+        while True:
+            data = f.read(block)
+            text = rest + data
+            cut = len(text) if not data else text.rfind(b"\n") + 1
+            rest, text = text[cut:], text[:cut]
+            if text:
+                parsed = _parse_index_fast(text)
+                if parsed is None:
+                    f.seek(0)
+                    return _parse_index_lines(idx_path, f.read())
+                keys.append(parsed[0])
+                offsets.append(parsed[1])
+            if not data:
+                break
+    if not keys:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(keys), np.concatenate(offsets)
+
+
+def _parse_index_fast(data: bytes) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """None unless `data` is only lines of two unsigned decimal numbers of at most 18 digits."""
+    a = np.frombuffer(data, dtype=np.uint8)
+    if not len(a):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if not _INDEX_BYTES[a].all():
+        return None
+    digit = (a >= 48) & (a <= 57)
+    starts = np.flatnonzero(digit[1:] & ~digit[:-1]) + 1
+    ends = np.flatnonzero(digit[:-1] & ~digit[1:]) + 1
+    if digit[0]:
+        starts = np.concatenate(([0], starts))
+    if digit[-1]:
+        ends = np.append(ends, len(a))
+    if len(starts) % 2 or (len(starts) and (ends - starts).max() > _MAX_DIGITS):
+        return None
+    line = np.searchsorted(np.flatnonzero(a == 10), starts)  # line number of each number
+    if len(line) and not ((line[0::2] == line[1::2]).all() and (np.diff(line[0::2]) > 0).all()):
+        return None  # a line with one number or three
+    del digit
+    values = np.fromstring(data, dtype=np.int64, sep=" ")
+    if len(values) != len(starts):
+        return None
+    return values[0::2].copy(), values[1::2].copy()
+
+
+def _parse_index_lines(idx_path: str | os.PathLike, data: bytes) -> tuple[np.ndarray, np.ndarray]:
     keys: list[int] = []
     offsets: list[int] = []
-    with open(idx_path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            fields = line.split()
-            if len(fields) != 2:
-                raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {raw[:60]!r}")
-            try:
-                keys.append(int(fields[0]))
-                offsets.append(int(fields[1]))
-            except ValueError:
-                raise RecordIOError(f"{idx_path}:{lineno}: non-integer key or offset {raw[:60]!r}") from None
-    return keys, offsets
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise RecordIOError(f"{idx_path}:{lineno}: expected 'key<TAB>offset', got {raw[:60]!r}")
+        try:
+            key, offset = int(fields[0]), int(fields[1])
+        except ValueError:
+            raise RecordIOError(f"{idx_path}:{lineno}: non-integer key or offset {raw[:60]!r}") from None
+        if not (0 <= key <= MAX_OFFSET and 0 <= offset <= MAX_OFFSET):
+            raise RecordIOError(f"{idx_path}:{lineno}: key or offset outside [0, 2^63) {raw[:60]!r}")
+        keys.append(key)
+        offsets.append(offset)
+    return np.array(keys, dtype=np.int64), np.array(offsets, dtype=np.int64)
+
+
+def read_index(idx_path: str | os.PathLike) -> tuple[list[int], list[int]]:
+    """`read_index_arrays` as lists (for small files and callers that want Python ints)."""
+    keys, offsets = read_index_arrays(idx_path)
+    return keys.tolist(), offsets.tolist()
 
 
 def format_index(keys: Sequence[int], offsets: Sequence[int]) -> bytes:

@@ -1,14 +1,21 @@
-"""`python -m pipeline verify`: every frame, index entry, count and checksum of a packed dataset."""
+"""`python -m pipeline verify`: every frame, index entry, count, label and checksum of a packed dataset.
+
+Memory stays bounded for any dataset size: per shard, arrays of its offsets; across the dataset, one
+uint64 array of record ids (8 bytes a record) for the uniqueness check."""
 from __future__ import annotations
 
 import hashlib
+import struct
+from array import array
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
-from .imageio import ImageRejected, decode_jpeg_rgb
-from .manifest import ManifestError, decode_identity, load_manifest
-from .recordio import RecordIOError, map_file, read_frame, read_index, unpack_record
+from .imageio import decode_jpeg_rgb
+from .manifest import MANIFEST, ManifestError, load_manifest
+from .record_check import BadRecord, RecordRules, check_payload
+from .recordio import IR_SIZE, RecordIOError, map_file, read_frame, read_index_arrays
 
 
 class VerifyError(RuntimeError):
@@ -26,84 +33,97 @@ def verify(data_dir: str | Path, decode: bool = False, progress: bool = True) ->
         manifest = load_manifest(data_dir)
     except ManifestError as e:
         raise VerifyError(str(e)) from None
-    fields = manifest["label_fields"]
-    num_classes = manifest["num_classes"]
+    rules = RecordRules.from_manifest(manifest)
     shards = _all_shards(manifest)
-    total_bytes = sum((data_dir / s["rec"]).stat().st_size for s in shards if (data_dir / s["rec"]).is_file())
+    total_bytes = sum(s["bytes"] for s in shards)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="verify", disable=not progress)
-    ids: set[int] = set()
-    counted = {"train": 0, "other": 0}
+    ids: list[np.ndarray] = []
     try:
         for shard in shards:
-            _verify_shard(data_dir, shard, fields, num_classes, ids, decode, bar)
-            counted["train" if shard in manifest["shards"] else "other"] += shard["count"]
+            try:
+                ids.append(_verify_shard(data_dir, shard, rules, decode, bar))
+            except OSError as e:
+                raise VerifyError(f"{e.filename or shard['rec']}: {e.strerror or e}") from None
     finally:
         bar.close()
-    if counted["train"] != manifest["num_images"]:
-        raise VerifyError(f"manifest says num_images={manifest['num_images']} but its shards hold {counted['train']}")
+    _check_unique_ids(ids, shards)
     skipped = manifest.get("skipped")
     if skipped and skipped.get("file"):
         path = data_dir / skipped["file"]
         if not path.is_file():
-            raise VerifyError(f"{path.name} (the list of skipped inputs) is missing")
+            raise VerifyError(f"{path.name} (the list of skipped inputs that {MANIFEST} names) is missing")
         with open(path, "rb") as f:
             lines = sum(1 for _ in f)
         if lines != skipped["count"]:
             raise VerifyError(f"{path.name} lists {lines} skipped inputs; the manifest counts {skipped['count']}")
-    return {"shards": len(shards), "records": len(ids), "bytes": total_bytes}
+    return {"shards": len(shards), "records": int(sum(len(a) for a in ids)), "bytes": total_bytes}
 
 
-def _verify_shard(data_dir: Path, shard: dict, fields: list, num_classes: int, ids: set, decode: bool, bar) -> None:
+def _check_unique_ids(ids: list[np.ndarray], shards: list[dict]) -> None:
+    if not ids:
+        return
+    every = np.sort(np.concatenate(ids))
+    twice = every[1:][every[1:] == every[:-1]]
+    if len(twice):
+        rid = twice[0]
+        where = [s["rec"] for s, a in zip(shards, ids) if (a == rid).any()]
+        raise VerifyError(f"{where[0]}: record id {int(rid)} appears twice in the dataset "
+                          f"(in {', '.join(where)})")
+
+
+def _verify_shard(data_dir: Path, shard: dict, rules: RecordRules, decode: bool, bar) -> np.ndarray:
+    """Check one shard; return the ids of its records."""
     rec_path, idx_path = data_dir / shard["rec"], data_dir / shard["idx"]
     name = shard["rec"]
     for p in (rec_path, idx_path):
         if not p.is_file():
-            raise VerifyError(f"{p.name}: missing")
-    if "bytes" in shard and rec_path.stat().st_size != shard["bytes"]:
+            raise VerifyError(f"{p.name}: missing (listed in {MANIFEST})")
+    if rec_path.stat().st_size != shard["bytes"]:
         raise VerifyError(f"{name}: {rec_path.stat().st_size} bytes, the manifest says {shard['bytes']} "
                           f"(truncated or appended to)")
     try:
-        keys, offsets = read_index(idx_path)
+        _, offsets = read_index_arrays(idx_path)
     except RecordIOError as e:
         raise VerifyError(f"{shard['idx']}: {e}") from None
+    ids = array("Q")
+    scanned = array("q")
     with map_file(rec_path) as buf:
         size = len(buf)
         sha = hashlib.sha256(buf).hexdigest()
-        scanned: list[int] = []
         pos = 0
         while pos < size:
             try:
                 payload, nxt = read_frame(buf, pos)
-                header, image = unpack_record(payload)
-            except RecordIOError as e:
+                check_payload(payload, rules)
+            except (RecordIOError, BadRecord) as e:
                 raise VerifyError(f"{name} at byte {pos}: {e}") from None
-            identity = int(decode_identity(header.label, fields))
-            if not 0 <= identity < num_classes:
-                raise VerifyError(f"{name} at byte {pos}: identity {identity} outside [0, {num_classes})")
-            if header.id in ids:
-                raise VerifyError(f"{name} at byte {pos}: record id {header.id} appears twice in the dataset")
-            ids.add(header.id)
-            if not image:
-                raise VerifyError(f"{name} at byte {pos}: record has no image")
             if decode:
-                try:
-                    decode_jpeg_rgb(image)
-                except ImageRejected as e:
-                    raise VerifyError(f"{name} at byte {pos}: {e}") from None
+                _decode(payload, f"{name} at byte {pos}")
+            ids.append(struct.unpack_from("<Q", payload, 8)[0])  # IRHeader.id
             scanned.append(pos)
             bar.update(nxt - pos)
             pos = nxt
     if sha != shard["sha256"]:
         raise VerifyError(f"{name}: sha256 {sha[:16]}... differs from the manifest's {shard['sha256'][:16]}...")
-    if "idx_sha256" in shard:
-        with open(idx_path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() != shard["idx_sha256"]:
-                raise VerifyError(f"{shard['idx']}: sha256 differs from the manifest's")
+    with open(idx_path, "rb") as f:
+        if hashlib.sha256(f.read()).hexdigest() != shard["idx_sha256"]:
+            raise VerifyError(f"{shard['idx']}: sha256 differs from the manifest's (the index was edited)")
     if len(scanned) != shard["count"]:
         raise VerifyError(f"{name}: {len(scanned)} records, the manifest says {shard['count']}")
-    if len(set(keys)) != len(keys):
-        raise VerifyError(f"{shard['idx']}: duplicate keys")
-    if sorted(offsets) != scanned:
-        bad = sorted(set(offsets) ^ set(scanned))
-        raise VerifyError(f"{shard['idx']}: index and {name} disagree "
-                          f"(first differing offset {bad[0] if bad else '?'})")
+    if len(offsets) != shard["count"]:
+        raise VerifyError(f"{shard['idx']}: {len(offsets)} entries, the manifest says {shard['count']}")
+    scanned_arr = np.frombuffer(scanned, dtype=np.int64) if scanned else np.zeros(0, np.int64)
+    order = np.sort(offsets)
+    if not np.array_equal(order, scanned_arr):
+        bad = np.setxor1d(order, scanned_arr)
+        first = int(bad[0]) if len(bad) else int(order[np.flatnonzero(order[1:] == order[:-1])[0]])
+        raise VerifyError(f"{shard['idx']}: index and {name} disagree (first differing offset {first})")
+    return np.frombuffer(ids, dtype=np.uint64).copy() if ids else np.zeros(0, np.uint64)
+
+
+def _decode(payload: bytes, where: str) -> None:
+    flag = struct.unpack_from("<I", payload, 0)[0]
+    try:
+        decode_jpeg_rgb(payload[IR_SIZE + 4 * flag:])
+    except Exception as e:  # any failure of a decoder on these bytes means the image does not decode
+        raise VerifyError(f"{where}: image does not decode ({e})") from None

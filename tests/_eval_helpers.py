@@ -116,6 +116,7 @@ def add_masked_shard(data_dir: Path, every: int = 2) -> list[dict]:
     manifest["shards"].append(entry)
     manifest["label_fields"] = ["identity", "masked", "mask_type"]
     manifest["next_id"] = next_id + len(copies)
+    manifest["num_images"] += len(copies)  # the shards' counts sum to it (docs/design.md section 1)
     manifest["maskgen"] = {"mask_types": {"1": "surgical", "2": "kn95"}}  # the names maskgen gives codes
     write_manifest(data_dir, manifest)
     return copies

@@ -22,6 +22,7 @@ from pipeline.recordio import (
     peek_header,
     read_frame,
     read_index,
+    read_index_arrays,
     unpack_record,
 )
 
@@ -196,3 +197,32 @@ def test_fuzz_mutated_file(mutations, cut):
         _scan_all(bytes(buf[:cut]))
     except RecordIOError:
         pass
+
+
+@pytest.mark.parametrize("text, want", [
+    (b"", ([], [])), (b"1\t2", ([1], [2])), (b"\n1\t2\r\n\n3 4\n", ([1, 3], [2, 4])),
+    (b"%d\t5\n" % (2 ** 63 - 1), ([2 ** 63 - 1], [5])), (b"007\t0008\n", ([7], [8])),
+])
+def test_read_index_arrays_parses_int64_in_blocks(tmp_path, text, want):
+    idx = tmp_path / "a.idx"
+    idx.write_bytes(text)
+    for block in (1, 3, 1 << 22):
+        keys, offsets = read_index_arrays(idx, block=block)
+        assert keys.dtype == offsets.dtype == np.int64
+        assert (keys.tolist(), offsets.tolist()) == want
+
+
+@pytest.mark.parametrize("line", [b"1\t%d" % 2 ** 63, b"1\t%d" % 2 ** 64, b"-1\t2", b"1\t2\t3", b"1", b"1\t\xff",
+                                  b"1\t\xd9\xa3", b"1\t1e3"])
+def test_read_index_arrays_refuses_what_is_not_two_int64(tmp_path, line):
+    idx = tmp_path / "a.idx"
+    idx.write_bytes(b"0\t0\n" + line + b"\n5\t6\n")
+    with pytest.raises(RecordIOError, match=r"a\.idx:2"):
+        read_index_arrays(idx)
+
+
+def test_framing_errors_of_a_file_name_it(tmp_path):
+    rec = tmp_path / "cut.rec"
+    rec.write_bytes(frame_record(b"x" * 100)[:50])
+    with RecordIO(rec, "r") as r, pytest.raises(RecordIOError, match="cut.rec"):
+        r.read_at(0)

@@ -15,6 +15,12 @@ from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
 from tests.conftest import run_cli
 
 
+@pytest.fixture(autouse=True)
+def shard_check_cache(tmp_path, monkeypatch):
+    """The DALI reader's shard checks are cached per test, not in the home folder."""
+    monkeypatch.setenv("FACETRAIN_CACHE", str(tmp_path / "shard-check-cache"))
+
+
 @pytest.fixture()
 def damaged(packed_glint, tmp_path):
     copy = tmp_path / "data"
@@ -150,18 +156,21 @@ def test_torch_loader_partitions_and_resumes_across_world_sizes(unique_label_dat
 
 
 def test_corrupt_record_is_skipped_and_counted(packed_glint, tmp_path):
+    """A JPEG whose markers are whole but whose scan data is not: only a decoder finds it."""
     data = tmp_path / "d"
     shutil.copytree(packed_glint, data)
     m = load_manifest(data)
+    jpeg = bytearray(PackedDataset(data).read_record(0)[1])
+    jpeg[len(jpeg) // 2: len(jpeg) // 2 + 400] = bytes(400)
     with IndexedRecordIO(data / "bad-00000.idx", data / "bad-00000.rec", "w") as w:
-        w.write_idx(10**6, pack_record(IRHeader(0, 3.0, 10**6, 0), b"\xff\xd8\xff\xe0 broken jpeg"))
+        w.write_idx(10**6, pack_record(IRHeader(0, 3.0, 10**6, 0), bytes(jpeg)))
     m["shards"].insert(0, shard_entry(data, "bad-00000.rec", "bad-00000.idx", 1))
     m["num_images"] += 1
     write_manifest(data, m)
     loader = TorchTrainLoader(data, 32, drop_last=False, shuffle=False, num_workers=0)
     n = sum(len(y) for _, y in loader)
     assert n == m["num_images"] and loader.skipped_records == 1
-    assert _verify(data).returncode == 0  # framing is sound; only --decode looks inside
+    assert _verify(data).returncode == 0  # framing, header and JPEG markers are sound; only --decode decodes
     proc = run_cli("pipeline", "verify", str(data), "--decode", "--no-progress", check=False)
     assert proc.returncode == 1 and "bad-00000.rec at byte 0" in proc.stderr
 

@@ -213,7 +213,7 @@ RESUME_FREE_KEYS = frozenset({
     "frequent", "progress_bar", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
     "verbose", "val_targets", "val_batch_size", "val_align",
     "save_every", "save_epoch_end", "keep_checkpoints", "max_nan_steps",
-    "loader_backend", "num_threads", "dali_threads", "dali_hw_decoder_load", "dali_dont_use_mmap",
+    "loader_backend", "num_threads", "dali_threads", "dali_hw_decoder_load", "dali_dont_use_mmap", "dali_decode_check",
     "cudnn_benchmark", "tf32", "deterministic", "channels_last",
 })
 

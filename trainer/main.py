@@ -163,7 +163,7 @@ def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
                               seed=cfg.seed, device=device, backend=backend, num_threads=cfg.num_threads,
                               augment=cfg.augment, return_label_vectors=cfg.mode == "aaface",
                               dali_threads=cfg.dali_threads, dali_hw_decoder_load=cfg.dali_hw_decoder_load,
-                              dali_dont_use_mmap=cfg.dali_dont_use_mmap)
+                              dali_dont_use_mmap=cfg.dali_dont_use_mmap, dali_decode_check=cfg.dali_decode_check)
 
 
 def evaluate(backbone: torch.nn.Module, targets: dict[str, Path], cfg: Config, device: torch.device) -> dict:

@@ -27,6 +27,10 @@ config.num_threads = 2  # decoding threads (torch reader: workers; nvjpeg: host 
 config.dali_threads = 4
 config.dali_hw_decoder_load = 0.65
 config.dali_dont_use_mmap = False
+# DALI cannot skip an image that fails to decode: its reader is given only records whose framing, label and
+# image headers check out (cached per shard). True also decodes each image once at the first start (~1 ms
+# an image, cached), so that corrupt pixel data is skipped and counted as the torch/nvjpeg readers do.
+config.dali_decode_check = False
 # Augmentations: a dict of pipeline/augment.py's AugmentConfig fields (flip, crop_area, brightness, contrast,
 # saturation, grey_p, erase_p, erase_area), documented there with their defaults; None: flip only.
 config.augment = None
