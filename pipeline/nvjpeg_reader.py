@@ -26,7 +26,7 @@ import torch
 from .augment import AugmentConfig, AugmentDraw, augment_torch, normalise, record_draws
 from .dataset import PackedDataset, PermutationShards
 from .imageio import ImageRejected, decode_jpeg_rgb
-from .manifest import decode_identity
+from .record_check import check_label
 from .recordio import RecordIOError
 
 # list of 1-D uint8 CPU tensors (encoded images), device -> list of uint8 [3, H, W] tensors on the device
@@ -91,23 +91,30 @@ class NvjpegTrainLoader(PermutationShards):
 
     # ------------------------------------------------------------------------------------------ host side
     def _read(self, index: int) -> tuple[bytes, int, np.ndarray]:
+        """A record's image bytes, identity and label vector; BadRecord when the record or its label does
+        not pass the readers' check (pipeline/record_check.py), as in the torch reader."""
         header, data = self.dataset.read_record(index)
-        vector = self.dataset.label_vector(header)
-        return data, int(decode_identity(vector, self.label_fields)), vector
+        identity = check_label(header.flag, header.label, self.dataset.rules)
+        return data, identity, self.dataset.label_vector(header)
 
     def _host_batch(self, indices: list[int], epoch: int) -> _HostBatch:
-        data, vectors = [], []
+        data, identities, vectors = [], [], []
         for index in indices:
-            header, image = self.dataset.read_record(index)
+            try:
+                image, identity, vector = self._read(index)
+            except RecordIOError:  # no image bytes: _decode replaces it with the next usable record, counted
+                image, identity, vector = b"", 0, np.zeros(len(self.label_fields), np.float32)
             data.append(image)
-            vectors.append(self.dataset.label_vector(header))
-        identities = decode_identity(np.stack(vectors), self.label_fields).tolist()
+            identities.append(identity)
+            vectors.append(vector)
         draws = record_draws(self.height, self.width, self.augment, self.seed, epoch, indices)
         return _HostBatch(list(indices), data, identities, vectors, draws)
 
     # ------------------------------------------------------------------------------------------ device side
     def _decode_one(self, data: bytes) -> torch.Tensor:
         """One image: nvJPEG for JPEG, the CPU for anything else a pack may hold (PNG)."""
+        if not data:  # a record that failed the check (_host_batch)
+            raise ImageRejected("unusable record", "the record failed the readers' check")
         if data[:3] == JPEG_MAGIC:
             (image,) = self.decode([torch.frombuffer(bytearray(data), dtype=torch.uint8)], self.device)
         else:

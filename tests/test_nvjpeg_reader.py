@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.dataset import TorchTrainLoader
+from pipeline.dataset import PackedDataset, TorchTrainLoader
 from pipeline.loader import build_train_loader
 from pipeline.manifest import load_manifest, shard_entry, write_manifest
 from pipeline.nvjpeg_reader import DecoderUnavailable, NvjpegTrainLoader
@@ -157,3 +157,23 @@ def test_default_decoder_names_what_is_missing(unique_label_data):
     loader = NvjpegTrainLoader(unique_label_data, 8, device="cpu")
     with pytest.raises(DecoderUnavailable, match="backend 'nvjpeg' needs torchvision"):
         next(iter(loader))
+
+
+def test_an_out_of_range_label_is_skipped_and_counted_as_in_the_torch_reader(packed_glint, tmp_path):
+    """A record labelled 999 in a 24-class set: both readers replace it with the next usable record."""
+    data = tmp_path / "d"
+    shutil.copytree(packed_glint, data)
+    m = load_manifest(data)
+    _, jpeg = PackedDataset(packed_glint).read_record(0)  # a real face, relabelled 999 below
+    with IndexedRecordIO(data / "bad-00000.idx", data / "bad-00000.rec", "w") as w:
+        w.write_idx(10**6, pack_record(IRHeader(0, 999.0, 10**6, 0), jpeg))
+    m["shards"].insert(0, shard_entry(data, "bad-00000.rec", "bad-00000.idx", 1))
+    m["num_images"] += 1
+    write_manifest(data, m)
+    ours = nvjpeg(data, 32, shuffle=False, drop_last=False, augment={"flip": False})
+    theirs = TorchTrainLoader(data, 32, shuffle=False, drop_last=False, augment={"flip": False},
+                              num_workers=0)
+    for (oi, ol), (ti, tl) in zip(ours, theirs):
+        assert torch.equal(ol, tl) and torch.equal(oi, ti)
+        assert int(ol.max()) < m["num_classes"]
+    assert ours.skipped_records == theirs.skipped_records == 1
