@@ -190,15 +190,23 @@ class SemiSiameseTraining(nn.Module):
 
 # ------------------------------------------------------------------------------------------ pair loader
 
-def identity_index(dataset, progress: bool = True) -> list[list[int]]:
-    """Record indices of each identity of a `pipeline.dataset.PackedDataset` (reads headers only)."""
-    from pipeline.manifest import decode_identity
+def identity_index(dataset, progress: bool = True) -> tuple[list[list[int]], int]:
+    """Record indices of each identity of a `pipeline.dataset.PackedDataset` (reads headers only), and the
+    count of records left out because they fail the readers' check (framing, image headers, label range)."""
+    from pipeline.record_check import check_label
+    from pipeline.recordio import RecordIOError
 
     by_identity: list[list[int]] = [[] for _ in range(dataset.num_classes)]
+    bad = 0
     for index in tqdm(range(len(dataset)), desc="indexing identities", disable=not progress, leave=False):
-        header, _ = dataset.read_record(index)
-        by_identity[int(decode_identity(dataset.label_vector(header), dataset.label_fields))].append(index)
-    return by_identity
+        try:
+            header, _ = dataset.read_record(index)
+            identity = check_label(header.flag, header.label, dataset.rules)
+        except RecordIOError:
+            bad += 1
+            continue
+        by_identity[identity].append(index)
+    return by_identity, bad
 
 
 class _PairView(Dataset):
@@ -244,7 +252,7 @@ class IdentityPairLoader:
 
         self.dataset = PackedDataset(data_dir, augment=AugmentConfig.from_dict(augment), seed=seed)
         self.num_classes = self.dataset.num_classes
-        self.by_identity = identity_index(self.dataset, progress and rank == 0)
+        self.by_identity, excluded = identity_index(self.dataset, progress and rank == 0)
         self.identities = [i for i, idx in enumerate(self.by_identity) if idx]
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.device, self.num_workers = torch.device(device), num_workers
@@ -253,7 +261,8 @@ class IdentityPairLoader:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{len(self.identities)} identities over {world_size} ranks leave fewer than "
                              f"one batch of {batch_size} per rank")
-        self.epoch, self.step, self.skipped_records = 0, 0, 0
+        # every rank indexes the whole set; rank 0 alone counts what was left out (the trainer sums ranks)
+        self.epoch, self.step, self.skipped_records = 0, 0, excluded if rank == 0 else 0
 
     def _rank_identities(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
