@@ -41,6 +41,7 @@ from trainer.config import Config, ConfigError, load_config
 from trainer.cuda_flags import apply_cuda_flags, cuda_flags_text
 from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size, init_distributed, wrap_ddp
 from trainer.ema import ModelEMA
+from trainer.init_weights import load_init_weights
 from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
 from trainer.modes import build_mode
 from trainer.optim import build_optimizer
@@ -211,7 +212,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     # 3. model, head, optimizers
     network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs,
                           **mode.network_kwargs())
-    backbone = build_backbone(cfg.network, **network_kwargs).to(device)
+    backbone = build_backbone(cfg.network, **network_kwargs)
+    if cfg.init_weights:
+        logger.info(load_init_weights(backbone, cfg.init_weights))
+    backbone = backbone.to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     # The mode's head: a Partial FC (model-parallel classifier), or a module every rank holds alike (SST).
