@@ -78,4 +78,5 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
     check_fit(target, state, str(path))
     target.load_state_dict(state, strict=True)
     report = f"init_weights: {len(state)} tensors from {path} into the {type(target).__name__}"
-    return report + (f" (left out {len(dropped)} it has no place for: {_listed(dropped)})" if dropped else "")
+    parts = ", ".join(sorted({k.split(".")[0] for k in dropped}))
+    return report + (f" (left out the {len(dropped)} of {parts}: it has no place for them)" if dropped else "")
