@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep K images per identity out of training for verification pairs")
     p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"])
-    p.add_argument("--attributes", metavar="TSV", help="per-image binary attributes to store in the label "
-                                                      "vector: a header 'path<TAB>name...', then 0/1/-1 rows")
+    p.add_argument("--attributes", metavar="FILE", help="per-image binary attributes to store in the label "
+                                                       "vector: a header 'path<TAB>name...' then 0/1/-1 rows, "
+                                                       "or CelebA's list_attr_celeba.txt as it is")
     p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
     p.add_argument("--no-progress", action="store_true")
