@@ -14,6 +14,8 @@ Several checkpoints: one result line each, and `--table out.md` compares them. `
 all results, with r.roc.png (and r.cmc.png) beside it. The last line printed is one JSON object:
 {"pairs", "acc", "std", "tar_at_far": {"1e-6": ..., ...}, ...} (DESIGN.md section 2). A TAR is null
 where the set has too few impostor pairs to measure that FAR (fewer than 1 / FAR).
+Soft-biometric attribute accuracy per attribute (AAFace's Table 1), trainer/eval/attributes.py:
+    python -m trainer.eval --checkpoint model.pt --data TEST --holdout --attributes [A,B,...]
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pipeline.atomic import atomic_write_bytes, atomic_write_json, json_safe
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.recordio import RecordIOError
 from trainer.checkpoint import CheckpointError
+from trainer.eval.attributes import run_attributes
 from trainer.eval.common import FARS, EvalError, resolve_device
 from trainer.eval.embedding import embed_images
 from trainer.eval.images import VerificationError
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", help="insightface .bin pack, or an LFW-style pairs.txt (with --root)")
     src.add_argument("--data", help="packed labelled set (python -m pipeline pack; maskgen build adds masks)")
+    ap.add_argument("--attributes", nargs="?", const="", metavar="A,B",
+                    help="--data: accuracy per soft-biometric attribute of a model that predicts them "
+                         "(AAFace); names default to those it was trained on (trainer/eval/attributes.py)")
     ap.add_argument("--root", help="image root of a pairs.txt (default: its folder)")
     ap.add_argument("--holdout", action="store_true", help="--data: use the held-out shards of the pack")
     ap.add_argument("--masked-probe", action="store_true",
@@ -99,6 +105,8 @@ def _evaluate_pairs(model: torch.nn.Module, target: VerificationSet, args: argpa
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.attributes is not None:
+        return run_attributes(args)
     if args.data is None and (args.cmc or args.holdout):
         raise EvalError("--cmc and --holdout need --data DATA (a packed labelled set)")
     if args.distractors and not args.cmc:
