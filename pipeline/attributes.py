@@ -71,7 +71,8 @@ def _read_celeba(path: Path, lines: list[str]) -> tuple[list[str], dict[str, tup
         try:
             table[cols[0]] = tuple(values_of[v] for v in cols[1:])
         except KeyError as e:
-            raise AttributeFileError(f"{path}:{lineno}: CelebA attribute values are 1 or -1, not {e.args[0]!r}")
+            raise AttributeFileError(f"{path}:{lineno}: CelebA attribute values are 1 or -1, "
+                                     f"not {e.args[0]!r}") from None
     if len(table) != count:
         raise AttributeFileError(f"{path}: line 1 says {count} images, the file lists {len(table)} "
                                  "(truncated?)")

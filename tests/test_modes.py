@@ -13,10 +13,9 @@ import torch.nn.functional as F
 
 from tests._heads_helpers import run_ranks
 from trainer import distributed
-from trainer.heads import build_head
 from trainer.backbones.aaface import AAFaceNet, AAIModule, aaface
-from trainer.modes.aaface import (AAFaceObjective, AAFaceSchedule, AttributeLoss, attribute_targets,
-                                  balanced_pos_weight)
+from trainer.heads import build_head
+from trainer.modes.aaface import AAFaceObjective, AAFaceSchedule, AttributeLoss, attribute_targets, balanced_pos_weight
 from trainer.modes.lvface import EPLHead, LVFaceCurriculum, LVFacePartialFC, build_lvface_partial_fc
 from trainer.modes.sst import IdentityPairLoader, PrototypeQueue, SemiSiameseTraining
 from trainer.optim import RowSparseSGD
@@ -278,10 +277,11 @@ def test_weighted_bce_by_hand():
 def grey_attribute_data(glint24, tmp_path_factory):
     """A packed dataset (DESIGN.md section 1) of 10 glint24 identities x 12 faces whose label vectors
     carry a binary attribute "grey": every other image is stored in grey."""
+    from PIL import Image
+
     from pipeline.imageio import encode_jpeg
     from pipeline.manifest import shard_entry, write_manifest
     from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
-    from PIL import Image
 
     out = tmp_path_factory.mktemp("grey") / "data"
     out.mkdir()

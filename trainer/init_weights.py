@@ -34,7 +34,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         elif (p / ckpt.MODEL_FILE).is_file():
             p = p / ckpt.MODEL_FILE
         else:
-            raise CheckpointError(f"init_weights {path}: no checkpoint and no {ckpt.MODEL_FILE} in this folder")
+            raise CheckpointError(f"init_weights {path}: no checkpoint and no {ckpt.MODEL_FILE} in this "
+                                  "folder")
     if p.name == ckpt.TRAIN_STATE:
         # Our own training checkpoint (it also holds the optimizer and config: not weights-only).
         saved = torch.load(p, map_location="cpu", weights_only=False)
@@ -79,4 +80,6 @@ def load_init_weights(model: nn.Module, path: str | os.PathLike) -> str:
     target.load_state_dict(state, strict=True)
     report = f"init_weights: {len(state)} tensors from {path} into the {type(target).__name__}"
     parts = ", ".join(sorted({k.split(".")[0] for k in dropped}))
-    return report + (f" (left out the {len(dropped)} of {parts}: it has no place for them)" if dropped else "")
+    if dropped:
+        report += f" (left out the {len(dropped)} of {parts}: it has no place for them)"
+    return report

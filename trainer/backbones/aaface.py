@@ -1,8 +1,8 @@
 """AAFace's network (Alipour Talemi et al., ICIP 2023, sections 2-3), registered as the backbone "aaface".
 
     x -> backbone (the convolutional layers of a ResNet-50: conv1 .. layer4, [B, 512, 7, 7])
-      -> conv_a (shared by both branches) -> conv_fr -> F_FR      Br_FR: two convolutions + GAP
-                                          -> conv_sb -> F_SB      Br_SB: Br_FR's first convolution, its own second
+      -> conv_a (shared by both branches) -> conv_fr -> F_FR   Br_FR: two convolutions + GAP
+                                          -> conv_sb -> F_SB   Br_SB: Br_FR's first convolution + its own
     F_SB -> GAP -> one logit per attribute (binary classifiers)
     stages "fr", "sb":  embedding = GAP(F_FR)
     stage "joint":      embedding = GAP(AAI(F_FR, F_SB))          Br_FR.fused
@@ -16,9 +16,9 @@
     point-wise bottleneck on the whole map; R: a 3x3 convolutional bottleneck on the whole map. All reduce
     the channels by r = 8 (the paper's best, Table 2). Mc and Ms have the input feature's shape [B, C, H, W].
 
-Stages (section 3.2, `set_stage`): "fr" trains Br_FR (conv_a, conv_fr) with the backbone frozen; "sb" trains
-Br_SB (conv_sb and the attribute classifiers) with the backbone and conv_a frozen; "joint" trains both branches
-and the AAI. The backbone stays frozen in every stage (`freeze_backbone=False` trains it in "fr" and "joint"
+Stages (section 3.2, `set_stage`): "fr" trains Br_FR (conv_a, conv_fr) with the backbone frozen; "sb"
+trains Br_SB (conv_sb and the attribute classifiers) with the backbone and conv_a frozen; "joint" trains both
+branches and the AAI. The backbone stays frozen in every stage (`freeze_backbone=False` trains it in "fr" and "joint"
 instead: for a backbone that does not start from trained weights). Frozen parts keep their BatchNorm
 statistics. The backbone's parameter names are insightface's IResNet names (`init_weights` loads a released
 IResNet-50 into it, `init_weights_target`); the paper's backbone is a ResNet-50 trained on VGGFace2, whose
@@ -223,8 +223,8 @@ class AAFaceNet(nn.Module):
 
 @register_backbone("aaface")
 def aaface(embedding_size: int = 512, dropout: float = 0.0, base: str = "r50", num_attributes: int = 1,
-           branch_channels: int = 512, reduction: int = 8, init_logit: float = 3.0, freeze_backbone: bool = True,
-           **base_kwargs) -> AAFaceNet:
+           branch_channels: int = 512, reduction: int = 8, init_logit: float = 3.0,
+           freeze_backbone: bool = True, **base_kwargs) -> AAFaceNet:
     """AAFace on the convolutional layers of an IResNet `base` (insightface's names, so `init_weights`
     loads its released weights); the GAP output of Br_FR (fused in the joint stage) is the embedding."""
     if dropout:

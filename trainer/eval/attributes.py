@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -55,8 +55,8 @@ class _AttributeRecords(Dataset):
         self.ds = PackedDataset(data_dir, kinds=("train",), holdout=holdout, raw=True)
         missing = [n for n in names if n not in self.ds.label_fields]
         if missing:
-            raise EvalError(f"{data_dir}: attributes {missing} are not in its label_fields {self.ds.label_fields} "
-                            "(pack them with `pipeline pack --attributes FILE`)")
+            raise EvalError(f"{data_dir}: attributes {missing} are not in its label_fields "
+                            f"{self.ds.label_fields} (pack them with `pipeline pack --attributes FILE`)")
         self.columns = [self.ds.label_fields.index(n) for n in names]
 
     def __len__(self) -> int:
@@ -103,7 +103,8 @@ def trained_attribute_names(checkpoint: str) -> list[str]:
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     names = (saved.get("config") or {}).get("aaface_attributes") if isinstance(saved, dict) else None
     if not names:
-        raise EvalError(f"{checkpoint} does not say which attributes it predicts: name them (--attributes A,B)")
+        raise EvalError(f"{checkpoint} does not say which attributes it predicts: name them "
+                        "(--attributes A,B)")
     return list(names)
 
 
@@ -126,7 +127,8 @@ def run_attributes(args: argparse.Namespace) -> list[dict]:
         logits, labels, skipped = predict_attributes(model, records, device, args.batch_size, args.workers,
                                                      not args.no_progress)
         result = json_safe({"checkpoint": ckpt, "network": model.network, "data": args.data,
-                            "holdout": bool(args.holdout), "images": int(len(logits)), "skipped_records": skipped,
+                            "holdout": bool(args.holdout), "images": int(len(logits)),
+                            "skipped_records": skipped,
                             **attribute_accuracy(logits, labels, names)})
         results.append(result)
         print(json.dumps(result), flush=True)

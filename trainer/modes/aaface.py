@@ -197,8 +197,8 @@ class AAFaceMode(StandardMode):
         freeze = cfg.network_kwargs.get("freeze_backbone", True)
         if freeze and not cfg.init_weights:
             raise ConfigError("mode aaface freezes its backbone in every stage, as the paper does: set "
-                              "init_weights to trained weights (an insightface IResNet state dict, a model.pt "
-                              "or a run folder), or network_kwargs freeze_backbone=False to train it")
+                              "init_weights to trained weights (an insightface IResNet state dict, a "
+                              "model.pt or a run folder), or network_kwargs freeze_backbone=False to train it")
         self.names = names
         self.schedule = AAFaceSchedule(stages[0], stages[1])
         self.objective: Optional[AAFaceObjective] = None
