@@ -109,8 +109,10 @@ def _check_aaface_run(out: Path, init: Path, lambda_fr: float, lambdas: dict) ->
         assert ("loss_fr" in r) == (r["stage"] != "sb")
         assert ("loss_attr" in r) == (r["stage"] != "fr")
         if "loss_attr" in r:
-            assert r["loss_attr"] == pytest.approx(sum(w * r[f"loss_{n}"] for n, w in lambdas.items()), rel=1e-5)
-        assert r["loss"] == pytest.approx(lambda_fr * r.get("loss_fr", 0.0) + r.get("loss_attr", 0.0), rel=1e-5)
+            weighted = sum(w * r[f"loss_{n}"] for n, w in lambdas.items())
+            assert r["loss_attr"] == pytest.approx(weighted, rel=1e-5)
+        expected = lambda_fr * r.get("loss_fr", 0.0) + r.get("loss_attr", 0.0)
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
     # model.pt rebuilds the AAFace network in its last stage, its frozen backbone as init_weights gave it.
     from trainer.model_io.load import load_backbone
 
@@ -123,7 +125,7 @@ def _check_aaface_run(out: Path, init: Path, lambda_fr: float, lambdas: dict) ->
     return records
 
 
-def test_aaface_mode_runs_its_three_stages_from_init_weights(data, tmp_path, iresnet18_weights):
+def test_aaface_mode_runs_its_three_stages_from_init_weights(data, tmp_path, iresnet18_weights, capsys):
     out = tmp_path / "aaface"
     n = steps_per_epoch(data)
     stages = (2 / n, 2 / n, 1 - 4 / n)  # two steps of each stage, then joint to the end of the epoch
@@ -132,6 +134,13 @@ def test_aaface_mode_runs_its_three_stages_from_init_weights(data, tmp_path, ire
         "max_steps=6", "num_epoch=1", f"aaface_stage_epochs={stages!r}", 'aaface_attributes=["masked"]',
         "aaface_lambdas=[1.0]", f"init_weights={iresnet18_weights}")
     _check_aaface_run(out, iresnet18_weights, 3.0, {"masked": 1.0})
+    # Closed-set accuracy of the held-out images with the run's own classifier (its last checkpoint).
+    from trainer.eval import __main__ as eval_cli
+
+    assert eval_cli.main(["--checkpoint", str(out / ckpt.MODEL_FILE), "--data", str(data), "--holdout",
+                          "--closed-set", "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (res["n"], res["classes"]) == (24 * 2, 24) and 0.0 <= res["acc"] <= 1.0
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ all results, with r.roc.png (and r.cmc.png) beside it. The last line printed is 
 where the set has too few impostor pairs to measure that FAR (fewer than 1 / FAR).
 Soft-biometric attribute accuracy per attribute (AAFace's Table 1), trainer/eval/attributes.py:
     python -m trainer.eval --checkpoint model.pt --data TEST --holdout --attributes [A,B,...]
+Closed-set classification accuracy with the run's own classifier (trainer/eval/closed_set.py):
+    python -m trainer.eval --checkpoint runs/x/model.pt --data DATA --holdout --closed-set
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from pipeline.manifest import ManifestError, load_manifest
 from pipeline.recordio import RecordIOError
 from trainer.checkpoint import CheckpointError
 from trainer.eval.attributes import run_attributes
+from trainer.eval.closed_set import run_closed_set
 from trainer.eval.common import FARS, EvalError, resolve_device
 from trainer.eval.embedding import embed_images
 from trainer.eval.images import VerificationError
@@ -64,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--attributes", nargs="?", const="", metavar="A,B",
                     help="--data: accuracy per soft-biometric attribute of a model that predicts them "
                          "(AAFace); names default to those it was trained on (trainer/eval/attributes.py)")
+    ap.add_argument("--closed-set", action="store_true",
+                    help="--data: closed-set classification accuracy with the run's classifier "
+                         "(trainer/eval/closed_set.py)")
+    ap.add_argument("--classifier", help="--closed-set: fc_full.pt, a checkpoint or run folder "
+                                         "(default: the run folder of the checkpoint)")
     ap.add_argument("--root", help="image root of a pairs.txt (default: its folder)")
     ap.add_argument("--holdout", action="store_true", help="--data: use the held-out shards of the pack")
     ap.add_argument("--masked-probe", action="store_true",
@@ -107,6 +115,8 @@ def _evaluate_pairs(model: torch.nn.Module, target: VerificationSet, args: argpa
 def run(args: argparse.Namespace) -> list[dict]:
     if args.attributes is not None:
         return run_attributes(args)
+    if args.closed_set:
+        return run_closed_set(args)
     if args.data is None and (args.cmc or args.holdout):
         raise EvalError("--cmc and --holdout need --data DATA (a packed labelled set)")
     if args.distractors and not args.cmc:
