@@ -49,3 +49,17 @@ def test_closed_set_cli_on_held_out_records(glint24, tmp_path, capsys):
     # Without --classifier the run folder's last checkpoint is looked for: there is none here.
     assert eval_cli.main(args[:-2]) == 2
     assert "no checkpoint with a classifier" in capsys.readouterr().err
+
+
+def test_crossscan_recipe_config():
+    from trainer.config import load_config
+    from trainer.main import check_config
+
+    cfg = load_config("crossscan_r50", ["data=DATA"])
+    check_config(cfg)
+    assert (cfg.network, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_schedule, cfg.min_lr, cfg.num_epoch,
+            cfg.batch_size) == ("crossscan_r50", "adamw", 2e-4, 1e-4, "cosine", 1e-6, 60, 32)
+    assert tuple(cfg.margin_list) == (1.0, 0.0, 0.0)  # plain (normalised) softmax cross-entropy
+    from pipeline.augment import AugmentConfig
+
+    assert AugmentConfig.from_dict(cfg.augment).crop_area == 0.8
