@@ -82,14 +82,21 @@ def _read_celeba(path: Path, lines: list[str]) -> tuple[list[str], dict[str, tup
 def read_attribute_file(path: str | os.PathLike) -> tuple[list[str], dict[str, tuple]]:
     """(attribute names, {path as written: values}) of a TSV or CelebA attribute file."""
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise AttributeFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise AttributeFileError(f"cannot read {path}: {e.strerror or e}") from None
     if lines and lines[0].strip().isdigit():
         return _read_celeba(path, lines)
     return _read_tsv(path, lines)
 
 
 def load_attributes(path: str | os.PathLike, listings: Iterable) -> tuple[list[str], Callable]:
-    """(attribute names, lookup(item) -> values) for the items of the pack's source `listings`."""
+    """(attribute names, lookup(image) -> values) for the images of the pack's source `listings`; `image` is
+    a file path, or a `pipeline.sources.Item` (a record of a .rec source, which has no path of its own,
+    gets unknowns)."""
     names, table = read_attribute_file(path)
     base = Path(path).parent
     roots = [Path(lst.root) if Path(lst.root).is_dir() else Path(lst.root).parent for lst in listings]
@@ -97,10 +104,10 @@ def load_attributes(path: str | os.PathLike, listings: Iterable) -> tuple[list[s
     matched_by_name: dict[str, str] = {}
     unknown = tuple([UNKNOWN] * len(names))
 
-    def lookup(item) -> tuple:
-        if getattr(item, "offset", -1) >= 0:
-            return unknown  # a record of a .rec source: it has no file path of its own
-        p = Path(item.path)
+    def lookup(image) -> tuple:
+        if getattr(image, "offset", -1) >= 0:
+            return unknown
+        p = Path(getattr(image, "path", image))
         candidates = [str(p), os.path.relpath(p, base)] + [os.path.relpath(p, r) for r in roots]
         for c in candidates:
             if c in table:
