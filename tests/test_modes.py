@@ -221,6 +221,19 @@ def test_aaface_stages_train_only_their_parts():
         assert thawed.backbone[1].weight.requires_grad == (stage != "sb")
 
 
+def test_aaface_exports_with_its_fused_embedding(tmp_path):
+    from trainer.model_io import export
+
+    torch.manual_seed(0)
+    net = _tiny_aaface(num_attributes=2).eval()
+    with torch.no_grad():  # gates off their initial constant
+        for p in net.aai.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    # ONNX and TorchScript checked against PyTorch on batches of 1 and 5 (traced with 2).
+    assert export.export_onnx(net, tmp_path / "aaface.onnx", atol=1e-4) < 1e-4
+    assert export.export_torchscript(net, tmp_path / "aaface.ts.pt", atol=1e-4) < 1e-4
+
+
 def test_aaface_defaults_are_the_papers():
     from trainer.config import ConfigError, base_config, load_config
     from trainer.modes import build_mode

@@ -80,8 +80,8 @@ class ChannelAttention(nn.Module):
         self.bias = nn.Parameter(torch.full((1, channels, 1, 1), float(init_logit)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        avg, mx = self.pooled(torch.cat([F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)])).chunk(2)
-        return torch.sigmoid(avg + mx + self.context(x) + self.bias)
+        pooled = self.pooled(F.adaptive_avg_pool2d(x, 1)) + self.pooled(F.adaptive_max_pool2d(x, 1))
+        return torch.sigmoid(pooled + self.context(x) + self.bias)
 
 
 class SpatialAttention(nn.Module):
