@@ -10,9 +10,10 @@ classification accuracy on held-out images of the training identities:
 
 Where this differs from the report: the classifier is Partial FC's cosine classifier without a margin
 (margin_list (1, 0, 0), scale 32: normalised softmax cross-entropy, every class weighted 1) rather than a
-biased linear layer; inputs are 112x112 in [-1, 1] (the report: 224x224 with ImageNet's mean and std); the
-held-out split is `--holdout K` images per identity; there is no early stopping (the report stops after 20
-epochs without a better validation accuracy): all 60 epochs run.
+biased linear layer; inputs are 112x112 in [-1, 1] (the report: 224x224 with ImageNet's mean and std, which
+`input_norm="imagenet"` of trainer/backbones/input_norm.py gives a backbone that takes that argument;
+crossscan_r50 does not yet); the held-out split is `--holdout K` images per identity; there is no early
+stopping (the report stops after 20 epochs without a better validation accuracy): all 60 epochs run.
 """
 from trainer.config import Config
 
