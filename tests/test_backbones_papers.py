@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.backbones import available_backbones, build_backbone
-from trainer.backbones.crossscan import CrossScanViT, DirectionFusion
 from trainer.backbones.ressanet import ResSaNet, RelPosSelfAttention
 from trainer.backbones.timm_adapter import FACEX_ZOO_TIMM, TimmUnavailable, import_timm, timm_available
 from trainer.backbones.vit import FaceViT
@@ -224,8 +223,7 @@ SMALL = {
     "ressanet50_ibsa": lambda: ResSaNet([1, 1, 1, 1], stage_blocks=IBSA, input_size=48),
     "ressanet100_ibsa": lambda: ResSaNet([1, 1, 1, 1], stage_blocks=IBSA, input_size=48),
     **{n: _small(n, embed_dim=64, depth=2, heads=4) for n in ("vit_t", "vit_s", "vit_b", "vit_l")},
-    "crossscan_r50": _small("crossscan_r50", input_size=48, vit_dim=32, vit_depth=1, vit_heads=4,
-                            aspp_channels=32),
+    "crossscan_r50": _small("crossscan_r50", vit_dim=32, vit_depth=1, vit_heads=4, aspp_channels=32),
     **{n: _small(n, input_size=48) for n in ("lightcnn9", "lightcnn29", "lightcnn29_v2", "attention56",
                                              "attention92")},
 }
@@ -290,25 +288,7 @@ def test_relative_position_attention_equals_botnet_formula():
         attn(torch.randn(1, dim, w, h))
 
 
-def test_cross_scan_orders_and_inverse():
-    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)  # non-square grid
-    rows, rows_rev, cols, cols_rev = CrossScanViT.scan(x)
-    assert rows[0, :3, 0].tolist() == [0, 1, 2]                 # along the first row
-    assert rows_rev[0, :2, 0].tolist() == [19, 18]              # from the last pixel backwards
-    assert cols[0, :3, 0].tolist() == [0, 5, 10]                # down the first column
-    assert cols_rev[0, :2, 0].tolist() == [19, 14]              # up the last column
-    restored = CrossScanViT.unscan([rows, rows_rev, cols, cols_rev], 4, 5)
-    assert torch.equal(restored, x.expand(4, -1, -1, -1, -1))
-
-
-def test_direction_fusion_is_a_convex_combination():
-    torch.manual_seed(0)
-    fusion = DirectionFusion(16)
-    same = torch.randn(1, 2, 16, 3, 3).expand(4, -1, -1, -1, -1)
-    assert torch.allclose(fusion(same), same[0], atol=1e-5)  # weights sum to one per channel
-    maps = torch.randn(4, 2, 16, 3, 3)
-    out = fusion(maps)
-    assert (out <= maps.max(0).values + 1e-5).all() and (out >= maps.min(0).values - 1e-5).all()
+# The cross-scan hybrid's parts: tests/test_backbones_crossscan.py
 
 
 def _tiny_vit(**kwargs) -> FaceViT:

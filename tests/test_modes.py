@@ -235,7 +235,7 @@ def test_aaface_exports_with_its_fused_embedding(tmp_path):
 
 
 def test_aaface_defaults_are_the_papers():
-    from trainer.config import ConfigError, base_config, load_config
+    from trainer.config import ConfigError, load_config
     from trainer.modes import build_mode
     from trainer.modes.aaface import CONFIG
 
@@ -249,9 +249,6 @@ def test_aaface_defaults_are_the_papers():
         build_mode(cfg)
     build_mode(load_config("cpu_demo", ["mode=aaface", "network=aaface", "num_epoch=20",
                                         "init_weights=backbone.pth"]))
-    if "lr_steps" not in base_config():
-        pytest.skip("the recipe's step schedule (lr_schedule='step', lr_steps, lr_gamma) is not in this "
-                    "branch's trainer/schedule.py yet")
     cfg = load_config("aaface_r50", ["init_weights=backbone.pth"])
     assert (cfg.optimizer, cfg.lr, cfg.lr_schedule, tuple(cfg.lr_steps), cfg.lr_gamma, cfg.num_epoch) == \
         ("sgd", 0.01, "step", (4, 10, 17), 0.1, 25)

@@ -1,4 +1,4 @@
-"""The three training readers (DALI, PyTorch, SST's identity pairs), and the trainer tests' stand-in for
+"""The training readers (DALI, nvJPEG, PyTorch, SST's identity pairs), and the trainer tests' stand-in for
 them, are each a `pipeline.loader.TrainLoader`."""
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def _dali(data):
     from pipeline.dali_reader import DaliTrainLoader
 
     return DaliTrainLoader(data, batch_size=8, rank=1, world_size=2, seed=1)
+
+
+def _nvjpeg(data):
+    from pipeline.nvjpeg_reader import NvjpegTrainLoader
+    from tests.test_nvjpeg_reader import pil_decode
+
+    return NvjpegTrainLoader(data, batch_size=8, rank=1, world_size=2, seed=1, device="cpu", decode=pil_decode)
 
 
 def _torch(data):
@@ -54,7 +61,7 @@ def conformance_faults(loader) -> list[str]:
     return faults
 
 
-@pytest.mark.parametrize("make", [_dali, _torch, _sst, _fake], ids=["dali", "torch", "sst", "fake"])
+@pytest.mark.parametrize("make", [_dali, _nvjpeg, _torch, _sst, _fake], ids=["dali", "nvjpeg", "torch", "sst", "fake"])
 def test_each_training_loader_is_a_train_loader(make, packed_glint):
     loader = make(packed_glint)
     assert conformance_faults(loader) == []

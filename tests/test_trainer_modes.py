@@ -168,14 +168,6 @@ def celeba_like(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def _step_schedule_supported() -> bool:
-    from trainer.config import base_config
-
-    return "lr_steps" in base_config()
-
-
-@pytest.mark.skipif(not _step_schedule_supported(), reason="the recipe's step schedule (lr_schedule='step', "
-                    "lr_steps, lr_gamma) is not in this branch's trainer/schedule.py yet")
 def test_aaface_recipe_runs_on_the_cpu(celeba_like, tmp_path, iresnet18_weights):
     out = tmp_path / "recipe"
     n = steps_per_epoch(celeba_like)

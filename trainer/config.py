@@ -177,7 +177,7 @@ def _selected_mode(base: Config, job: dict, overrides: list[str]) -> str:
 def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> Config:
     """Base config and the mode's keys, then the job module's `config`, then the overrides;
     `config.config_name` names the job."""
-    from trainer.modes import mode_config
+    from trainer.modes import UnknownModeError, mode_config
 
     overrides = list(overrides)
     config = base_config()
@@ -186,7 +186,10 @@ def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> Config:
     if not isinstance(job, dict):
         raise ConfigError(f"config module {name_or_path} defines no `config` dict")
     config.mode = _selected_mode(config, job, overrides)
-    config.update(mode_config(config.mode))
+    try:
+        config.update(mode_config(config.mode))
+    except UnknownModeError as e:
+        raise ConfigError(str(e)) from None
     for key, value in job.items():
         if key not in config:
             raise _unknown_key(key, config)

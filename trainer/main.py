@@ -23,7 +23,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import math
 import os
 import random
 import time
@@ -46,7 +45,9 @@ from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
 from trainer.modes import build_mode
 from trainer.optim import build_optimizer
 from trainer.partial_fc import PartialFC
+from trainer.schedule import KINDS as LR_SCHEDULES
 from trainer.schedule import LRSchedule
+from trainer.schedule import build_schedule as build_lr_schedule
 from trainer.step import AMP_DTYPES, StepResult, micro_batches, train_step
 
 
@@ -77,7 +78,7 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def check_config(cfg: Config) -> None:
     """Refuse settings that would only fail later, after the data and the model were loaded."""
-    choices = {"amp": AMP_DTYPES, "optimizer": ("sgd", "adamw"), "lr_schedule": ("poly", "cosine"),
+    choices = {"amp": AMP_DTYPES, "optimizer": ("sgd", "adamw"), "lr_schedule": LR_SCHEDULES,
                "loader_backend": ("auto",) + BACKENDS}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
@@ -157,10 +158,8 @@ def build_schedule(cfg: Config, steps_per_epoch: float) -> tuple[LRSchedule, int
 
     The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed with
     a larger max_steps follows the same schedule as one that never stopped)."""
-    schedule_steps = max(1, math.ceil(cfg.num_epoch * steps_per_epoch))
-    warmup_steps = min(schedule_steps, round(cfg.warmup_epoch * steps_per_epoch))
-    schedule = LRSchedule(cfg.lr, schedule_steps, warmup_steps, cfg.lr_schedule, cfg.lr_power, cfg.min_lr)
-    return schedule, cfg.max_steps if cfg.max_steps > 0 else schedule_steps
+    schedule = build_lr_schedule(cfg, steps_per_epoch)
+    return schedule, cfg.max_steps if cfg.max_steps > 0 else schedule.total_steps
 
 
 def count_skipped(state: ckpt.TrainState, result: StepResult, step: int, fp16: bool, cfg: Config,

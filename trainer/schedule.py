@@ -1,16 +1,22 @@
-"""Learning-rate schedule: linear warmup, then polynomial or cosine decay to `min_lr`.
+"""Learning-rate schedule: linear warmup, then polynomial or cosine decay to `min_lr`, or step decay.
 
 The rate is a pure function of the optimizer step, so a resumed run needs nothing but its step count
 to continue the schedule exactly (no scheduler state in the checkpoint to get out of sync).
+
+"step" is the recipe of FaceX-Zoo and of most face papers (torch's MultiStepLR per epoch): the rate is
+multiplied by `gamma` at each milestone. Milestones are optimizer steps here; `build_schedule` turns a
+config's `lr_steps` (epochs, counted from the start of training, warmup included) into steps.
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Tuple
 
 import torch
 
-KINDS = ("poly", "cosine")
+KINDS = ("poly", "cosine", "step")
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,8 @@ class LRSchedule:
     kind: str = "poly"
     power: float = 2.0
     min_lr: float = 0.0
+    milestones: Tuple[int, ...] = ()  # "step": optimizer steps at which the rate is multiplied by gamma
+    gamma: float = 0.1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -30,12 +38,23 @@ class LRSchedule:
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must lie in "
                              f"[0, total_steps={self.total_steps}]")
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        if self.kind == "step":
+            if not self.milestones:
+                raise ValueError("lr_schedule 'step' needs lr_steps (the epochs at which the rate drops)")
+            if list(self.milestones) != sorted(set(self.milestones)) or self.milestones[0] < 1:
+                raise ValueError(f"lr_steps must be increasing and positive, got milestones {self.milestones}")
+            if not 0.0 < self.gamma < 1.0:
+                raise ValueError(f"lr_gamma must lie in (0, 1), got {self.gamma}")
 
     def lr(self, step: int) -> float:
         """The rate for optimizer step `step` (0-based: the first update uses lr(0))."""
         if step < self.warmup_steps:
             # (step + 1): the first update already moves; insightface's warmup starts at exactly 0.
             return self.base_lr * (step + 1) / self.warmup_steps
+        if self.kind == "step":
+            # MultiStepLR: from milestone m on (step >= m) the rate has been multiplied by gamma once more.
+            return self.base_lr * self.gamma ** bisect.bisect_right(self.milestones, step)
         decay_steps = self.total_steps - self.warmup_steps
         if decay_steps <= 0:
             return self.base_lr
@@ -53,3 +72,25 @@ class LRSchedule:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
+
+
+def epochs_to_steps(epochs: Sequence[float], steps_per_epoch: float) -> Tuple[int, ...]:
+    """Milestones in epochs -> optimizer steps: the first step of epoch e is round(e * steps_per_epoch)."""
+    return tuple(round(e * steps_per_epoch) for e in epochs)
+
+
+def build_schedule(cfg: Mapping[str, Any], steps_per_epoch: float) -> LRSchedule:
+    """The schedule of a training config (`lr`, `num_epoch`, `warmup_epoch`, `lr_schedule`, `lr_power`,
+    `min_lr`, `lr_steps`, `lr_gamma`), with `steps_per_epoch` optimizer steps per epoch.
+
+    The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed with
+    a larger max_steps follows the same schedule as one that never stopped).
+    """
+    total = max(1, math.ceil(cfg["num_epoch"] * steps_per_epoch))
+    warmup = min(total, round(cfg["warmup_epoch"] * steps_per_epoch))
+    bad = [e for e in cfg.get("lr_steps", ()) if not 0 < e < cfg["num_epoch"]]
+    if cfg["lr_schedule"] == "step" and bad:
+        raise ValueError(f"lr_steps {tuple(cfg['lr_steps'])}: {bad} not inside (0, num_epoch={cfg['num_epoch']})")
+    milestones = epochs_to_steps(cfg.get("lr_steps", ()), steps_per_epoch) if cfg["lr_schedule"] == "step" else ()
+    return LRSchedule(cfg["lr"], total, warmup, cfg["lr_schedule"], cfg["lr_power"], cfg["min_lr"],
+                      milestones, cfg.get("lr_gamma", 0.1))

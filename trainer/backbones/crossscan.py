@@ -1,33 +1,58 @@
-"""The CrossScanViT + ResNet-50 hybrid of the masked-face competition report.
+"""The CrossScanViT + ResNet-50 hybrid of the competition report, its final model ("ResNet50 +
+ASPPCrossScanViT", the last row of its Table 1), laid out as the report's section 3 describes it:
 
-    image 112x112
-      -> bottleneck ResNet-50: stem (7x7/2, max-pool/2) 28x28, layer1 28x28, layer2 14x14 (stride 8),
-         layer3 and layer4 dilated (2, 4) instead of strided, so they stay at 14x14
-      -> ASPP on layer4: 1x1 | 3x3 dil 3 | 3x3 dil 5 | 3x3 dil 7 | global pool, concat, 1x1, BN, ReLU
-      -> CrossScanViT on layer2 (the mid-level map): 1x1 projection to tokens, the token grid read in four
-         orders (row-major, row-major reversed, column-major, column-major reversed), one shared
-         pre-norm transformer over all four sequences, each put back on the grid, and the four maps fused
-         by SE-driven per-channel direction weights (softmax over the four directions)
-      -> concat(ASPP, CrossScanViT) -> SE channel attention -> 3x3/2 conv to 7x7 -> BN, dropout, FC, BN
+    image (any size; 112x112 faces)
+      -> SE-ResNet-50 (bottleneck blocks with an SE gate, section 3.5): stem 7x7/2 + max-pool/2, layer1,
+         layer2 (stride 8 in all), layer3 and layer4 dilated (2, 4) instead of strided (section 3.2)
+      -> ASPP on layer4 (section 3.3, its code): 1x1 | 3x3 dil 3 | 3x3 dil 5 | 3x3 dil 7 | image pooling,
+         plain convs, concatenated, then 1x1 conv, BN, ReLU
+      -> CrossScanViT on the ASPP map (section 3.4): the map in four directions (as it is, flipped
+         vertically and horizontally, transposed, flipped then transposed); each patch-embedded by a conv
+         with kernel = stride = patch, read row by row, given a sinusoidal position encoding generated
+         for the length of the sequence at hand, and encoded by one shared pre-norm transformer;
+         each direction's tokens averaged to a vector
+      -> direction fusion (section 3.4.3, FeatureFusion): SE (FC 4C -> 4C/16, ReLU, FC, sigmoid) on the
+         four concatenated vectors gives per-direction channel weights; the direction with the largest
+         mean weight enters at weight 1, the others weighted
+      -> embedding: dropout -> FC (C -> d) -> BN1d (the report's classifier FC, as a face embedding)
 
-Reading the grid in four orders gives the transformer's position embeddings four different notions of
-"next token", so the fused map sees the face along rows and columns in both directions; the direction
-fusion lets each channel choose which reading it trusts (masks hide the lower rows, for example).
+Nothing in the network depends on the input size (the position encoding is computed, the fusion
+pools), so a model built once runs on 112x112 faces and on the report's 224x224 crops alike.
+
+The report leaves the ViT's width, depth, heads and patch size open: 256 wide, 4 blocks, 8 heads and
+2x2 patches (a 14x14 map at 112x112 becomes 49 tokens per direction) are this module's choice. The SE
+reduction is 16 in the fusion (the report's code) and in the bottlenecks (SENet's).
 """
 from __future__ import annotations
 
-from typing import List
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register_backbone
-from .ressanet import FaceEmbeddingHead, SqueezeExcite
-from .vit import Block
+from .vit import Block, PatchEmbed
+
+SE_REDUCTION = 16
+
+
+class SqueezeExcite(nn.Module):
+    """SENet's channel gate on a map: GAP -> FC (C/r) -> ReLU -> FC -> sigmoid -> rescale."""
+
+    def __init__(self, channels: int, reduction: int = SE_REDUCTION):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)), inplace=True))
+        return x * torch.sigmoid(s)
 
 
 class Bottleneck(nn.Module):
+    """ResNet-50's bottleneck (1x1, 3x3 with stride/dilation, 1x1 x4) with SE on the residual branch."""
+
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
@@ -39,12 +64,13 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.se = SqueezeExcite(planes * 4)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
+        out = self.se(self.bn3(self.conv3(out)))
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity)
 
@@ -59,51 +85,74 @@ def _layer(inplanes: int, planes: int, blocks: int, stride: int, dilation: int, 
     return nn.Sequential(*layers)
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
 class ASPP(nn.Module):
+    """The report's ASPP: four plain (bias-free) convs at dilations 1/3/5/7 and a pooled 1x1 branch,
+    concatenated, then 1x1 conv -> BN -> ReLU."""
+
     def __init__(self, cin: int, cout: int = 256, dilations=(3, 5, 7)):
         super().__init__()
-        self.branches = nn.ModuleList([_conv_bn_relu(cin, cout, 1)] +
-                                      [_conv_bn_relu(cin, cout, 3, d) for d in dilations])
-        self.pool = _conv_bn_relu(cin, cout, 1)
-        self.project = _conv_bn_relu(cout * (len(dilations) + 2), cout, 1)
+        self.branches = nn.ModuleList([nn.Conv2d(cin, cout, 1, bias=False)] +
+                                      [nn.Conv2d(cin, cout, 3, padding=d, dilation=d, bias=False) for d in dilations])
+        self.pool = nn.Conv2d(cin, cout, 1, bias=False)
+        self.project = nn.Sequential(nn.Conv2d(cout * (len(dilations) + 2), cout, 1, bias=False),
+                                     nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [branch(x) for branch in self.branches]
-        # The pooled branch is computed on the 1x1 map and broadcast back: image-level context.
+        # The report upsamples the 1x1 pooled map bilinearly: from a single pixel that is a broadcast.
         outs.append(self.pool(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, x.shape[2], x.shape[3]))
         return self.project(torch.cat(outs, dim=1))
 
 
+def cross_scan(x: torch.Tensor) -> torch.Tensor:
+    """`[B, C, H, W]` -> `[B, 4, C, ., .]`: the map as it is, flipped along both axes, transposed, and
+    flipped then transposed (the report's cross_scan). Read row by row these are the row-major order,
+    its reverse, the column-major order and its reverse. Needs a square map to stack."""
+    flipped = torch.flip(x, dims=[2, 3])
+    return torch.stack([x, flipped, x.transpose(2, 3), flipped.transpose(2, 3)], dim=1)
+
+
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """Transformer sine/cosine encoding `[length, dim]`, generated for whatever length the input gives."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    enc = torch.zeros(length, dim, device=device, dtype=torch.float32)
+    enc[:, 0::2] = torch.sin(pos * freq)
+    enc[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return enc.to(dtype)
+
+
 class DirectionFusion(nn.Module):
-    """SE-style fusion of the four scan directions: squeeze their sum, excite one weight per direction and
-    channel, softmax across directions, weighted sum."""
+    """The report's FeatureFusion: SE over the four directions' pooled vectors `[B, 4, C]` concatenated
+    (FC 4C -> 4C/r -> ReLU -> FC -> sigmoid), reshaped to per-direction channel weights; the direction
+    with the largest mean weight is added as it is, the others times their weights. Output `[B, C]`."""
 
-    def __init__(self, channels: int, directions: int = 4, reduction: float = 0.25):
+    def __init__(self, channels: int, directions: int = 4, reduction: int = SE_REDUCTION):
         super().__init__()
-        hidden = max(8, int(channels * reduction))
         self.directions = directions
-        self.squeeze = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True))
-        self.excite = nn.Linear(hidden, channels * directions)
+        self.fc1 = nn.Linear(channels * directions, channels * directions // reduction)
+        self.fc2 = nn.Linear(channels * directions // reduction, channels * directions)
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:  # maps: [directions, B, C, H, W]
-        d, b, c = maps.shape[:3]
-        s = maps.sum(0).mean(dim=(2, 3))
-        weights = self.excite(self.squeeze(s)).reshape(b, d, c).softmax(dim=1)
-        return torch.einsum("dbchw,bdc->bchw", maps, weights.to(maps.dtype))
+    def weights(self, vectors: torch.Tensor) -> torch.Tensor:
+        """`[B, D, C]` -> the SE weights `[B, D, C]` in (0, 1)."""
+        b, d, c = vectors.shape
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(vectors.reshape(b, d * c))))).reshape(b, d, c)
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        w = self.weights(vectors)
+        strongest = w.mean(dim=2).argmax(dim=1)  # [B]
+        keep = F.one_hot(strongest, self.directions).to(w.dtype).unsqueeze(2)  # [B, D, 1]
+        return ((keep + (1 - keep) * w) * vectors).sum(dim=1)
 
 
 class CrossScanViT(nn.Module):
-    def __init__(self, cin: int, dim: int, size: int, depth: int = 4, heads: int = 8, drop_path_rate: float = 0.0):
+    """`[B, cin, H, W]` (H = W) -> `[B, dim]`: four directions, patch embedding, shared encoder, fusion."""
+
+    def __init__(self, cin: int, dim: int, depth: int = 4, heads: int = 8, patch_size: int = 2,
+                 drop_path_rate: float = 0.0):
         super().__init__()
-        self.size = size
-        self.proj = nn.Sequential(nn.Conv2d(cin, dim, 1, bias=False), nn.BatchNorm2d(dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, size * size, dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.dim = dim
+        self.patch_embed = PatchEmbed(patch_size, dim, in_channels=cin)
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows linearly
         self.blocks = nn.Sequential(*(Block(dim, heads, 4.0, r) for r in rates))
         self.norm = nn.LayerNorm(dim)
@@ -114,56 +163,33 @@ class CrossScanViT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    @staticmethod
-    def scan(x: torch.Tensor) -> List[torch.Tensor]:
-        """[B, C, H, W] -> four token sequences [B, HW, C]: rows, rows reversed, columns, columns reversed."""
-        rows = x.flatten(2).transpose(1, 2)
-        cols = x.transpose(2, 3).flatten(2).transpose(1, 2)
-        return [rows, rows.flip(1), cols, cols.flip(1)]
-
-    @staticmethod
-    def unscan(seqs: List[torch.Tensor], h: int, w: int) -> torch.Tensor:
-        """Inverse of `scan`: four [B, HW, C] sequences -> [4, B, C, H, W] maps on the original grid."""
-        rows, rows_rev, cols, cols_rev = seqs
-        b, _, c = rows.shape
-        as_rows = lambda s: s.transpose(1, 2).reshape(b, c, h, w)  # noqa: E731
-        as_cols = lambda s: s.transpose(1, 2).reshape(b, c, w, h).transpose(2, 3)  # noqa: E731
-        return torch.stack([as_rows(rows), as_rows(rows_rev.flip(1)), as_cols(cols), as_cols(cols_rev.flip(1))])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)
-        b, c, h, w = x.shape
-        if (h, w) != (self.size, self.size):
-            raise ValueError(f"CrossScanViT was built for a {self.size}x{self.size} map, got {h}x{w}")
-        # The four directions share the encoder, so they run as one batch of 4B sequences.
-        tokens = torch.cat(self.scan(x), dim=0) + self.pos_embed
+        b = x.shape[0]
+        if x.shape[2] != x.shape[3]:
+            raise ValueError(f"cross scan stacks the map with its transpose: it needs a square map, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+        # The four directions share the embedding and the encoder: one batch of 4B maps.
+        tokens = self.patch_embed(cross_scan(x).flatten(0, 1))  # [4B, N, dim], direction-major per sample
+        tokens = tokens + sinusoidal_positions(tokens.shape[1], self.dim, tokens.device, tokens.dtype)
         tokens = self.norm(self.blocks(tokens))
-        maps = self.unscan(list(tokens.chunk(4, dim=0)), h, w)
-        return self.fusion(maps)
+        return self.fusion(tokens.mean(dim=1).reshape(b, 4, self.dim))
 
 
 class CrossScanResNet50(nn.Module):
-    def __init__(self, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-                 vit_dim: int = 256, vit_depth: int = 4, vit_heads: int = 8, aspp_channels: int = 256,
-                 drop_path_rate: float = 0.0):
+    def __init__(self, embedding_size: int = 512, dropout: float = 0.0, vit_dim: int = 256, vit_depth: int = 4,
+                 vit_heads: int = 8, patch_size: int = 2, aspp_channels: int = 256, drop_path_rate: float = 0.0):
         super().__init__()
-        if input_size % 16:
-            raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64),
                                   nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
         self.layer1 = _layer(64, 64, 3, stride=1, dilation=1, first_dilation=1)
         self.layer2 = _layer(256, 128, 4, stride=2, dilation=1, first_dilation=1)
         self.layer3 = _layer(512, 256, 6, stride=1, dilation=2, first_dilation=1)
         self.layer4 = _layer(1024, 512, 3, stride=1, dilation=4, first_dilation=2)
-        mid = input_size // 8
         self.aspp = ASPP(2048, aspp_channels)
-        self.cross_scan = CrossScanViT(512, vit_dim, mid, vit_depth, vit_heads, drop_path_rate)
-        fused = aspp_channels + vit_dim
-        self.se = SqueezeExcite(fused, 0.25)
-        self.reduce = nn.Sequential(nn.Conv2d(fused, 512, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(512),
-                                    nn.PReLU(512))
-        out = (mid + 1) // 2
-        self.head = FaceEmbeddingHead(512, (out, out), embedding_size, dropout)
+        self.cross_scan = CrossScanViT(aspp_channels, vit_dim, vit_depth, vit_heads, patch_size, drop_path_rate)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(vit_dim, embedding_size, bias=False)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -171,11 +197,9 @@ class CrossScanResNet50(nn.Module):
                 nn.init.zeros_(m.bn3.weight)  # each residual block starts as the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer1(self.stem(x))
-        mid = self.layer2(x)
-        deep = self.layer4(self.layer3(mid))
-        x = torch.cat([self.aspp(deep), self.cross_scan(mid)], dim=1)
-        return self.head(self.reduce(self.se(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = self.cross_scan(self.aspp(x))
+        return self.features(self.fc(self.dropout(x)))
 
 
 @register_backbone("crossscan_r50")

@@ -14,9 +14,10 @@ the expansion widths are fixed, as in arcface_torch.
     conv1x1                      512                  1       1        -
     GDC 7x7 -> FC -> BN          d                    1       -        -
 
-    name        scale  units b0..b3   params (d=512)
-    mbf         2      1 4 6 2         2.06M
-    mbf_large   4      2 8 12 4        6.31M
+    name          scale  units b0..b3   params (d=512)
+    mbf_facexzoo  1      1 4 6 2         1.20M   (FaceX-Zoo's; the paper's width)
+    mbf           2      1 4 6 2         2.06M
+    mbf_large     4      2 8 12 4        6.31M
 
 Module names follow arcface_torch's, so its released MobileFaceNet weights load as they are.
 """
@@ -177,3 +178,11 @@ def mobilefacenet(embedding_size: int = 512, dropout: float = 0.0, **kwargs) -> 
 def mobilefacenet_large(embedding_size: int = 512, dropout: float = 0.0, **kwargs) -> MobileFaceNet:
     """arcface_torch's `mbf_large`: scale 4, units (2, 8, 12, 4) unless given (`network_kwargs`)."""
     return MobileFaceNet(embedding_size, dropout, **{"units": (2, 8, 12, 4), "scale": 4, **kwargs})
+
+
+@register_backbone("mbf_facexzoo")
+def mobilefacenet_facexzoo(embedding_size: int = 512, dropout: float = 0.0, **kwargs) -> MobileFaceNet:
+    """FaceX-Zoo's MobileFaceNet (its backbone/MobileFaceNets.py, the network of its tables and SST): the
+    paper's own width (scale 1: 64/128 channels), units (1, 4, 6, 2), GDC, 512-d. 1,200,512 parameters
+    at d=512, FaceX-Zoo's count; 1.00M at the paper's d=128 (it quotes 0.99M)."""
+    return MobileFaceNet(embedding_size, dropout, **{"units": (1, 4, 6, 2), "scale": 1, **kwargs})

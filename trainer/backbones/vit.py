@@ -13,8 +13,21 @@ insightface's arcface_torch ViT configurations, which LVFace trains:
 
 Patch masking (training only) drops a random `mask_ratio` of the tokens after the position embedding;
 the encoder sees only the rest and a learnt mask token stands in for the dropped ones before the head.
+
+Module names are insightface's (`patch_embed.proj`, `blocks.N.mlp.fc1/fc2`, `mask_token`, `feature`), so
+arcface_torch's released ViT weights load with `load_state_dict(strict=True)` and ours save in their
+format; tests/model_io/test_convert.py runs their vit.py on the same weights and gets the same embedding.
+Renaming the modules (rather than mapping keys at every load and save) keeps one key set everywhere:
+training checkpoints, model.pt, the converter (trainer/model_io/convert.py) and insightface all agree. Weights
+saved before the rename (`patch_embed.weight`, `mlp.0/2`) still load: `upgrade_state_dict` maps them, and
+FaceViT applies it itself in `load_state_dict`. insightface always has a mask token; a model built with
+mask_ratio 0 has none (an unused parameter stalls DDP), so loading drops theirs (it only fills masked
+tokens in training) and `to_insightface` writes a zero one.
 """
 from __future__ import annotations
+
+import re
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -46,6 +59,30 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
 
+class Mlp(nn.Module):
+    """Linear -> ReLU6 -> Linear (insightface's face ViT uses ReLU6; its module names fc1 / fc2)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.ReLU6(inplace=True)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches (kernel = stride = patch) projected to tokens `[B, N, dim]`."""
+
+    def __init__(self, patch_size: int, embed_dim: int, in_channels: int = 3):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block; the MLP uses ReLU6 as insightface's face ViT does."""
 
@@ -55,7 +92,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU6(inplace=True), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, hidden)
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +113,7 @@ class FaceViT(nn.Module):
             raise ValueError(f"mask_ratio {mask_ratio} must be 0 or mask between 1 and {self.num_patches - 1} "
                              f"of the {self.num_patches} patches")
         self.embed_dim, self.mask_ratio, self.grad_checkpointing = embed_dim, mask_ratio, grad_checkpointing
-        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
         # Only a masking model has a mask token: an unused parameter would stall DDP's gradient reduction.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_ratio > 0 else None
@@ -98,6 +135,15 @@ class FaceViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.register_load_state_dict_pre_hook(self._upgrade_on_load)
+
+    def _upgrade_on_load(self, module, state_dict, prefix, *args) -> None:
+        # In place: load_state_dict hands the hook its own copy, read after this for every submodule.
+        mine = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+        upgraded = upgrade_state_dict(mine)
+        if self.mask_token is None:
+            upgraded.pop("mask_token", None)
+        state_dict.update({prefix + k: v for k, v in upgraded.items()})
 
     def _mask(self, x: torch.Tensor):
         """Keep a random subset of tokens per sample; return them and the permutation that undoes it."""
@@ -112,7 +158,7 @@ class FaceViT(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"FaceViT was built for {self.input_size}x{self.input_size} input, "
                              f"got {tuple(x.shape[-2:])}")
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        x = self.patch_embed(x) + self.pos_embed
         masking = self.training and self.mask_ratio > 0
         if masking:
             x, restore = self._mask(x)
@@ -122,6 +168,32 @@ class FaceViT(nn.Module):
             fill = self.mask_token.to(x.dtype).expand(x.shape[0], self.num_patches - x.shape[1], -1)
             x = torch.gather(torch.cat([x, fill], dim=1), 1, restore[:, :, None].expand(-1, -1, x.shape[2]))
         return self.feature(self.dropout(x.reshape(x.shape[0], -1)))
+
+
+# Names before the modules took insightface's: the MLP was a Sequential, the patch embedding a bare conv.
+_OLD_KEYS = [(re.compile(r"^(blocks\.\d+\.mlp\.)0\."), r"\1fc1."),
+             (re.compile(r"^(blocks\.\d+\.mlp\.)2\."), r"\1fc2."),
+             (re.compile(r"^patch_embed\.(weight|bias)$"), r"patch_embed.proj.\1")]
+
+
+def upgrade_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FaceViT state dict saved before the rename, in today's (= insightface's) names; others unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, new in _OLD_KEYS:
+            key = pattern.sub(new, key)
+        out[key] = value
+    return out
+
+
+def to_insightface(state_dict: Mapping[str, torch.Tensor], embed_dim: int) -> dict[str, torch.Tensor]:
+    """Our FaceViT state dict as insightface's VisionTransformer's: same names, plus the mask token it
+    always has (zeros when ours was built without masking)."""
+    out = upgrade_state_dict(state_dict)
+    if "mask_token" not in out:
+        like = out["pos_embed"]
+        out["mask_token"] = torch.zeros(1, 1, embed_dim, dtype=like.dtype)
+    return out
 
 
 @register_backbone("vit_t")

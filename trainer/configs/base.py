@@ -49,13 +49,16 @@ config.clip_grad_norm = 5.0  # max L2 norm of the backbone's gradient; 0 disable
 # step; the average is what is evaluated and saved as model.pt. 0: the weights as trained.
 config.ema_decay = 0.0
 
-# Schedule: linear warmup, then "poly" (lr * (1 - t)^lr_power) or "cosine", down to min_lr
+# Schedule: linear warmup, then "poly" (lr * (1 - t)^lr_power) or "cosine", down to min_lr, or "step":
+# lr * lr_gamma^k after the k-th of the epochs in lr_steps (FaceX-Zoo's MultiStepLR; trainer/schedule.py)
 config.num_epoch = 20
 config.warmup_epoch = 0.0
 config.max_steps = 0  # > 0: stop after that many optimizer steps (the schedule still spans num_epoch)
 config.lr_schedule = "poly"
 config.lr_power = 2.0
 config.min_lr = 0.0
+config.lr_steps = ()  # "step": epochs (from the start, warmup included) at which the rate is multiplied
+config.lr_gamma = 0.1  # by lr_gamma
 
 # Precision: "fp32", "bf16", or "fp16" (fp16 uses a GradScaler). The softmax of Partial FC stays fp32.
 config.amp = "fp32"

@@ -10,6 +10,8 @@ On pairs, --masked-probe masks the first image of every pair with maskgen (the s
 Identification (--cmc): MegaFace's rank-K protocol as FaceX-Zoo runs it, with a distractor gallery
 (a folder, a packed set, or a .npz from `python -m trainer.eval.embed`); without one, each probe's
 distractors are the set's images of other identities.
+IJB-B / IJB-C template protocols (1:1 TAR@FAR as insightface's eval_ijbc.py, 1:N TPIR@FPIR and CMC) on the
+released layout, see trainer/eval/ijb.py: `--ijb ROOT --ijb-set IJBC [--save-features F.npz | --features F.npz]`.
 Several checkpoints: one result line each, and `--table out.md` compares them. `--output r.json` writes
 all results, with r.roc.png (and r.cmc.png) beside it. The last line printed is one JSON object:
 {"pairs", "acc", "std", "tar_at_far": {"1e-6": ..., ...}, ...} (DESIGN.md section 2). A TAR is null
@@ -38,6 +40,7 @@ from trainer.eval.attributes import run_attributes
 from trainer.eval.closed_set import run_closed_set
 from trainer.eval.common import FARS, EvalError, resolve_device
 from trainer.eval.embedding import embed_images
+from trainer.eval.ijb import add_ijb_arguments, run_ijb
 from trainer.eval.images import VerificationError
 from trainer.eval.packed import Curves, embed_packed, evaluate_packed, load_distractors
 from trainer.eval.pairs import score_pairs
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", help="write every result here (JSON), with ROC/CMC PNGs beside it")
     ap.add_argument("--table", help="write a markdown table comparing the checkpoints")
     ap.add_argument("--no-progress", action="store_true")
+    add_ijb_arguments(ap, src)
     return ap
 
 
@@ -145,6 +149,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         if target is not None:
             summary, curves = _evaluate_pairs(model, target, args, device)
             result = {**head, **summary}
+        elif args.ijb:
+            summary, rocs, cmcs = run_ijb(args, model, device)
+            result, curves = {**head, **summary}, Curves(rocs, cmcs)
         else:
             distractors = None
             if args.distractors:
@@ -170,9 +177,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         out = Path(args.output)
         atomic_write_json(out, {"results": results})
         stem = out.with_suffix("")
-        plots.plot_roc(roc_curves, f"{stem}.roc.png", title=f"ROC: {args.pairs or args.data}")
+        plots.plot_roc(roc_curves, f"{stem}.roc.png", title=f"ROC: {args.pairs or args.data or args.ijb}")
         if cmc_curves:
-            plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data}")
+            plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data or args.ijb}")
     if args.table:
         atomic_write_bytes(args.table, results_table(results, args.fars).encode())
     return results

@@ -28,11 +28,13 @@ MODES = {"standard": ("trainer.modes.standard", "StandardMode"),
          "sst": ("trainer.modes.sst", "SSTMode")}
 
 
-def _module(mode: str):
-    from trainer.config import ConfigError
+class UnknownModeError(ValueError):
+    """`config.mode` names no mode (trainer.config turns it into a ConfigError)."""
 
+
+def _module(mode: str):
     if mode not in MODES:
-        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UnknownModeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     return importlib.import_module(MODES[mode][0])
 
 
