@@ -39,6 +39,7 @@ from trainer.backbones import build_backbone
 from trainer.config import Config, ConfigError, load_config
 from trainer.cuda_flags import apply_cuda_flags, cuda_flags_text
 from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size, init_distributed, wrap_ddp
+from trainer.early_stop import build_early_stopping
 from trainer.ema import ModelEMA
 from trainer.init_weights import load_init_weights
 from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
@@ -193,6 +194,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     logger = setup_logging(output, rank)
     check_config(cfg)
     mode = build_mode(cfg)
+    stopper = build_early_stopping(cfg)
     amp_dtype = AMP_DTYPES[cfg.amp]
     targets = resolve_val_targets(cfg)
     if cfg.deterministic:
@@ -318,7 +320,12 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                     extra.update(loss_scale=scaler.get_scale(), overflow_steps=state.overflow_steps)
                 last_record = metrics.flush(step, loader.epoch, lr, extra) or last_record
             if cfg.verbose > 0 and step % cfg.verbose == 0 and step < total_steps:
-                last_eval = run_eval(step) or last_eval
+                results = run_eval(step)
+                last_eval = results or last_eval
+                if stopper is not None and stopper.should_stop(results, device):
+                    logger.info("step %d: early stop, no better validation accuracy in %d evaluations",
+                                step, stopper.patience)
+                    break
             periodic = cfg.save_every > 0 and step % cfg.save_every == 0
             if step < total_steps and (periodic or (cfg.save_epoch_end and epoch_done)):
                 save(step)

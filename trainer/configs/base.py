@@ -81,6 +81,8 @@ config.progress_bar = True
 config.val_targets = []
 config.verbose = 2000
 config.val_batch_size = 64
+# > 0: stop when that many evaluations in a row have not raised the mean val accuracy (trainer/early_stop.py)
+config.early_stop_patience = 0
 
 # Checkpoints in OUTPUT/checkpoints/step_XXXXXXXX/, atomically; 0 = at the end of every epoch only
 config.save_every = 0
