@@ -4,6 +4,9 @@
     maskgen preview --data DATA -n 64 --out sheet.png
     maskgen preview --images DIR -n 32 --out sheet.png [--mode 3d] [--types surgical]
     maskgen folder SRC --out DST [--mode mixed] [--seed N]
+
+`maskgen COMMAND --help` shows each command's options and defaults. The packed dataset it adds to, and
+the masked records' labels: docs/design.md section 1.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
+
+from pipeline.help_format import HelpFormatter  # noqa: E402
 
 from .masker import MODE_CHOICES, NOSE_COVERED  # noqa: E402
 from .shapes import MASK_TYPES  # noqa: E402
@@ -52,50 +57,51 @@ def _share(text: str) -> float:
 def _mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="mixed", choices=MODE_CHOICES,
                    help="2d: thin-plate warp to the landmark outline; 3d: rendered on the face mesh; "
-                        "mixed: drawn per image (default)")
+                        "mixed: drawn per image")
     p.add_argument("--types", type=_types, default=MASK_TYPES, metavar="LIST",
-                   help=f"mask types to draw from (default {','.join(MASK_TYPES)})")
+                   help=f"mask types to draw from (default: {','.join(MASK_TYPES)})")
     p.add_argument("--nose-covered", type=_share, default=NOSE_COVERED, metavar="P",
-                   help=f"share of masks over the nose bridge; the rest sit below the nose (default {NOSE_COVERED})")
+                   help="share of masks over the nose bridge; the rest sit below the nose")
     p.add_argument("--crops", choices=("aligned", "any"), default="aligned",
-                   help="aligned (default): ArcFace-aligned crops, a face FaceMesh misses gets the mean mesh "
+                   help="aligned: ArcFace-aligned crops, a face FaceMesh misses gets the mean mesh "
                         "on the template (recorded as a fallback); any: such images are skipped")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskgen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="maskgen", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     workers = os.cpu_count() or 1
 
     b = sub.add_parser("build", help="add masked copies of a share of a packed dataset's images",
+                       formatter_class=HelpFormatter,
                        description="Adds masked copies (same identity, masked=1, the source's id in id2) as "
                                    "new 'masked' shards; a re-run replaces them.")
     b.add_argument("--data", required=True, type=Path, metavar="DATA", help="a packed dataset folder")
-    b.add_argument("--ratio", type=_ratio, default=0.05, help="share of images to mask, per identity (default 0.05)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--ratio", type=_ratio, default=0.05, help="share of images to mask, per identity")
+    b.add_argument("--seed", type=int, default=0, help="seed of the images picked and the masks drawn")
     _mask_options(b)
-    b.add_argument("--workers", type=int, default=workers, help=f"processes (default {workers})")
+    b.add_argument("--workers", type=int, default=workers, help="processes (default: the CPU count, %(default)s here)")
     b.add_argument("--shard-size", type=float, default=1024.0, metavar="MB", help="cut shards at this size")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("preview", help="contact sheet of original | masked pairs")
+    p = sub.add_parser("preview", help="contact sheet of original | masked pairs", formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="a dataset `maskgen build` has run on")
     src.add_argument("--images", type=Path, help="a folder of face images to mask now")
-    p.add_argument("-n", type=int, default=64, help="pairs to show (default 64)")
+    p.add_argument("-n", type=int, default=64, help="pairs to show")
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
     p.add_argument("--cols", type=int, default=4, help="pairs per row")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the images picked and the masks drawn")
     _mask_options(p)
 
-    f = sub.add_parser("folder", help="mask every image under a folder into a mirror tree")
-    f.add_argument("src", type=Path, metavar="SRC")
-    f.add_argument("--out", required=True, type=Path, metavar="DST")
-    f.add_argument("--seed", type=int, default=0)
+    f = sub.add_parser("folder", help="mask every image under a folder into a mirror tree",
+                       formatter_class=HelpFormatter)
+    f.add_argument("src", type=Path, metavar="SRC", help="a folder of face images (searched recursively)")
+    f.add_argument("--out", required=True, type=Path, metavar="DST", help="the mirror tree of masked copies")
+    f.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
     _mask_options(f)
-    f.add_argument("--workers", type=int, default=workers, help=f"processes (default {workers})")
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--workers", type=int, default=workers, help="processes (default: the CPU count, %(default)s here)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

@@ -1,4 +1,5 @@
-"""`python -m pipeline pack|verify`: the offline stage of the data path (docs/design.md, "Commands")."""
+"""`python -m pipeline pack|verify` (also `facetrain pack|verify`): the offline stage of the data path.
+The packed dataset layout and the commands' contracts: docs/design.md, sections 1 and 2."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,15 @@ import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .help_format import HelpFormatter
+
+SRC_HELP = """\
+SRC is one of (several are merged into one dataset):
+  - an ImageFolder tree: one sub-folder per identity;
+  - a list file: `path<TAB>label` lines, or im2rec's .lst;
+  - a flat folder of images, the identity taken from each file name by --label-regex;
+  - an existing .rec (with its .idx), or a folder packed before."""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -21,20 +31,21 @@ def _size(text: str) -> tuple[int, int]:
     return dims[0], dims[1]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="pack face images into shuffled RecordIO shards plus a manifest",
-                       description="Pack ImageFolder trees, list files (path<TAB>label, or im2rec's .lst), "
-                                   "flat folders (with --label-regex), existing .rec files or packed folders.")
-    p.add_argument("sources", nargs="+", metavar="SRC")
-    p.add_argument("--out", required=True, type=Path, metavar="DATA")
-    p.add_argument("--size", type=_size, default=(112, 112), help="N or WxH (default 112)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+                       formatter_class=HelpFormatter,
+                       description=f"Pack face images into shuffled RecordIO shards plus a manifest.\n\n"
+                                   f"{SRC_HELP}\n\nThe layout of DATA: docs/design.md, section 1.")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="input(s); see above")
+    p.add_argument("--out", required=True, type=Path, metavar="DATA", help="output folder")
+    p.add_argument("--size", type=_size, default="112", help="image size, N or WxH")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
     p.add_argument("--shard-size", type=float, default=1024.0, metavar="MB", help="cut shards at this size")
     p.add_argument("--seed", type=int, default=0, help="shuffle and hold-out seed")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes (default: the CPU count, %(default)s here)")
     p.add_argument("--align", action="store_true",
                    help="detect the face and warp it to the ArcFace 112x112 template (raw photos)")
     p.add_argument("--label-regex", help="identity from a flat folder's file names: the first group "
@@ -46,24 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the integer labels of list files / .rec sources as class ids")
     p.add_argument("--holdout", type=int, default=0, metavar="K",
                    help="keep K images per identity out of training for verification pairs")
-    p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs")
-    p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"])
+    p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs (0: no cap)")
+    p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"],
+                   help="how a non-square image meets --size: centre crop, stretch, or pad with black")
     p.add_argument("--attributes", metavar="FILE", help="per-image binary attributes to store in the label "
                                                        "vector: a header 'path<TAB>name...' then 0/1/-1 rows, "
                                                        "or CelebA's list_attr_celeba.txt as it is")
     p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    v = sub.add_parser("verify", help="check every frame, index entry, count and checksum")
-    v.add_argument("data", type=Path, metavar="DATA")
+    v = sub.add_parser("verify", help="check every frame, index entry, count and checksum",
+                       formatter_class=HelpFormatter,
+                       description="Check every frame, index entry, count and checksum of a packed dataset; "
+                                   "exit 0 when all hold.")
+    v.add_argument("data", type=Path, metavar="DATA", help="a folder written by pack")
     v.add_argument("--decode", action="store_true", help="also decode every image")
-    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pipeline") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.command == "pack":
             from .pack import PackOptions, pack

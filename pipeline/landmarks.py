@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
+from pipeline.native_stderr import quiet_native_logs, without_known_chatter
+
 # The 5-point template of ArcFace's 112x112 crops (insightface's `arcface_dst`): eye centres, nose tip and
 # mouth corners, in image order (the subject's right eye first).
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -70,7 +72,7 @@ def import_mediapipe(*modules: str) -> list:
 
     if importlib.util.find_spec("mediapipe") is None:  # the `mask` extra
         raise ImportError("face landmarks need mediapipe==0.10.21 (pip install 'facetrain[mask]')")
-    os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging: warnings and up only
+    quiet_native_logs()  # MediaPipe's C++ logging: warnings and up only
     for name in ("mediapipe", "mediapipe.python.solutions"):
         if name not in sys.modules:
             _register_without_init(name)
@@ -132,12 +134,14 @@ class RoiLandmarker:
     """
 
     def __init__(self, num_threads: int = 1) -> None:
+        quiet_native_logs()
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as e:
             raise ImportError("face landmarks need ai-edge-litert (pip install 'facetrain[mask]')") from e
-        self._model = Interpreter(model_path=mediapipe_model(*LANDMARK_MODEL), num_threads=num_threads)
-        self._model.allocate_tensors()
+        with without_known_chatter():  # "Created TensorFlow Lite XNNPACK delegate", once per process
+            self._model = Interpreter(model_path=mediapipe_model(*LANDMARK_MODEL), num_threads=num_threads)
+            self._model.allocate_tensors()
         (inp,) = self._model.get_input_details()
         if tuple(inp["shape"]) != (1, LANDMARK_INPUT, LANDMARK_INPUT, 3):
             raise ValueError(f"unexpected FaceMesh landmark model input {tuple(inp['shape'])}")
@@ -283,13 +287,18 @@ class FaceMeshDetector:
 
     def process(self, rgb: np.ndarray) -> Optional[np.ndarray]:
         """One FaceMesh pass: `[468, 3]` float64 points, or None when it finds no face."""
-        if self._mesh is None:
-            (face_mesh,) = import_mediapipe("mediapipe.python.solutions.face_mesh")
-            self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
-                                            min_detection_confidence=self.min_confidence)
         rgb = as_rgb(rgb)
         h, w = rgb.shape[:2]
-        result = self._mesh.process(rgb)
+        if self._mesh is None:
+            # The graph's absl warnings come while it is built and on its first image.
+            with without_known_chatter():
+                (face_mesh,) = import_mediapipe("mediapipe.python.solutions.face_mesh")
+                self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                                refine_landmarks=False,
+                                                min_detection_confidence=self.min_confidence)
+                result = self._mesh.process(rgb)
+        else:
+            result = self._mesh.process(rgb)
         if not result.multi_face_landmarks:
             return None
         lm = result.multi_face_landmarks[0].landmark

@@ -204,3 +204,38 @@ def test_model_file_rebuilds_the_backbone(tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 7
     with pytest.raises(ckpt.CheckpointError, match="backbone alone"):
         ckpt.find_checkpoint(path)
+
+
+def test_uneven_partial_fc_reshards_on_resume_row_for_row(tmp_path):
+    """11 classes saved from 2 ranks (6 + 5 rows) and loaded on 1 and on 3 ranks (4 + 4 + 3): every
+    class row of the weight and of every per-row optimizer tensor is the row that was saved."""
+    from tests._ckpt_reshard_helpers import KINDS, load_worker, save_worker
+    from tests._pfc_helpers import TRAIN, run_ranks
+
+    classes = TRAIN["c"]
+    assert classes % 2 and classes % 3  # the split is uneven on 2 and on 3 ranks
+    run_ranks(2, save_worker, str(tmp_path))
+    for world in (1, 3):
+        run_ranks(world, load_worker, str(tmp_path))
+    for kind in KINDS:
+        folder = ckpt.find_checkpoint(tmp_path / kind)
+        saved = [torch.load(folder / ckpt.rank_file(r), weights_only=False)["fc"] for r in range(2)]
+        assert [s["num_local"] for s in saved] == [6, 5]
+        saved_state = {k: torch.cat([s["optimizer_state"][k] for s in saved])
+                       for k, v in saved[0]["optimizer_state"].items()
+                       if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == saved[0]["num_local"]}
+        assert saved_state, f"{kind}: no per-row optimizer state was saved"
+        saved_weight = torch.cat([s["weight"] for s in saved])
+        for world in (1, 3):
+            loaded = [torch.load(tmp_path / f"loaded_{kind}_w{world}_r{r}.pt", weights_only=False)
+                      for r in range(world)]
+            assert [s["class_start"] for s in loaded] == [sum(s["num_local"] for s in loaded[:r])
+                                                          for r in range(world)]
+            assert sum(s["num_local"] for s in loaded) == classes
+            for s in loaded:
+                rows = slice(s["class_start"], s["class_start"] + s["num_local"])
+                torch.testing.assert_close(s["weight"], saved_weight[rows], rtol=0, atol=0)
+                assert set(saved_state) <= set(s["optimizer_state"]), (kind, world)
+                for key, full in saved_state.items():
+                    torch.testing.assert_close(s["optimizer_state"][key], full[rows], rtol=0, atol=0,
+                                               msg=f"{kind} {key} on {world} ranks")

@@ -96,3 +96,24 @@ def test_a_job_module_with_a_key_of_another_mode_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="'aaface_lambda_fr' belongs to mode 'aaface'.*mode is 'lvface'"):
         load_config(str(job))
     assert load_config(str(job), ["mode=aaface"]).aaface_lambda_fr == 2.0
+
+
+def test_config_diff_names_what_changes_training_and_ignores_the_free_keys():
+    from trainer.config import RESUME_FREE_KEYS, config_diff, describe_diff
+
+    saved = load_config("cpu_demo")
+    same = load_config("cpu_demo", ["max_steps=100", "frequent=1", "output=elsewhere", "progress_bar=false",
+                                    "allow_config_change=true"])
+    assert config_diff(saved, same) == {}
+    changed = load_config("cpu_demo", ["lr=0.05", "batch_size=64", "network=r18"])
+    diff = config_diff(saved, changed)
+    assert set(diff) == {"lr", "batch_size", "network"}
+    assert describe_diff(diff) == "batch_size 32 -> 64, lr 0.1 -> 0.05, network 'mbf' -> 'r18'"
+    # a config read back from JSON (tuples as lists) is the same config; a key an older trainer lacked
+    # is not compared
+    import json
+
+    as_json = json.loads(json.dumps(saved))
+    del as_json["wandb"]
+    assert config_diff(as_json, saved) == {}
+    assert {"lr", "batch_size", "network", "num_epoch", "seed", "margin_list"}.isdisjoint(RESUME_FREE_KEYS)

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.manifest import load_manifest, shard_entry, write_manifest
 from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
-from tests._trainer_helpers import pack_glint24, train_records
+from tests._trainer_helpers import pack_glint24, run_trainer, train_records
 from trainer import main as trainer_main
 from trainer.checkpoint import find_checkpoint
 
@@ -96,3 +96,14 @@ def test_bad_config_is_a_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
     assert trainer_main.main(["--config", "cpu_demo", "--output", str(tmp_path), "lr=abc"]) == 2
     assert "expected a number" in capsys.readouterr().err
+
+
+def test_corrupt_records_are_summed_over_ranks_in_the_final_line(data, tmp_path):
+    """Both ranks meet broken JPEGs; the last line counts them all, as metrics.jsonl does."""
+    out = tmp_path / "run2"
+    run_trainer(2, [*ARGS, "--data", str(data), "--output", str(out), "max_steps=4", "num_threads=1"])
+    records = train_records(out)
+    total = records[-1]["skipped_records"]
+    assert total > 0
+    log = (out / "training.log").read_text()
+    assert f"{total} corrupt records skipped" in log, log[-500:]

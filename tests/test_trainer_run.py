@@ -78,7 +78,7 @@ def test_resume_on_one_rank_continues(base_run, data, tmp_path):
     out = tmp_path / "out1"
     # the same global batch (32) on one rank; plain `python trainer/main.py`
     run_trainer(0, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
-                    "--resume", str(base_run),
+                    "--resume", str(base_run), "--allow-config-change",
                     *FAST, "batch_size=32", f"max_steps={STEPS + 4}"])
     before = train_records(base_run)
     after = _resumed(out)
@@ -92,10 +92,27 @@ def test_resume_on_one_rank_continues(base_run, data, tmp_path):
     assert "saved on 2 ranks, now 1" in log
 
 
+def test_resume_on_one_rank_with_the_same_batch_continues_the_lr_curve(base_run, data, tmp_path):
+    """2 ranks x 16 saved at step 20 (640 samples); 1 rank x 16 resumes: each step now takes half the
+    samples, and the lr continues from where 640 samples put the 2-rank run, not from step 20 of a
+    schedule twice as long (which would be 10 of the old steps back)."""
+    out = tmp_path / "same_batch"
+    run_trainer(0, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
+                    "--resume", str(base_run), *FAST, f"max_steps={STEPS + 2}", "val_targets=[]"])
+    before, after = train_records(base_run), train_records(out)
+    assert [r["step"] for r in after] == [STEPS + 1, STEPS + 2]
+    per_step = before[-2]["lr"] - before[-1]["lr"]  # cosine: the lr falls by about this per 2-rank step
+    assert per_step > 0
+    expected = before[-1]["lr"] - per_step  # the 2-rank run's lr for its step 21 (samples 640..671)
+    assert abs(after[0]["lr"] - expected) < 0.5 * per_step, (before[-2:], after)
+    # the next 16 samples move it by half a 2-rank step
+    assert after[0]["lr"] - after[1]["lr"] == pytest.approx(per_step / 2, rel=0.2)
+
+
 def test_resume_on_three_ranks(base_run, data, tmp_path):
     out = tmp_path / "out3"
     run_trainer(3, ["--config", "cpu_demo", "--data", str(data), "--output", str(out),
-                    "--resume", str(base_run),
+                    "--resume", str(base_run), "--allow-config-change",
                     *FAST, "batch_size=11", f"max_steps={STEPS + 2}", "val_targets=[]"])
     after = _resumed(out)
     assert [r["step"] for r in after] == [STEPS + 1, STEPS + 2]

@@ -42,3 +42,35 @@ def test_bad_schedules(kw):
     args.update(kw)
     with pytest.raises(ValueError):
         LRSchedule(**args)
+
+
+def test_sample_clock_continues_the_curve_on_another_world_size():
+    """The issue's case: 2 ranks of 64 (global 128) killed at step 15 inside a 20-step warmup; resumed on
+    1 rank of 64, the lr is the 2-rank run's at the same samples seen, not a restarted warmup."""
+    from trainer.schedule import SampleClock
+
+    epoch = 1280  # samples per epoch
+    two = SampleClock(samples_per_step=128, samples_per_epoch=epoch)
+    one = SampleClock(samples_per_step=64, samples_per_epoch=epoch)
+    cfg = dict(lr=0.1, num_epoch=10, warmup_epoch=2, lr_schedule="cosine", lr_power=2.0, min_lr=0.0)
+    s2, s1 = two.schedule(cfg), one.schedule(cfg)
+    assert (s2.total_steps, s2.warmup_steps, s1.total_steps, s1.warmup_steps) == (100, 20, 200, 40)
+    seen = 15 * 128
+    assert s1.lr(one.position(seen)) == pytest.approx(s2.lr(two.position(seen)), rel=0.05)
+    # the old clock (the step count) restarted the warmup: half the rate
+    assert s1.lr(15) <= 0.5 * s2.lr(15)
+    # past the warmup the curves agree exactly at every shared sample count
+    for seen in range(40 * 64, 100 * 128, 128):
+        assert s1.lr(one.position(seen)) == pytest.approx(s2.lr(two.position(seen)), rel=1e-12)
+    assert one.epoch(seen) == two.epoch(seen) == seen / epoch
+
+
+def test_sample_clock_steps_left():
+    from trainer.schedule import SampleClock
+
+    clock = SampleClock(samples_per_step=32, samples_per_epoch=320)
+    assert clock.steps_left(0, 2) == 20
+    assert clock.steps_left(10 * 32 + 16, 2) == 10  # a partial step still runs
+    assert clock.steps_left(5000, 2) == 0
+    with pytest.raises(ValueError):
+        SampleClock(samples_per_step=0, samples_per_epoch=10)

@@ -64,6 +64,9 @@ class TrainState:
     epoch: int = 0
     total_steps: int = 0
     world_size: int = 1
+    # samples the optimizer steps took, all ranks together (the lr schedule's clock: trainer/schedule.py);
+    # -1: a checkpoint from before it was counted
+    samples_seen: int = -1
     nan_steps: int = 0  # steps skipped for a non-finite loss or gradient, in all
     nan_in_a_row: int = 0
     overflow_steps: int = 0  # fp16 steps skipped because the scaled gradient overflowed
@@ -248,6 +251,30 @@ def find_checkpoint(path: str | os.PathLike) -> Optional[Path]:
             return named
     steps = _complete_steps(root)
     return steps[-1][1] if steps else None
+
+
+def saved_config(path: str | os.PathLike) -> dict:
+    """The config a checkpoint was trained with (train_state.pt memory-mapped: its weights stay on disk)."""
+    path = Path(path)
+    try:
+        saved = torch.load(path / TRAIN_STATE, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # a torn or foreign file: say which
+        raise CheckpointError(f"{path / TRAIN_STATE}: cannot be read ({type(e).__name__}: {e})") from None
+    return dict(saved.get("config") or {})
+
+
+def check_resume_config(path: str | os.PathLike, cfg: dict, allow_change: bool = False) -> dict:
+    """Refuse to resume from `path` when its config differs from `cfg` in a key that changes what is
+    trained (trainer/config.py's RESUME_FREE_KEYS lists those that may differ); `allow_change` lets it
+    through. Returns the differences (for the log)."""
+    from trainer.config import config_diff, describe_diff
+
+    diff = config_diff(saved_config(path), cfg)
+    if diff and not allow_change:
+        raise CheckpointError(f"{path} was trained with another config: {describe_diff(diff)}. Resume with "
+                              f"the same settings, pass --allow-config-change (allow_config_change=true) if "
+                              f"the change is meant, or start afresh in another --output")
+    return diff
 
 
 def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: Optional[torch.nn.Module],

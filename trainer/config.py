@@ -198,3 +198,41 @@ def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> Config:
         config.config_name = Path(getattr(module, "__file__", name_or_path) or name_or_path).stem
     apply_overrides(config, overrides)
     return config
+
+
+# Keys that may differ between the run that saved a checkpoint and the run that resumes from it: where
+# the run writes and how it reports, how often it evaluates and saves, how it reads the data (the same
+# samples in the same order), the speed switches (memory layout, cuDNN, TF32, deterministic kernels),
+# and where it stops (max_steps: the lr curve spans num_epoch, so a longer max_steps continues the same
+# curve; a longer num_epoch stretches the curve, and is a change). `data` may name the same pack moved
+# elsewhere; another dataset is caught by the classifier's class count. Everything else (lr, batch_size,
+# network, loss, num_epoch, seed, ...) changes what is trained: a resume with such a change is refused
+# unless `allow_config_change` (or --allow-config-change) says it is meant.
+RESUME_FREE_KEYS = frozenset({
+    "config_name", "output", "data", "max_steps", "auto_resume", "allow_config_change",
+    "frequent", "progress_bar", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_run_name",
+    "verbose", "val_targets", "val_batch_size", "val_align",
+    "save_every", "save_epoch_end", "keep_checkpoints", "max_nan_steps",
+    "loader_backend", "num_threads", "dali_threads", "dali_hw_decoder_load", "dali_dont_use_mmap",
+    "cudnn_benchmark", "tf32", "deterministic", "channels_last",
+})
+
+
+def _comparable(value: Any) -> Any:
+    """Tuples and lists alike (a config read back from JSON has lists), dict key order ignored."""
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def config_diff(saved: dict, current: dict, free: Iterable[str] = RESUME_FREE_KEYS) -> dict[str, tuple]:
+    """{key: (saved value, current value)} for every key that differs, `free` keys left out. A key the
+    saved config lacks (a checkpoint of an older trainer) is not compared."""
+    free = set(free)
+    return {k: (saved[k], current[k]) for k in current
+            if k not in free and k in saved and _comparable(saved[k]) != _comparable(current[k])}
+
+
+def describe_diff(diff: dict[str, tuple]) -> str:
+    """`lr 0.1 -> 0.05, network 'r50' -> 'r100'`"""
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(diff.items()))

@@ -10,8 +10,13 @@ FC: every rank holds a contiguous block of classes and is never wrapped in DDP).
 env:// rendezvous from torchrun. A run resumes from OUTPUT's last checkpoint by itself (so a worker killed
 under `torchrun --max-restarts=K` continues where the checkpoint left off), on any number of ranks.
 
-`train()` reads top to bottom: distributed + config checks, data, model + head + optimizers, resume, the
-loop (trainer/step.py's `train_step` per optimizer step), the last checkpoint and model.pt.
+`train()` reads top to bottom: the checks (the packed data, the config, the resume's config, every val
+target read whole; none makes the run folder), data, model + head + optimizers, resume, the loop
+(trainer/step.py's `train_step` per optimizer step), the last checkpoint and model.pt.
+
+Exit status: 0 done; 2 bad input (one line on stderr: the project's typed errors, and a ValueError the
+readers or the classifier raise on the data, whose traceback goes to training.log); 1 stopped by
+non-finite losses.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import logging
 import os
 import random
 import time
@@ -33,23 +39,29 @@ import torch
 import torch.distributed as dist
 
 from pipeline.loader import BACKENDS
-from pipeline.manifest import ManifestError
+from pipeline.manifest import MANIFEST, ManifestError, load_manifest
+from pipeline.recordio import RecordIOError
 from trainer import checkpoint as ckpt
 from trainer.backbones import build_backbone
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, describe_diff, load_config
 from trainer.cuda_flags import apply_cuda_flags, cuda_flags_text
 from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size, init_distributed, wrap_ddp
 from trainer.early_stop import build_early_stopping
 from trainer.ema import ModelEMA
+from trainer.eval.images import VerificationError
 from trainer.init_weights import load_init_weights
-from trainer.logging_utils import MetricsLogger, setup_logging, truncate_metrics
+from trainer.logging_utils import MetricsLogger, config_text, require_wandb, setup_logging, truncate_metrics
 from trainer.modes import build_mode
 from trainer.optim import build_optimizer
 from trainer.partial_fc import PartialFC
 from trainer.schedule import KINDS as LR_SCHEDULES
-from trainer.schedule import LRSchedule
-from trainer.schedule import build_schedule as build_lr_schedule
+from trainer.schedule import LRSchedule, SampleClock
 from trainer.step import AMP_DTYPES, StepResult, micro_batches, train_step
+from trainer.val_targets import prepare_val_targets, resolve_val_targets
+
+# Bad input that the entry point reports in one line (exit 2), without a traceback: the project's typed
+# errors, each naming the file or key and what to do.
+INPUT_ERRORS = (ConfigError, ManifestError, RecordIOError, ckpt.CheckpointError, VerificationError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +77,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", help="run folder for checkpoints, model.pt, metrics.jsonl; "
                                          "default runs/<config name>")
     parser.add_argument("--resume", help="checkpoint folder or file, or a run folder (its last checkpoint)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even where the checkpoint's config differs in a key that changes what "
+                             "is trained (lr, batch_size, network, ...); same as allow_config_change=true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     return parser.parse_intermixed_args(argv)  # key=value may come before or after the options
 
@@ -87,23 +102,48 @@ def check_config(cfg: Config) -> None:
     for key in ("batch_size", "gradient_acc", "max_nan_steps", "frequent", "embedding_size"):
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    if cfg.wandb:
+        require_wandb()
+
+
+def check_data(cfg: Config, world_size: int) -> dict:
+    """The packed dataset's manifest; before anything else, a one-line error when --data is not one or
+    holds less than one optimizer step."""
     if not cfg.data:
         raise ConfigError("no training data: pass --data DATA (a folder made by `python -m pipeline pack`)")
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise ConfigError(f"--data {data}: no such folder")
+    if not (data / MANIFEST).is_file():
+        raise ConfigError(f"--data {data}: no {MANIFEST}: run `python -m pipeline pack` first (this is not a "
+                          f"packed dataset, or its pack did not finish)")
+    try:
+        manifest = load_manifest(data)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{data / MANIFEST} is not UTF-8 text (byte {e.start}: {e.reason}); it is not a "
+                          f"manifest written by `python -m pipeline pack`: pack the dataset again") from None
+    per_step = cfg.batch_size * cfg.gradient_acc * world_size
+    if manifest["num_images"] < per_step:
+        raise ConfigError(f"{data} holds {manifest['num_images']} images, less than one optimizer step of "
+                          f"{per_step} (batch_size {cfg.batch_size} x gradient_acc {cfg.gradient_acc} x "
+                          f"{world_size} ranks): lower batch_size")
+    return manifest
 
 
-def resolve_val_targets(cfg: Config) -> dict[str, str]:
-    """Target name -> path; a bare name is also looked up in the data folder, ".bin" added (insightface)."""
-    targets = {}
-    for item in cfg.val_targets:
-        path = Path(item)
-        candidates = [path]
-        if not path.is_absolute() and cfg.data:
-            candidates += [Path(cfg.data) / item, Path(cfg.data) / f"{item}.bin"]
-        candidates.append(Path(f"{item}.bin"))
-        found = next((c for c in candidates if c.exists()), None)
-        if found is None:
-            raise ConfigError(f"val target {item!r} not found (looked for {', '.join(map(str, candidates))})")
-        targets[path.stem if path.suffix in (".bin", ".txt") else path.name] = str(found)
+def check_val_targets(cfg: Config, output: Path, rank: int, device: torch.device) -> dict[str, Path]:
+    """Every val target read once (rank 0, which evaluates), aligned and cached where asked; the other
+    ranks stop too when rank 0 finds a problem, instead of waiting for it in the next collective."""
+    targets, failed = {}, None
+    try:
+        targets = prepare_val_targets(cfg, output, progress=cfg.progress_bar) if rank == 0 else \
+            resolve_val_targets(cfg)
+    except Exception as e:  # raised after the other ranks heard of it
+        failed = e
+    flag = all_reduce_(torch.tensor([float(failed is not None)], device=device), "max")  # NCCL: on the GPU
+    if failed is not None:
+        raise failed
+    if flag.item() > 0:
+        raise ConfigError("rank 0 could not read a val target (its error says which)")
     return targets
 
 
@@ -128,9 +168,11 @@ def build_loader(cfg: Config, device: torch.device, rank: int, world_size: int):
                               dali_dont_use_mmap=cfg.dali_dont_use_mmap)
 
 
-def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, device: torch.device) -> dict:
-    """Verification accuracy on every target (rank 0 only; the backbone is put back in train mode)."""
-    from trainer.eval.pairs import evaluate_targets
+def evaluate(backbone: torch.nn.Module, targets: dict[str, Path], cfg: Config, device: torch.device) -> dict:
+    """Verification accuracy on every target (rank 0 only; the backbone is put back in train mode), each
+    with its own progress bar."""
+    from trainer.eval.pairs import verify
+    from trainer.eval.targets import cached_target
 
     was_training, threads = backbone.training, torch.get_num_threads()
     if device.type == "cpu":
@@ -138,10 +180,22 @@ def evaluate(backbone: torch.nn.Module, targets: dict[str, str], cfg: Config, de
         torch.set_num_threads(threads * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     backbone.eval()
     try:
-        return evaluate_targets(backbone, targets, device, cfg.val_batch_size)
+        results = {}
+        for name, path in targets.items():
+            target = cached_target(path, name=name)  # decoded before the first step
+            results[name] = verify(backbone, target, device, cfg.val_batch_size,
+                                   progress=cfg.progress_bar).summary()
+            results[name]["align_failures"] = target.align_failures
+        return results
     finally:
         backbone.train(was_training)
         torch.set_num_threads(threads)
+
+
+def describe_devices(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    return f"{world_size} x CPU ({torch.get_num_threads()} threads each)"
 
 
 def find_resume(resume: Optional[str], cfg: Config, output: Path) -> Optional[Path]:
@@ -154,13 +208,18 @@ def find_resume(resume: Optional[str], cfg: Config, output: Path) -> Optional[Pa
     return ckpt.find_checkpoint(output) if cfg.auto_resume else None
 
 
-def build_schedule(cfg: Config, steps_per_epoch: float) -> tuple[LRSchedule, int]:
-    """The learning-rate schedule over num_epoch, and the optimizer steps this run takes.
+def build_schedule(cfg: Config, clock: SampleClock, step: int,
+                   samples_seen: int) -> tuple[LRSchedule, int]:
+    """The learning-rate schedule over num_epoch (in this run's optimizer steps; its position is
+    clock.position(samples_seen)), and the optimizer step at which this run stops.
 
     The schedule spans num_epoch; max_steps only stops the run (so a run stopped early and resumed with
-    a larger max_steps follows the same schedule as one that never stopped)."""
-    schedule = build_lr_schedule(cfg, steps_per_epoch)
-    return schedule, cfg.max_steps if cfg.max_steps > 0 else schedule.total_steps
+    a larger max_steps follows the same schedule as one that never stopped). Without max_steps the run
+    stops when num_epoch epochs of samples are seen, however many ranks saw them."""
+    schedule = clock.schedule(cfg)
+    if cfg.max_steps > 0:
+        return schedule, cfg.max_steps
+    return schedule, step + clock.steps_left(samples_seen, cfg.num_epoch)
 
 
 def count_skipped(state: ckpt.TrainState, result: StepResult, step: int, fp16: bool, cfg: Config,
@@ -185,28 +244,41 @@ def count_skipped(state: ckpt.TrainState, result: StepResult, step: int, fp16: b
 
 def train(cfg: Config, resume: Optional[str] = None) -> dict:
     """The whole run on this rank; returns the last logged record (and the last eval on rank 0)."""
-    # 1. distributed, logging, the config's checks (before anything slow is loaded)
+    # 1. distributed, the checks of the data, config, val targets and resume (before anything slow is
+    # loaded, and before the run folder is made: a config error leaves no folder behind)
     device, _ = init_distributed()
-    cuda_flags = apply_cuda_flags(cfg, device)
     rank, world_size = get_rank(), get_world_size()
+    logger = setup_logging(None, rank)  # stderr only, until the checks pass
+    manifest = check_data(cfg, world_size)
+    check_config(cfg)
     output = Path(cfg.output or Path("runs") / cfg.config_name)
     cfg.output = str(output)
-    logger = setup_logging(output, rank)
-    check_config(cfg)
     mode = build_mode(cfg)
     stopper = build_early_stopping(cfg)
     amp_dtype = AMP_DTYPES[cfg.amp]
-    targets = resolve_val_targets(cfg)
+    resume_dir = find_resume(resume, cfg, output)
+    config_changes = ckpt.check_resume_config(resume_dir, cfg, cfg.allow_config_change) \
+        if resume_dir is not None else {}
+    targets = check_val_targets(cfg, output, rank, device)
+    logger = setup_logging(output, rank)
+    cuda_flags = apply_cuda_flags(cfg, device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.seed, rank)
-    resume_dir = find_resume(resume, cfg, output)
+    logger.info("config %s:\n%s", cfg.config_name, config_text(cfg))
+    logger.info("data %s: %d images, %d identities, %d shards", cfg.data, manifest["num_images"],
+                manifest["num_classes"], len(manifest["shards"]))
+    logger.info("world size %d, devices: %s; output %s", world_size, describe_devices(device, world_size),
+                output.resolve())
+    if config_changes:
+        logger.warning("resuming with a changed config (allowed): %s", describe_diff(config_changes))
 
     # 2. data
     loader = build_loader(cfg, device, rank, world_size)
-    if loader.steps_per_epoch < 1:
-        raise ConfigError(f"{cfg.data} holds less than one batch of {cfg.batch_size} per rank for "
-                          f"{world_size} ranks: lower batch_size")
+    if not loader.steps_per_epoch or loader.steps_per_epoch < cfg.gradient_acc:
+        raise ConfigError(f"{cfg.data} holds {manifest['num_images']} images: less than one optimizer step "
+                          f"({cfg.batch_size} x gradient_acc {cfg.gradient_acc} per rank, {world_size} "
+                          f"ranks); lower batch_size")
     mode.bind_data(loader)
     num_classes = loader.num_classes
 
@@ -236,7 +308,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     final_backbone = ema.module if ema is not None else backbone
 
     # 4. resume
-    state = ckpt.TrainState(world_size=world_size)
+    state = ckpt.TrainState(world_size=world_size, samples_seen=0)
     if resume_dir is not None:
         state = ckpt.load_checkpoint(resume_dir, backbone=backbone, opt_backbone=opt_backbone, scaler=scaler,
                                      loader=loader, device=device, **head_parts)
@@ -251,16 +323,19 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
 
     # 5. the loop: schedule, DDP, logging, periodic eval and checkpoints
     ddp_backbone = wrap_ddp(backbone, device)
-    steps_per_epoch = loader.steps_per_epoch / cfg.gradient_acc  # optimizer steps
-    schedule, total_steps = build_schedule(cfg, steps_per_epoch)
     samples_per_step = cfg.batch_size * cfg.gradient_acc * world_size
+    clock = SampleClock(samples_per_step, loader.steps_per_epoch * cfg.batch_size * world_size)
+    if state.samples_seen < 0:  # a checkpoint from before samples were counted: its steps were this size
+        state.samples_seen = state.step * samples_per_step
+    schedule, total_steps = build_schedule(cfg, clock, state.step, state.samples_seen)
     logger.info("%s: %s, mode %s, on %d rank(s) (%s), %d classes, %d optimizer steps of %d samples, amp=%s",
                 cfg.config_name, cfg.network, mode.name, world_size, device.type, num_classes, total_steps,
                 samples_per_step, cfg.amp)
     if cuda_flags:
         logger.info("CUDA switches: %s", cuda_flags_text(cuda_flags))
     metrics = MetricsLogger(output, rank, total_steps, state.step, samples_per_step,
-                            tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar)
+                            tensorboard=cfg.tensorboard, progress_bar=cfg.progress_bar, config=cfg,
+                            logger=logger)
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -273,13 +348,15 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
 
     def run_eval(step: int) -> Optional[dict]:
         results = None
-        if targets and rank == 0:
-            t0 = time.perf_counter()
-            results = evaluate(final_backbone, targets, cfg, device)
-            metrics.eval(step, results)
-            summary = ", ".join(f"{k} acc={v['acc']:.4f}+-{v.get('std', 0):.4f}" for k, v in results.items())
-            logger.info("step %d eval (%.1fs): %s", step, time.perf_counter() - t0, summary)
-        barrier()  # the other ranks wait while rank 0 evaluates
+        with metrics.paused():  # evaluation time is not training throughput
+            if targets and rank == 0:
+                t0 = time.perf_counter()
+                results = evaluate(final_backbone, targets, cfg, device)
+                metrics.eval(step, clock.epoch(state.samples_seen), results)
+                summary = ", ".join(f"{k} acc={v['acc']:.4f}+-{v.get('std', 0):.4f}"
+                                    for k, v in results.items())
+                logger.info("step %d eval (%.1fs): %s", step, time.perf_counter() - t0, summary)
+            barrier()  # the other ranks wait while rank 0 evaluates
         return results
 
     ddp_backbone.train()
@@ -290,11 +367,11 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     epoch_at_start = loader.epoch
     try:
         while step < total_steps:
-            lr = schedule.apply(optimizers, step)
-            stage = mode.begin_step(backbone, head, step / steps_per_epoch)
+            lr = schedule.apply(optimizers, clock.position(state.samples_seen))
+            epoch_progress = clock.epoch(state.samples_seen)
+            stage = mode.begin_step(backbone, head, epoch_progress)
             if stage is not None:
-                logger.info("step %d (epoch %.2f): %s stage %r", step, step / steps_per_epoch, mode.name,
-                            stage)
+                logger.info("step %d (epoch %.2f): %s stage %r", step, epoch_progress, mode.name, stage)
                 # Parameters frozen or thawed: DDP's gradient buckets follow requires_grad.
                 ddp_backbone = wrap_ddp(backbone, device)
             group = [next(batches) for _ in range(cfg.gradient_acc)]
@@ -307,6 +384,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                 if ema is not None:
                     ema.update(backbone)
             step += 1
+            state.samples_seen += samples_per_step
             count_skipped(state, result, step, scaler is not None, cfg, logger)
             metrics.step(step, result.loss)
 
@@ -341,24 +419,43 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         last_eval = run_eval(step) or last_eval
     finally:
         metrics.close()
+    # every rank met its own corrupt records
+    skipped_records = int(all_reduce_(torch.tensor(float(loader.skipped_records), device=device),
+                                      "sum").item())
     logger.info("done: %d steps, %d non-finite steps skipped, %d corrupt records skipped; model in %s",
-                step, state.nan_steps, int(loader.skipped_records), output / ckpt.MODEL_FILE)
+                step, state.nan_steps, skipped_records, output / ckpt.MODEL_FILE)
     return {"record": last_record, "eval": last_eval, "step": step}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
         if args.data:
             cfg.data = args.data
         if args.output:
             cfg.output = args.output
+        if args.allow_config_change:
+            cfg.allow_config_change = True
         train(cfg, args.resume)
         return 0
-    except (ConfigError, ManifestError, NonFiniteLossError, ckpt.CheckpointError) as e:
+    except INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        # What the readers and the classifier refuse in the data (a label outside the classes, a record
+        # that does not parse): one line here, the traceback in training.log for whoever debugs it.
+        logger = logging.getLogger("trainer")
+        if logger.handlers:  # set up by train(): the traceback goes to training.log alone
+            logger.error("stopped by bad input", exc_info=True, extra={"console": False})
+        data = (cfg.data if cfg is not None else "") or "DATA"
+        print(f"error: {e} (the data does not fit this run: check it with `python -m pipeline verify "
+              f"{data}`, or pack it again)", file=sys.stderr)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,11 +1,17 @@
 """Learning-rate schedule: linear warmup, then polynomial or cosine decay to `min_lr`, or step decay.
 
-The rate is a pure function of the optimizer step, so a resumed run needs nothing but its step count
-to continue the schedule exactly (no scheduler state in the checkpoint to get out of sync).
-
 "step" is the recipe of FaceX-Zoo and of most face papers (torch's MultiStepLR per epoch): the rate is
 multiplied by `gamma` at each milestone. Milestones are optimizer steps here; `build_schedule` turns a
 config's `lr_steps` (epochs, counted from the start of training, warmup included) into steps.
+
+The rate is a pure function of the schedule's position, so a resumed run needs nothing but its count of
+samples seen to continue the schedule exactly (no scheduler state in the checkpoint to get out of sync).
+
+`LRSchedule` is written in optimizer steps of the run that builds it. A run measures its progress in
+samples (`SampleClock`): a resume on another world size or batch takes more or fewer samples per step, and
+the step count it inherits would land at another point of the curve (a 2-rank run killed at step 15
+resumed on 1 rank restarted its warmup). The position `samples_seen / samples_per_step` in this run's
+steps is the same fraction of the schedule whatever world size saw those samples.
 """
 from __future__ import annotations
 
@@ -47,8 +53,9 @@ class LRSchedule:
             if not 0.0 < self.gamma < 1.0:
                 raise ValueError(f"lr_gamma must lie in (0, 1), got {self.gamma}")
 
-    def lr(self, step: int) -> float:
-        """The rate for optimizer step `step` (0-based: the first update uses lr(0))."""
+    def lr(self, step: float) -> float:
+        """The rate for optimizer step `step` (0-based: the first update uses lr(0)); a fractional step
+        is a position between two steps (a resume on another global batch)."""
         if step < self.warmup_steps:
             # (step + 1): the first update already moves; insightface's warmup starts at exactly 0.
             return self.base_lr * (step + 1) / self.warmup_steps
@@ -65,7 +72,7 @@ class LRSchedule:
             shape = 0.5 * (1.0 + math.cos(math.pi * t))
         return self.min_lr + (self.base_lr - self.min_lr) * shape
 
-    def apply(self, optimizers: list[torch.optim.Optimizer], step: int) -> float:
+    def apply(self, optimizers: list[torch.optim.Optimizer], step: float) -> float:
         """Set every param group's rate for `step`; a group's `lr_scale` (default 1) multiplies it."""
         lr = self.lr(step)
         for optimizer in optimizers:
@@ -94,3 +101,39 @@ def build_schedule(cfg: Mapping[str, Any], steps_per_epoch: float) -> LRSchedule
     milestones = epochs_to_steps(cfg.get("lr_steps", ()), steps_per_epoch) if cfg["lr_schedule"] == "step" else ()
     return LRSchedule(cfg["lr"], total, warmup, cfg["lr_schedule"], cfg["lr_power"], cfg["min_lr"],
                       milestones, cfg.get("lr_gamma", 0.1))
+
+
+@dataclass(frozen=True)
+class SampleClock:
+    """A run's progress in samples, and where that puts it in this run's optimizer steps and epochs.
+
+    `samples_per_step`: the global batch of one optimizer step (batch_size x gradient_acc x world size).
+    `samples_per_epoch`: what the reader yields per epoch on all ranks together (steps_per_epoch x
+    batch_size x world size; it differs between world sizes by less than one global batch, drop_last)."""
+
+    samples_per_step: int
+    samples_per_epoch: int
+
+    def __post_init__(self) -> None:
+        if self.samples_per_step < 1 or self.samples_per_epoch < 1:
+            raise ValueError(f"samples_per_step={self.samples_per_step} and samples_per_epoch="
+                             f"{self.samples_per_epoch} must be >= 1")
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.samples_per_epoch / self.samples_per_step
+
+    def position(self, samples_seen: int) -> float:
+        """The schedule's position (in this run's optimizer steps) after `samples_seen` samples."""
+        return samples_seen / self.samples_per_step
+
+    def epoch(self, samples_seen: int) -> float:
+        return samples_seen / self.samples_per_epoch
+
+    def schedule(self, cfg: Mapping[str, Any]) -> LRSchedule:
+        """The config's schedule over `num_epoch` epochs, in this run's optimizer steps."""
+        return build_schedule(cfg, self.steps_per_epoch)
+
+    def steps_left(self, samples_seen: int, num_epoch: float) -> int:
+        """Optimizer steps until `num_epoch` epochs of samples are seen (0 when they are)."""
+        return max(0, math.ceil((num_epoch * self.samples_per_epoch - samples_seen) / self.samples_per_step))

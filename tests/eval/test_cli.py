@@ -149,3 +149,66 @@ def test_masked_probes_on_a_pairs_pack(work, capsys):
     assert r["masked_probe"] is True and r["mask_failures"] == 0
     assert r["target"] == "holdout_pairs_masked_probe"
     assert r["pairs"] == IDS * 2
+
+
+@pytest.mark.slow
+def test_headline_on_an_imbalanced_set_is_tar_and_balanced_accuracy_with_the_counts(work, capsys):
+    table = work["root"] / "headline.md"
+    code, lines, err = _eval(capsys, "--checkpoint", str(work["a"]), "--data", str(work["data"]), "--holdout",
+                             "--name", "glint-holdout", "--headline-far", "1e-2", "--table", str(table))
+    assert code == 0, err
+    r = json.loads(lines[-1])
+    n = IDS * HOLDOUT
+    genuine, impostor = IDS * HOLDOUT * (HOLDOUT - 1) // 2, n * (n - 1) // 2 - IDS * HOLDOUT * (HOLDOUT - 1) // 2
+    assert (r["genuine"], r["impostor"], r["pairs"]) == (genuine, impostor, genuine + impostor)
+    assert r["majority_acc"] == pytest.approx(impostor / (genuine + impostor))
+    assert 0.0 <= r["balanced_acc"] <= 1.0 and set(r) >= {"acc", "std", "tar_at_far", "balanced_std"}
+    assert r["target"] == "glint-holdout" and r["headline_far"] == "1e-2"
+    assert "1e-2" in r["tar_at_far"]
+    # The headline on stderr: TAR at the stated FAR, balanced accuracy and both counts on one line. With 60
+    # impostor pairs a FAR of 1e-2 cannot be measured, and the line says so.
+    head = [line for line in err.splitlines() if line.startswith("glint-holdout: ")]
+    assert len(head) == 1
+    assert "TAR@FAR=1e-2 n/a (needs 100 impostor pairs)" in head[0]
+    assert f"balanced acc {100 * r['balanced_acc']:.2f}%" in head[0]
+    assert f"{genuine} genuine / {impostor} impostor pairs" in head[0]
+    header, _, row = table.read_text().splitlines()[:3]
+    assert header.startswith("| checkpoint | set | genuine | impostor | TAR@FAR=1e-2 (%) | balanced acc (%)")
+    assert f"| glint-holdout unmasked | {genuine} | {impostor} | - | {100 * r['balanced_acc']:.2f} |" in row
+
+
+@pytest.mark.slow
+def test_embed_follows_symlinked_folders(work, capsys, tmp_path):
+    person = sorted(p for p in (work["root"] / "faces").iterdir() if p.is_dir())[0]
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "someone").symlink_to(person, target_is_directory=True)
+    (images / "loop").symlink_to(images, target_is_directory=True)  # walked once, not forever
+    npz = tmp_path / "e.npz"
+    assert embed_cli.main(["--checkpoint", str(work["a"]), "--images", str(images), "--out", str(npz),
+                           "--workers", "0", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["images"] == len(list(person.iterdir())) == PER_ID
+    assert np.load(npz)["classes"].tolist() == ["someone"]
+
+
+def test_embed_fails_when_every_image_is_skipped(work, capsys, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(b"\x89PNG not really")
+    npz = tmp_path / "e.npz"
+    assert embed_cli.main(["--checkpoint", str(work["a"]), "--images", str(images), "--out", str(npz),
+                           "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 3 images could be used" in err and err.strip().count("\n") == 0
+    assert not npz.exists()
+
+
+def test_headline_line_names_far_balanced_accuracy_counts_and_the_majority_baseline():
+    r = {"target": "lfw", "tar_at_far": {"1e-3": 0.5}, "genuine": 240, "impostor": 6900, "balanced_acc": 0.7,
+         "acc": 0.969, "majority_acc": 6900 / 7140}
+    assert eval_cli.headline(r, 1e-3) == ("lfw: TAR@FAR=1e-3 50.00%, balanced acc 70.00% on 240 genuine / 6900 "
+                                          "impostor pairs (acc 96.90%; always the commoner answer: 96.64%)")
+    none = {**r, "genuine": 0, "tar_at_far": {"1e-3": None}, "balanced_acc": None}
+    assert "TAR@FAR=1e-3 n/a, balanced acc n/a on 0 genuine" in eval_cli.headline(none, 1e-3)

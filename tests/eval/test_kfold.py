@@ -6,7 +6,6 @@ import pytest
 
 from trainer.eval import kfold as K
 
-
 # --------------------------------------------------------------------------- insightface k-fold accuracy
 
 def test_kfold_splits_are_sklearn_kfold_without_shuffle():
@@ -64,3 +63,40 @@ def test_pair_distances_and_similarities_of_unit_vectors():
     sims = K.pair_similarities(a, b)
     assert np.allclose(sims, [24 / 25, 0.0])
     assert np.allclose(K.pair_distances(a, b), 2 - 2 * sims)
+
+
+# --------------------------------------------------------------------- balanced accuracy (imbalanced sets)
+
+def test_imbalanced_chance_scores_have_high_accuracy_but_balanced_accuracy_of_a_coin():
+    # 240 genuine against 6,900 impostor pairs with scores that carry no information: always answering
+    # "different person" is 96.6% accurate, and the 10-fold accuracy learns just that.
+    rng = np.random.default_rng(0)
+    issame = np.zeros(7140, bool)
+    issame[rng.choice(7140, 240, replace=False)] = True
+    r = K.kfold_accuracy(rng.uniform(0, 4, 7140), issame)
+    assert K.majority_accuracy(240, 6900) == pytest.approx(6900 / 7140)
+    assert r.acc >= 0.96
+    assert len(r.balanced_accuracies) == 10 and 0.4 < r.balanced_acc < 0.6
+
+
+def test_balanced_accuracy_hand_computed():
+    # Fold 1 = pairs 0-3 (1 genuine), fold 2 = pairs 4-7 (1 genuine). Accept when distance < threshold.
+    distances = np.array([0.1, 0.2, 0.3, 1.5, 0.4, 0.6, 1.2, 1.8])
+    issame = np.array([True, False, False, False, True, False, False, False])
+    r = K.kfold_accuracy(distances, issame, n_folds=2, thresholds=np.array([0.15, 0.5, 1.0]))
+    # Train on fold 2: 0.5 (and 1.0) accept its genuine (0.4) and reject all 3 impostors; 0.15 rejects
+    # everything (balanced 0.5). The first best, 0.5, on fold 1: genuine accepted, impostors 0.2 and 0.3
+    # accepted, 1.5 rejected: (1 + 1/3) / 2. Train on fold 1: 0.15 is perfect; on fold 2 it rejects all:
+    # (0 + 1) / 2.
+    assert np.allclose(r.balanced_accuracies, [(1 + 1 / 3) / 2, 0.5])
+    assert r.balanced_acc == pytest.approx(((1 + 1 / 3) / 2 + 0.5) / 2)
+    # Plain accuracy takes the same thresholds here (0.5 is 4/4 on fold 2; 0.15 is 4/4 on fold 1): fold 1
+    # gets 2 of 4 right, fold 2 its 3 impostors.
+    assert np.allclose(r.accuracies, [0.5, 0.75])
+
+
+def test_balanced_accuracy_skips_folds_with_one_kind_of_pair():
+    distances = np.array([0.1, 0.2, 1.5, 1.6])
+    issame = np.array([True, True, False, False])
+    r = K.kfold_accuracy(distances, issame, n_folds=2, thresholds=np.array([0.5, 1.0]))
+    assert len(r.balanced_accuracies) == 0 and np.isnan(r.balanced_acc)

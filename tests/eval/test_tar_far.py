@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.eval import common, tar_far as T
-
+from trainer.eval import common
+from trainer.eval import tar_far as T
 
 # ----------------------------------------------------------------------------------------- TAR at FAR
 
@@ -153,3 +153,23 @@ def test_sortable_key_orders_like_floats():
     assert np.all(np.diff(keys[[0, 1, 2, 4, 5, 6, 7, 8]]) > 0)
     assert keys[3] == keys[4]  # -0.0 and +0.0 are one value
     assert [T._key_to_float(int(k)) for k in keys] == [float(v) for v in values[[0, 1, 2, 4, 4, 5, 6, 7, 8]]]
+
+
+def test_histogram_balanced_kfold_hand_computed():
+    # Fold 0: impostors in bins 100 and 300, a genuine in 200. Fold 1: a genuine in 250, impostor in 150.
+    hist = np.zeros((2, 2, T._BINS), np.int64)
+    hist[0, 0, 100] = hist[0, 0, 300] = hist[0, 1, 200] = hist[1, 1, 250] = hist[1, 0, 150] = 1
+    # Test fold 0: on fold 1 any threshold in (150, 250] is perfect; the strictest, 250, on fold 0 accepts
+    # the impostor at 300 and rejects the genuine: (0 + 1/2) / 2. Test fold 1: on fold 0, threshold 200
+    # (accepting bins 200 and 300) has TPR 1, TNR 1/2: the best, 3/4; on fold 1 it is perfect.
+    assert np.allclose(T.kfold_balanced_from_histograms(hist), [0.25, 1.0])
+
+
+def test_all_pairs_imbalanced_chance_embeddings_balanced_accuracy_near_half():
+    rng = np.random.default_rng(1)
+    emb = common.l2_normalize(rng.normal(size=(240, 32)))
+    labels = np.repeat(np.arange(80), 3)  # 240 genuine pairs against 28,440 impostor pairs
+    r = T.all_pairs_verification(emb, labels, tile=64, device="cpu", progress=False)
+    assert (r.n_genuine, r.n_impostor) == (240, 240 * 239 // 2 - 240)
+    assert r.acc > 0.99 and len(r.balanced_accuracies) == 10
+    assert 0.4 < r.balanced_acc < 0.62

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tests._eval_helpers import encode, face_images, read_rgb, write_bin
-from trainer.eval import images, targets as V
-
+from trainer.eval import images
+from trainer.eval import targets as V
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -134,3 +134,18 @@ def test_mask_probes_masks_the_first_image_of_each_pair(faces, tmp_path):
         assert diff[70:100].mean() > 20 > diff[20:45].mean()  # mouth and chin covered, eyes not
     again = V.mask_probes(target, mode="2d", seed=3)
     assert np.array_equal(again.images, masked.images)  # seeded
+
+
+def test_a_pairs_txt_is_named_after_its_folder(faces, tmp_path):
+    # LFW ships lfw/pairs.txt: its results are "lfw", not "pairs"; another stem keeps its name.
+    img = face_images(faces)
+    name = sorted(img)[0]
+    root = tmp_path / "lfw"
+    (root / "Ann").mkdir(parents=True)
+    for i in range(2):
+        (root / "Ann" / f"Ann_{i + 1:04d}.png").write_bytes(encode(img[name][i]))
+    (root / "pairs.txt").write_text("Ann 1 2\n")
+    (root / "cplfw_pairs.txt").write_text("Ann 1 2\n")
+    assert V.load_target(root / "pairs.txt").name == "lfw"
+    assert V.load_target(root / "cplfw_pairs.txt").name == "cplfw_pairs"
+    assert V.load_target(root / "pairs.txt", name="LFW-test").name == "LFW-test"

@@ -3,6 +3,9 @@ PyTorch within 1e-4; a file that would not is never written; bad checkpoints fai
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -10,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests._eval_helpers import EMBEDDING, last_json, run_module, save_model
+from tests._eval_helpers import EMBEDDING, REPO, last_json, run_module, save_model
 from trainer.checkpoint import CheckpointError
 from trainer.model_io import export
 from trainer.model_io.load import load_backbone, read_checkpoint
@@ -36,7 +39,7 @@ def test_export_cli_onnx_and_torchscript_match_pytorch(model_pt, tmp_path):
         with torch.no_grad():
             want = model(x).numpy()
             got_ts = scripted(x).numpy()
-        got = session.run(["embedding"], {"input": x.numpy()})[0]
+        got = session.run(["embedding"], {"data": x.numpy()})[0]  # arcface_torch's input name
         assert got.shape == (batch, EMBEDDING)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
         np.testing.assert_allclose(got_ts, want, rtol=0, atol=1e-5)
@@ -81,3 +84,69 @@ def test_export_cli_fails_in_one_line_on_a_bad_checkpoint(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not a loadable torch checkpoint" in proc.stderr
     assert list(tmp_path.iterdir()) == [junk]
+
+
+@pytest.mark.slow
+def test_export_insightface_state_dict_input_name_permissions_and_no_tracer_warning(model_pt, tmp_path):
+    onnx_path, pth = tmp_path / "m.onnx", tmp_path / "backbone.pth"
+    proc = subprocess.run([sys.executable, "-m", "trainer.model_io.export", "--checkpoint", str(model_pt),
+                           "--onnx", str(onnx_path), "--insightface", str(pth), "--input-name", "img"],
+                          cwd=REPO, capture_output=True, text=True, umask=0o022, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # The backbones' input-size checks become trace constants on purpose; nothing to tell the user.
+    assert "TracerWarning" not in proc.stderr, proc.stderr
+    result = last_json(proc.stdout)
+    assert "torchscript" not in result  # the paths given pick the formats
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pth", "m.onnx"]
+    for path in (onnx_path, pth):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path  # not mkstemp's 0600
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["img"]
+    # backbone.pth is what arcface_torch saves: a plain state_dict (for MobileFaceNet our names are
+    # arcface_torch's, tests/model_io/test_convert.py) that a fresh network loads as it is.
+    state = torch.load(pth, map_location="cpu", weights_only=True)
+    model = load_backbone(model_pt)
+    assert set(state) == set(model.state_dict()) and all(isinstance(v, torch.Tensor) for v in state.values())
+    from trainer.backbones import build_backbone
+
+    fresh = build_backbone("mbf", embedding_size=EMBEDDING).eval()
+    fresh.load_state_dict(state, strict=True)
+    x = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_export_paths_by_format_and_by_path(tmp_path):
+    ckpt = tmp_path / "run" / "model.pt"
+    none = {"onnx": None, "torchscript": None, "insightface": None}
+    assert export.output_paths(ckpt, None, none) == {"onnx": ckpt.with_suffix(".onnx"),
+                                                     "torchscript": ckpt.with_suffix(".torchscript.pt")}
+    assert export.output_paths(ckpt, ["insightface"], none) == {"insightface": tmp_path / "run" / "backbone.pth"}
+    given = {**none, "onnx": str(tmp_path / "x.onnx")}
+    assert export.output_paths(ckpt, None, given) == {"onnx": tmp_path / "x.onnx"}
+    assert export.output_paths(ckpt, ["torchscript"], given) == {"onnx": tmp_path / "x.onnx",
+                                                                 "torchscript": ckpt.with_suffix(".torchscript.pt")}
+    assert export.build_parser().parse_args(["--checkpoint", "m.pt"]).input_name == "data"
+    with pytest.raises(SystemExit):
+        export.build_parser().parse_args(["--checkpoint", "m.pt", "--format", "onnx,tflite"])
+
+
+def test_backbone_pth_goes_through_the_converter(tmp_path):
+    # A face ViT gets arcface_torch's names (its mask token included); a network that arcface_torch does not
+    # have is refused in one line, and nothing is written.
+    from trainer.backbones import build_backbone
+    from trainer.backbones.vit import to_insightface
+    from trainer.model_io.convert import ConvertError
+
+    vit = build_backbone("vit_t", embedding_size=EMBEDDING, mask_ratio=0.0)
+    vit.network, vit.network_kwargs = "vit_t", {"embedding_size": EMBEDDING, "mask_ratio": 0.0}
+    assert "mask_token" not in vit.state_dict()
+    n = export.export_backbone_pth(vit, tmp_path / "backbone.pth")
+    state = torch.load(tmp_path / "backbone.pth", map_location="cpu", weights_only=True)
+    want = to_insightface(vit.state_dict(), 256)
+    assert n == len(state) and set(state) == set(want) and "mask_token" in state
+    other = build_backbone("lightcnn9")
+    other.network, other.network_kwargs = "lightcnn9", {}
+    with pytest.raises(ConvertError, match="no arcface_torch counterpart"):
+        export.export_backbone_pth(other, tmp_path / "other.pth")
+    assert not (tmp_path / "other.pth").exists()

@@ -75,10 +75,23 @@ config.output = ""  # --output sets it; default runs/<config_name>
 config.frequent = 10  # log every N optimizer steps
 config.tensorboard = True
 config.progress_bar = True
+# Weights & Biases (needs the `wandb` package; a run with wandb=True and no package stops before training)
+config.wandb = False
+config.wandb_project = "facetrain"
+config.wandb_entity = ""  # empty: wandb's default entity
+config.wandb_run_name = ""  # empty: the run folder's name
+# A resume whose config differs in a key that changes what is trained (lr, batch_size, network, ...;
+# the free keys are trainer/config.py's RESUME_FREE_KEYS) is refused unless this is set
+# (or --allow-config-change is passed)
+config.allow_config_change = False
 
 # Evaluation on rank 0 every `verbose` steps and at the end: .bin packs or pairs.txt lists. A relative
 # name is looked up in the data folder too, with ".bin" added when missing (insightface: "lfw").
+# A pairs.txt over raw photos is an error before the first step unless val_align: then its faces are
+# aligned once (pipeline/align.py) and cached as <name>.aligned.bin beside it (or in OUTPUT/val_cache/
+# when that folder is read-only), which later runs and `python -m trainer.eval` read instead.
 config.val_targets = []
+config.val_align = False
 config.verbose = 2000
 config.val_batch_size = 64
 # > 0: stop when that many evaluations in a row have not raised the mean val accuracy (trainer/early_stop.py)

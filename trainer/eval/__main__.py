@@ -1,4 +1,4 @@
-"""`python -m trainer.eval`: compare trained backbones the way the papers do, from the command line.
+"""`python -m trainer.eval` (or `facetrain eval`): compare trained backbones the way the papers do.
 
 Verification on pairs (insightface's 10-fold accuracy with the flip test, and TAR at FAR):
     python -m trainer.eval --checkpoint runs/a/model.pt --pairs lfw.bin
@@ -13,9 +13,15 @@ distractors are the set's images of other identities.
 IJB-B / IJB-C template protocols (1:1 TAR@FAR as insightface's eval_ijbc.py, 1:N TPIR@FPIR and CMC) on the
 released layout, see trainer/eval/ijb.py: `--ijb ROOT --ijb-set IJBC [--save-features F.npz | --features F.npz]`.
 Several checkpoints: one result line each, and `--table out.md` compares them. `--output r.json` writes
-all results, with r.roc.png (and r.cmc.png) beside it. The last line printed is one JSON object:
-{"pairs", "acc", "std", "tar_at_far": {"1e-6": ..., ...}, ...} (DESIGN.md section 2). A TAR is null
-where the set has too few impostor pairs to measure that FAR (fewer than 1 / FAR).
+all results, with r.roc.png (and r.cmc.png) beside it. `--name` names the set in results and tables.
+
+Each result is one JSON line on stdout (the last line is the last result; docs/design.md section 2):
+{"target", "pairs", "genuine", "impostor", "acc", "std", "balanced_acc", "majority_acc",
+"tar_at_far": {"1e-6": ..., ...}, "headline_far", ...}. A TAR is null where the set has too few impostor
+pairs to measure that FAR (fewer than 1 / FAR). The headline, on stderr and first in the table, is TAR at
+--headline-far and the balanced accuracy, (TPR + TNR) / 2, with the genuine and impostor counts: on an
+imbalanced set (240 genuine against 6,900 impostor pairs) the plain accuracy of always answering
+"different person" is already 0.966, shown as `majority_acc` beside `acc`.
 Soft-biometric attribute accuracy per attribute (AAFace's Table 1), trainer/eval/attributes.py:
     python -m trainer.eval --checkpoint model.pt --data TEST --holdout --attributes [A,B,...]
 Closed-set classification accuracy with the run's own classifier (trainer/eval/closed_set.py):
@@ -33,12 +39,13 @@ import numpy as np
 import torch
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, json_safe
+from pipeline.help_format import HelpFormatter
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.recordio import RecordIOError
 from trainer.checkpoint import CheckpointError
 from trainer.eval.attributes import run_attributes
 from trainer.eval.closed_set import run_closed_set
-from trainer.eval.common import FARS, EvalError, resolve_device
+from trainer.eval.common import FARS, EvalError, far_key, resolve_device
 from trainer.eval.embedding import embed_images
 from trainer.eval.ijb import add_ijb_arguments, run_ijb
 from trainer.eval.images import VerificationError
@@ -59,9 +66,12 @@ def _parse_fars(text: str) -> tuple[float, ...]:
     return fars
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def _far(text: str) -> float:
+    return _parse_fars(text)[0]
+
+
+def build_parser(prog: str = "python -m trainer.eval") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
                     help="model.pt file(s); several are compared")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -76,12 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--classifier", help="--closed-set: fc_full.pt, a checkpoint or run folder "
                                          "(default: the run folder of the checkpoint)")
     ap.add_argument("--root", help="image root of a pairs.txt (default: its folder)")
+    ap.add_argument("--name", help="the set's name in results and tables (default: the file's stem, or for "
+                                   "pairs.txt its folder's name; --data: the folder's name)")
     ap.add_argument("--holdout", action="store_true", help="--data: use the held-out shards of the pack")
     ap.add_argument("--masked-probe", action="store_true",
                     help="masked probes against the unmasked gallery: with --data, maskgen's masked copies "
                          "(per mask type); with --pairs, the first image of each pair is masked here")
     ap.add_argument("--mask-mode", choices=("2d", "3d", "mixed"), default="mixed",
-                    help="--pairs --masked-probe: maskgen's renderer (default mixed)")
+                    help="--pairs --masked-probe: maskgen's renderer")
     ap.add_argument("--mask-seed", type=int, default=0,
                     help="--pairs --masked-probe: seed of the masks drawn")
     ap.add_argument("--align", action="store_true", help="detect and align faces in raw photos")
@@ -89,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cmc", action="store_true", help="--data: rank-K identification (MegaFace protocol)")
     ap.add_argument("--distractors", help="--cmc distractor gallery: image folder, packed set, or .npz of "
                                           "python -m trainer.eval.embed from the same checkpoint")
-    ap.add_argument("--max-rank", type=int, default=10, help="CMC up to this rank (default 10)")
-    ap.add_argument("--fars", type=_parse_fars, default=FARS,
-                    help="comma-separated (default 1e-6..1e-1)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--max-rank", type=int, default=10, help="CMC up to this rank")
+    ap.add_argument("--fars", type=_parse_fars, default=",".join(far_key(f) for f in FARS),
+                    help="the FARs to report TAR at, comma-separated")
+    ap.add_argument("--headline-far", type=_far, default="1e-3",
+                    help="the FAR of the headline TAR (added to --fars)")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     ap.add_argument("--tile", type=int, default=2048,
                     help="all-to-all scores are computed tile x tile at a time")
     ap.add_argument("--workers", type=int, default=2, help="image decoding processes")
@@ -100,9 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--network", help="backbone name, for a bare state_dict checkpoint")
     ap.add_argument("--output", help="write every result here (JSON), with ROC/CMC PNGs beside it")
     ap.add_argument("--table", help="write a markdown table comparing the checkpoints")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_ijb_arguments(ap, src)
     return ap
+
+
+def headline(result: dict, far: float) -> str:
+    """One line that an imbalanced set cannot flatter: TAR at the stated FAR and the balanced accuracy,
+    with the counts of genuine and impostor pairs; the plain accuracy after its majority baseline."""
+    def pct(x) -> str:
+        return "n/a" if x is None else f"{100 * x:.2f}%"
+
+    key = far_key(far)
+    name = result.get("target") or result.get("set", "")
+    tar = result["tar_at_far"].get(key)
+    tar_text = pct(tar)
+    if tar is None and result["genuine"] and result["impostor"]:
+        tar_text = f"n/a (needs {int(round(1 / far))} impostor pairs)"
+    parts = [f"TAR@FAR={key} {tar_text}"]
+    if "balanced_acc" in result:  # (IJB's protocol reports TARs only)
+        parts.append(f"balanced acc {pct(result['balanced_acc'])}")
+    line = f"{name}: {', '.join(parts)} on {result['genuine']} genuine / {result['impostor']} impostor pairs"
+    if result.get("acc") is not None:
+        line += f" (acc {pct(result['acc'])}; always the commoner answer: {pct(result.get('majority_acc'))})"
+    return line
 
 
 def _evaluate_pairs(model: torch.nn.Module, target: VerificationSet, args: argparse.Namespace,
@@ -116,6 +151,23 @@ def _evaluate_pairs(model: torch.nn.Module, target: VerificationSet, args: argpa
     return out, Curves({target.name: res.roc()}, {})
 
 
+def _evaluate_packed(model: torch.nn.Module, ckpt: str, args: argparse.Namespace,
+                     device: torch.device) -> tuple[dict, Curves]:
+    progress = not args.no_progress
+    distractors = None
+    if args.distractors:
+        distractors = load_distractors(args.distractors, model, ckpt, device, args.batch_size,
+                                       not args.no_flip, args.align, args.workers, progress)
+    emb, info = embed_packed(model, args.data, device, args.batch_size, not args.no_flip,
+                             args.holdout, args.workers, progress)
+    subsets, curves = evaluate_packed(emb, info, args.masked_probe, args.fars, args.tile, device,
+                                      args.cmc, args.max_rank, distractors, progress)
+    primary = "masked" if args.masked_probe else "unmasked"
+    name = args.name or Path(args.data).resolve().name
+    return {"target": name, "data": args.data, "protocol": primary, "images": int(len(emb)),
+            "skipped_records": info.skipped, **subsets[primary], "subsets": subsets}, curves
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     if args.attributes is not None:
         return run_attributes(args)
@@ -127,6 +179,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise EvalError("--distractors is for --cmc")
     if args.max_rank < 1:
         raise EvalError("--max-rank must be at least 1")
+    args.fars = tuple(sorted(set(args.fars) | {args.headline_far}))
     if args.masked_probe and args.data:
         manifest = load_manifest(args.data)
         if "masked" not in manifest["label_fields"]:
@@ -136,7 +189,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     progress = not args.no_progress
     target = None
     if args.pairs:
-        target = load_target(args.pairs, root=args.root, align=args.align, progress=progress)
+        target = load_target(args.pairs, root=args.root, align=args.align, name=args.name, progress=progress)
         if args.masked_probe:
             target = mask_probes(target, args.mask_mode, args.mask_seed, progress)
     results: list[dict] = []
@@ -146,30 +199,22 @@ def run(args: argparse.Namespace) -> list[dict]:
     for ckpt in args.checkpoint:
         model = load_backbone(ckpt, device, network=args.network)
         head = {"checkpoint": ckpt, "network": model.network, "flip": not args.no_flip}
+        # One function per protocol, each returning (the result's own keys, its curves).
         if target is not None:
             summary, curves = _evaluate_pairs(model, target, args, device)
-            result = {**head, **summary}
         elif args.ijb:
             summary, rocs, cmcs = run_ijb(args, model, device)
-            result, curves = {**head, **summary}, Curves(rocs, cmcs)
+            curves = Curves(rocs, cmcs)
         else:
-            distractors = None
-            if args.distractors:
-                distractors = load_distractors(args.distractors, model, ckpt, device, args.batch_size,
-                                               not args.no_flip, args.align, args.workers, progress)
-            emb, info = embed_packed(model, args.data, device, args.batch_size, not args.no_flip,
-                                     args.holdout, args.workers, progress)
-            subsets, curves = evaluate_packed(emb, info, args.masked_probe, args.fars, args.tile, device,
-                                              args.cmc, args.max_rank, distractors, progress)
-            primary = "masked" if args.masked_probe else "unmasked"
-            result = {**head, "data": args.data, "protocol": primary, "images": int(len(emb)),
-                      "skipped_records": info.skipped, **subsets[primary], "subsets": subsets}
+            summary, curves = _evaluate_packed(model, ckpt, args, device)
+        result = {**head, **summary}
         for name, c in curves.roc.items():
             roc_curves[f"{Path(ckpt).parent.name}/{Path(ckpt).name} {name}" if many else name] = c
         for name, c in curves.cmc.items():
             cmc_curves[f"{Path(ckpt).parent.name}/{Path(ckpt).name} {name}" if many else name] = c
-        result = json_safe(result)
+        result = json_safe({**result, "headline_far": far_key(args.headline_far)})
         results.append(result)
+        print(headline(result, args.headline_far), file=sys.stderr, flush=True)
         print(json.dumps(result), flush=True)
     if args.output:
         from trainer.eval import plots  # matplotlib only when figures are asked for
@@ -181,12 +226,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         if cmc_curves:
             plots.plot_cmc(cmc_curves, f"{stem}.cmc.png", title=f"CMC: {args.data or args.ijb}")
     if args.table:
-        atomic_write_bytes(args.table, results_table(results, args.fars).encode())
+        atomic_write_bytes(args.table, results_table(results, args.fars, args.headline_far).encode())
     return results
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m trainer.eval") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         results = run(args)
     except (EvalError, VerificationError, CheckpointError, ManifestError, RecordIOError, OSError,

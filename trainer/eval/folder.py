@@ -18,14 +18,29 @@ from trainer.eval.embedding import embed_dataset
 from trainer.eval.images import IMAGE_EXTENSIONS, IMAGE_SIZE, VerificationError, face_crop, read_image_file
 
 
+def _walk_files(root: Path) -> list[str]:
+    """Relative paths of the files under `root`, symlinked folders followed (each real folder once, so a
+    link back up the tree ends there)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        rel = Path(folder).relative_to(root)
+        found += [(rel / f).as_posix() for f in files if (Path(folder) / f).is_file()]
+    return found
+
+
 def list_images(root: str | os.PathLike) -> tuple[list[str], np.ndarray, list[str]]:
-    """Image files under `root` (sorted relative paths), their labels and the class names: the label of
-    an image is its top-level sub-folder's index, -1 for files in `root` itself."""
+    """Image files under `root` (sorted relative paths; symlinked files and folders followed), their
+    labels and the class names: the label of an image is its top-level sub-folder's index, -1 for files
+    in `root` itself."""
     root = Path(root)
     if not root.is_dir():
         raise VerificationError(f"{root}: not a folder")
-    paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths = sorted(p for p in _walk_files(root) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
     classes = sorted({p.split("/", 1)[0] for p in paths if "/" in p})
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[p.split("/", 1)[0]] if "/" in p else -1 for p in paths], dtype=np.int64)
@@ -66,7 +81,7 @@ def embed_folder(model: torch.nn.Module, root: str | os.PathLike, device: str | 
                  batch_size: int = 64, flip: bool = True, align: bool = False, normalize: bool = True,
                  workers: int = 2, progress: bool = True) -> FolderEmbeddings:
     """Embed every image under `root`; unreadable or (with `align`) faceless images are left out and
-    listed in `skipped`."""
+    listed in `skipped`. VerificationError when none is left."""
     root = Path(root)
     paths, labels, classes = list_images(root)
     if not paths:
@@ -75,6 +90,9 @@ def embed_folder(model: torch.nn.Module, root: str | os.PathLike, device: str | 
                                     normalize, workers, progress, desc=f"embed {root.name}")
     keep = reasons == ""
     skipped = [f"{p}\t{r}" for p, r in zip(paths, reasons) if r]
+    if not keep.any():
+        first = skipped[0].replace("\t", ": ")
+        raise VerificationError(f"{root}: none of its {len(paths)} images could be used (e.g. {first})")
     kept_paths = [p for p, k in zip(paths, keep) if k]
     return FolderEmbeddings(emb[keep], kept_paths, labels[keep], classes, skipped)
 

@@ -5,7 +5,7 @@ Pure numbers in, numbers out: no models, no files.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,9 @@ class KFoldResult:
     thresholds: np.ndarray  # the threshold chosen for each fold (on its 9 training folds)
     tpr: np.ndarray  # ROC over the threshold grid: true-positive rate averaged over the test folds
     fpr: np.ndarray
+    # (TPR + TNR) / 2 of each fold that holds both kinds of pair, its threshold chosen on the other folds
+    # for the best balanced accuracy: the accuracy that an imbalanced set cannot inflate.
+    balanced_accuracies: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def acc(self) -> float:
@@ -51,6 +54,30 @@ class KFoldResult:
     @property
     def std(self) -> float:
         return float(np.std(self.accuracies))
+
+    @property
+    def balanced_acc(self) -> float:
+        b = self.balanced_accuracies
+        return float(np.mean(b)) if len(b) else float("nan")
+
+    @property
+    def balanced_std(self) -> float:
+        b = self.balanced_accuracies
+        return float(np.std(b)) if len(b) else float("nan")
+
+
+def balanced_rates(tp, fp, tn, fn) -> np.ndarray:
+    """(TPR + TNR) / 2 elementwise; a class with no pairs counts as 0 for its half."""
+    tp, fp, tn, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, tn, fn))
+    tpr = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+    tnr = np.divide(tn, tn + fp, out=np.zeros_like(tn), where=(tn + fp) > 0)
+    return (tpr + tnr) / 2
+
+
+def majority_accuracy(n_genuine: int, n_impostor: int) -> float:
+    """The accuracy of always giving the more common answer: what an accuracy must beat to mean anything."""
+    n = n_genuine + n_impostor
+    return max(n_genuine, n_impostor) / n if n else float("nan")
 
 
 def _accept_counts(distances: np.ndarray, issame: np.ndarray, thresholds: np.ndarray):
@@ -84,16 +111,22 @@ def kfold_accuracy(
         raise ValueError("distances hold NaN or inf: the embeddings are not finite")
     thresholds = np.asarray(thresholds, dtype=np.float64)
     folds = kfold_splits(len(distances), n_folds)
-    accs, best, tprs, fprs = [], [], [], []
+    accs, best, tprs, fprs, balanced = [], [], [], [], []
     for test in folds:
         train = np.ones(len(distances), dtype=bool)
         train[test] = False
-        tp, _, tn, _ = _accept_counts(distances[train], issame[train], thresholds)
+        train_counts = _accept_counts(distances[train], issame[train], thresholds)
+        tp, _, tn, _ = train_counts
         best_index = int(np.argmax(tp + tn))  # argmax takes the first: the smallest best threshold
+        best_balanced = int(np.argmax(balanced_rates(*train_counts)))
         tp, fp, tn, fn = _accept_counts(distances[test], issame[test], thresholds)
         accs.append((tp[best_index] + tn[best_index]) / len(test))
         best.append(thresholds[best_index])
         tprs.append(np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0))
         fprs.append(np.where(fp + tn > 0, fp / np.maximum(fp + tn, 1), 0.0))
-    return KFoldResult(np.asarray(accs), np.asarray(best), np.mean(tprs, axis=0), np.mean(fprs, axis=0))
+        if 0 < issame[test].sum() < len(test):  # both kinds in the test fold
+            i = best_balanced
+            balanced.append(float(balanced_rates(tp[i], fp[i], tn[i], fn[i])))
+    return KFoldResult(np.asarray(accs), np.asarray(best), np.mean(tprs, axis=0), np.mean(fprs, axis=0),
+                       np.asarray(balanced))
 

@@ -21,6 +21,7 @@ from trainer.eval.embedding import embed_dataset
 from trainer.eval.folder import embed_folder, load_npz
 from trainer.eval.identification import CMCResult, megaface_cmc
 from trainer.eval.images import IMAGE_SIZE
+from trainer.eval.kfold import majority_accuracy
 from trainer.eval.tar_far import AllPairsResult, all_pairs_verification
 
 
@@ -92,6 +93,9 @@ def _subset_summary(res: AllPairsResult) -> dict[str, Any]:
         "impostor": res.n_impostor,
         "acc": res.acc,
         "std": res.std,
+        "balanced_acc": res.balanced_acc,
+        "balanced_std": res.balanced_std,
+        "majority_acc": majority_accuracy(res.n_genuine, res.n_impostor),
         "tar_at_far": {far_key(f): r.tar for f, r in res.tar_at_far.items()},
         "threshold_at_far": {far_key(f): r.threshold for f, r in res.tar_at_far.items()},
     }

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from trainer.eval.common import FARS, far_key
 from trainer.eval.embedding import embed_images
-from trainer.eval.kfold import KFoldResult, kfold_accuracy, pair_distances, pair_similarities
+from trainer.eval.kfold import KFoldResult, kfold_accuracy, majority_accuracy, pair_distances, pair_similarities
 from trainer.eval.tar_far import TarAtFar, roc_points, tar_at_far
 from trainer.eval.targets import VerificationSet, cached_target
 
@@ -33,6 +33,9 @@ class PairResult:
             "pairs": self.pairs,
             "acc": self.kfold.acc,
             "std": self.kfold.std,
+            "balanced_acc": self.kfold.balanced_acc,
+            "balanced_std": self.kfold.balanced_std,
+            "majority_acc": majority_accuracy(len(self.genuine), len(self.impostor)),
             "threshold": float(np.mean(self.kfold.thresholds)),  # squared L2 distance of unit vectors
             "xnorm": self.xnorm,
             "genuine": int(len(self.genuine)),

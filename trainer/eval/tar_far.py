@@ -114,6 +114,7 @@ class AllPairsResult:
     roc_fpr: np.ndarray
     roc_tpr: np.ndarray
     fold_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    balanced_accuracies: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (TPR + TNR) / 2 per fold
 
     @property
     def pairs(self) -> int:
@@ -126,6 +127,16 @@ class AllPairsResult:
     @property
     def std(self) -> float:
         return float(np.std(self.accuracies)) if len(self.accuracies) else float("nan")
+
+    @property
+    def balanced_acc(self) -> float:
+        b = self.balanced_accuracies
+        return float(np.mean(b)) if len(b) else float("nan")
+
+    @property
+    def balanced_std(self) -> float:
+        b = self.balanced_accuracies
+        return float(np.std(b)) if len(b) else float("nan")
 
 
 @dataclass
@@ -319,13 +330,28 @@ def all_pairs_verification(
 
     gen_fold = np.zeros((n_folds, _BINS), dtype=np.int64)
     np.add.at(gen_fold, (gen_folds_np, (gen_keys_np >> _LOW_BITS) + _BINS // 2), 1)
-    accuracies, fold_thr = kfold_accuracy_from_histograms(np.stack([imp_fold, gen_fold], axis=1))
+    hist = np.stack([imp_fold, gen_fold], axis=1)
+    accuracies, fold_thr = kfold_accuracy_from_histograms(hist)
     # ROC at the top-bin resolution, from the strictest threshold down.
     gen_ge = np.r_[np.cumsum(gen_fold.sum(0)[::-1])[::-1], 0]
     fpr = imp_ge[::-1] / max(n_imp, 1)
     tpr = gen_ge[::-1] / max(n_gen, 1)
     keep = np.r_[True, (np.diff(fpr) != 0) | (np.diff(tpr) != 0)]
-    return AllPairsResult(n_gen, n_imp, result, accuracies, fpr[keep], tpr[keep], fold_thr)
+    return AllPairsResult(n_gen, n_imp, result, accuracies, fpr[keep], tpr[keep], fold_thr,
+                          kfold_balanced_from_histograms(hist))
+
+
+def _threshold_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For per-fold histograms [fold, impostor/genuine, bin]: the non-empty bins, and per fold and
+    threshold index t = 0 .. len(used) (accepting the used bins >= t) the genuine pairs accepted and the
+    impostor pairs rejected."""
+    n_folds = hist.shape[0]
+    used = np.nonzero(hist.sum(axis=(0, 1)))[0]  # thresholds between empty bins change nothing
+    h = hist[:, :, used]
+    zeros = np.zeros((n_folds, 1), np.int64)
+    gen_ge = np.concatenate([np.cumsum(h[:, 1, ::-1], axis=1)[:, ::-1], zeros], 1)
+    imp_lt = np.concatenate([zeros, np.cumsum(h[:, 0], axis=1)], 1)
+    return used, gen_ge, imp_lt
 
 
 def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -333,14 +359,9 @@ def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.nda
     accepts the bins >= t; each fold takes the strictest threshold with the best accuracy on the others.
     Returns the accuracies and each fold's threshold (the lowest score its bin holds)."""
     n_folds, _, n_bins = hist.shape
-    used = np.nonzero(hist.sum(axis=(0, 1)))[0]  # thresholds between empty bins change nothing
-    h = hist[:, :, used]
-    # correct[f, t] = genuine in bins >= t + impostors in bins < t, for t = 0 .. len(used).
-    zeros = np.zeros((n_folds, 1), np.int64)
-    gen_ge = np.concatenate([np.cumsum(h[:, 1, ::-1], axis=1)[:, ::-1], zeros], 1)
-    imp_lt = np.concatenate([zeros, np.cumsum(h[:, 0], axis=1)], 1)
+    used, gen_ge, imp_lt = _threshold_counts(hist)
     correct = gen_ge + imp_lt
-    totals = h.sum(axis=(1, 2))
+    totals = hist.sum(axis=(1, 2))
     accs, thresholds = [], []
     for f in range(n_folds):
         if totals[f] == 0:
@@ -351,3 +372,19 @@ def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.nda
         bin_ = int(used[t]) if t < len(used) else n_bins
         thresholds.append(_key_to_float((bin_ - n_bins // 2) << _LOW_BITS) if bin_ < n_bins else math.inf)
     return np.asarray(accs), np.asarray(thresholds)
+
+
+def kfold_balanced_from_histograms(hist: np.ndarray) -> np.ndarray:
+    """k-fold balanced accuracy, (TPR + TNR) / 2, on the same histograms: each fold that holds both kinds
+    of pair takes the strictest threshold with the best balanced accuracy on the other folds."""
+    _, gen_ge, imp_lt = _threshold_counts(hist)
+    n_imp, n_gen = hist[:, 0].sum(axis=1), hist[:, 1].sum(axis=1)
+    out = []
+    for f in range(hist.shape[0]):
+        if n_gen[f] == 0 or n_imp[f] == 0:
+            continue
+        g, i = n_gen.sum() - n_gen[f], n_imp.sum() - n_imp[f]
+        train = ((gen_ge.sum(0) - gen_ge[f]) / max(g, 1) + (imp_lt.sum(0) - imp_lt[f]) / max(i, 1)) / 2
+        t = len(train) - 1 - int(np.argmax(train[::-1]))
+        out.append((gen_ge[f, t] / n_gen[f] + imp_lt[f, t] / n_imp[f]) / 2)
+    return np.asarray(out)

@@ -21,8 +21,14 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.imageio import ImageRejected
-from trainer.eval.images import (IMAGE_EXTENSIONS, IMAGE_SIZE, VerificationError, decode_image, face_crop,
-                                 read_image_file)
+from trainer.eval.images import (
+    IMAGE_EXTENSIONS,
+    IMAGE_SIZE,
+    VerificationError,
+    decode_image,
+    face_crop,
+    read_image_file,
+)
 
 logger = logging.getLogger("trainer")
 
@@ -155,7 +161,15 @@ def load_pairs_txt(path: str | os.PathLike, root: Optional[str | os.PathLike] = 
         logger.warning("%s: no face found in %d of %d images; those were resized whole", path, failures,
                        len(index))
     pairs = np.array([(index[a], index[b]) for a, b in pair_paths], dtype=np.int64)
-    return VerificationSet(name or path.stem, images, pairs, np.asarray(issame, bool), str(path), failures)
+    return VerificationSet(name or pairs_list_name(path), images, pairs, np.asarray(issame, bool), str(path),
+                           failures)
+
+
+def pairs_list_name(path: str | os.PathLike) -> str:
+    """A pairs list's default name: its stem, or its folder's name when the stem only says "pairs"
+    (lfw/pairs.txt is "lfw")."""
+    path = Path(path)
+    return path.resolve().parent.name or path.stem if path.stem.lower() == "pairs" else path.stem
 
 
 def load_target(path: str | os.PathLike, root: Optional[str | os.PathLike] = None, align: bool = False,

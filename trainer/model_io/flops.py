@@ -6,10 +6,17 @@ multiply-adds, i.e. half of what `torch.utils.flop_counter.FlopCounterMode` call
 papers' tools, it counts the work of convolutions, linear layers, matrix products and attention; it
 leaves out element-wise work (batch norm, activations, residual additions, softmax, pooling), which is
 well under 1% of these networks.
+
+    python -m trainer.model_io.flops --network r50 mbf [--size 112]     (or: facetrain flops ...)
+
+prints parameters (millions) and GMACs of each named network on one image, as the papers' tables do.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+import argparse
+import json
+import sys
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -78,3 +85,60 @@ def count_gmacs(model: nn.Module, image_size: int = 112, in_channels: int = 3) -
 def describe(model: nn.Module, image_size: int = 112) -> Dict[str, float]:
     """Millions of parameters and counted GMACs, for tables and logs."""
     return {"params_m": count_params(model) / 1e6, "gmacs": count_gmacs(model, image_size)}
+
+
+def _kwarg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a bare string, e.g. act=prelu
+
+
+def build_parser(prog: str = "python -m trainer.model_io.flops") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--network", nargs="+", required=True, metavar="NAME",
+                    help="backbone name(s) of the registry (trainer/backbones); `--network list` names them")
+    ap.add_argument("--size", type=int, default=112, help="input side in pixels (default: %(default)s)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per network instead of a table")
+    ap.add_argument("kwargs", nargs="*", metavar="key=value", type=_kwarg,
+                    help="backbone arguments, e.g. embedding_size=256 (JSON values)")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m trainer.model_io.flops") -> int:
+    from trainer.backbones import available_backbones, build_backbone
+
+    args = build_parser(prog).parse_intermixed_args(argv)
+    if args.network == ["list"]:
+        print("\n".join(available_backbones()))
+        return 0
+    if args.size < 8:
+        print(f"error: --size {args.size} is too small", file=sys.stderr)
+        return 2
+    rows = []
+    for name in args.network:
+        try:
+            model = build_backbone(name, **dict(args.kwargs))
+        except (KeyError, TypeError) as e:
+            print(f"error: {name}: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
+        row = {"network": name, **describe(model, args.size)}
+        rows.append(row)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    head = ["network", "params (M)", f"GMACs @{args.size}"]
+    cells = [[r["network"], f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}"] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    for line in [head, *cells]:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Reading `model.pt`, the backbone alone with what it takes to rebuild it (DESIGN.md section 3):
+"""Reading `model.pt`, the backbone alone with what it takes to rebuild it (docs/design.md section 3):
 
     {"network": "r50", "network_kwargs": {"embedding_size": 512, ...}, "state_dict": {...}, ...}
 

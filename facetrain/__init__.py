@@ -1,0 +1,1 @@
+"""`facetrain`: one command for every stage of the project (see `facetrain --help`, docs/design.md)."""
