@@ -20,7 +20,8 @@ Stages (section 3.2, `set_stage`): "fr" trains Br_FR (conv_a, conv_fr) with the 
 trains Br_SB (conv_sb and the attribute classifiers) with the backbone and conv_a frozen; "joint" trains
 both branches and the AAI. The backbone stays frozen in the joint stage too (the paper names only the
 branches as trained in its third step); `freeze_backbone=False` trains it in "fr" and "joint" instead, for
-a backbone that does not start from trained weights. Frozen parts keep their BatchNorm statistics. The backbone's parameter names are insightface's IResNet names (`init_weights` loads a released
+a backbone that does not start from trained weights. Frozen parts keep their BatchNorm statistics. The
+backbone's parameter names are insightface's IResNet names (`init_weights` loads a released
 IResNet-50 into it, `init_weights_target`); the paper's backbone is a ResNet-50 trained on VGGFace2, whose
 closest published face weights in this family are insightface's IResNet-50.
 
