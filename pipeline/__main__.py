@@ -60,8 +60,9 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs (0: no cap)")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"],
                    help="how a non-square image meets --size: centre crop, stretch, or pad with black")
-    p.add_argument("--attributes", metavar="TSV", help="per-image binary attributes to store in the label "
-                                                      "vector: a header 'path<TAB>name...', then 0/1/-1 rows")
+    p.add_argument("--attributes", metavar="FILE", help="per-image binary attributes to store in the label "
+                                                       "vector: a header 'path<TAB>name...' then 0/1/-1 rows, "
+                                                       "or CelebA's list_attr_celeba.txt as it is")
     p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .atomic import atomic_write_bytes, atomic_write_json
+from .attributes import load_attributes
 from .imageio import RESIZE_MODES, ImageRejected, prepare_image
 from .manifest import MANIFEST, VERSION, identity_label_fields, identity_label_vector, load_manifest
 from .recordio import (
@@ -72,7 +73,7 @@ class PackOptions:
     holdout: int = 0
     holdout_pairs: int = 0
     resize_mode: str = "crop"
-    attributes: Optional[str] = None  # TSV: path<TAB>attr...; values 0/1, empty or -1 = unknown
+    attributes: Optional[str] = None  # TSV or CelebA list_attr_celeba.txt (pipeline/attributes.py)
     overwrite: bool = False
     progress: bool = True
 
@@ -224,50 +225,6 @@ def plan_pack(opts: PackOptions) -> Plan:
         fingerprint=fp.hexdigest(),
         attribute_fields=attr_names,
     )
-
-
-def load_attributes(path: str, listings) -> tuple[list[str], "callable"]:
-    """Per-image binary attributes (AAFace's soft biometrics) from `path<TAB>name...` lines with a header.
-
-    Paths are matched as given (absolute), relative to the attribute file, or relative to a source root.
-    Unknown values (empty, -1, nan) are stored as -1; images missing from the file get -1 everywhere.
-    """
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    if not lines or not lines[0].startswith("path\t"):
-        raise PackError(f"{path}: the first line must be a header 'path<TAB>attribute...'")
-    names = lines[0].split("\t")[1:]
-    reserved = {"identity", "identity_hi", "identity_lo", "masked"}
-    if not names or set(names) & reserved or len(set(names)) != len(names):
-        raise PackError(f"{path}: attribute names must be unique and not one of {sorted(reserved)}")
-    base = Path(path).parent
-    table: dict[str, tuple] = {}
-    for lineno, line in enumerate(lines[1:], 2):
-        cols = line.split("\t")
-        if len(cols) != len(names) + 1:
-            raise PackError(f"{path}:{lineno}: expected {len(names) + 1} columns")
-        values = []
-        for v in cols[1:]:
-            v = v.strip().lower()
-            if v in ("", "-1", "nan"):
-                values.append(-1.0)
-            elif v in ("0", "1"):
-                values.append(float(v))
-            else:
-                raise PackError(f"{path}:{lineno}: attribute values are 0, 1, or empty/-1 for unknown, not {v!r}")
-        table[cols[0]] = tuple(values)
-    roots = [Path(lst.root) for lst in listings]
-    unknown = tuple([-1.0] * len(names))
-
-    def lookup(item: Item) -> tuple:
-        p = Path(item.path)
-        candidates = [str(p), os.path.relpath(p, base)]
-        candidates += [os.path.relpath(p, r) for r in roots if r.is_dir()]
-        for c in candidates:
-            if c in table:
-                return table[c]
-        return unknown
-
-    return names, lookup
 
 
 # ---------------------------------------------------------------------------------------------- the pack

@@ -81,3 +81,13 @@ def test_backbone_with_lcn_exports_to_onnx(tmp_path):
                            input_norm="lcn").eval()
     export_onnx(model, tmp_path / "lcn.onnx")
     assert (tmp_path / "lcn.onnx").stat().st_size > 0
+
+
+def test_imagenet_norm_is_torchvisions_normalize_of_the_same_pixels():
+    pixels = torch.randint(0, 256, (2, 3, 8, 8)).float()
+    ours = build_input_norm("imagenet")((pixels - 127.5) / 127.5)  # what the readers give
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(ours, (pixels / 255 - mean) / std)  # ToTensor + Normalize
+    net = build_backbone("mbf", embedding_size=32, input_norm="imagenet")
+    assert set(net.state_dict()) == set(build_backbone("mbf", embedding_size=32).state_dict())

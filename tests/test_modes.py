@@ -1,6 +1,7 @@
 """trainer/modes: LVFace's curriculum, AAFace, Semi-Siamese Training."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -12,10 +13,9 @@ import torch.nn.functional as F
 
 from tests._heads_helpers import run_ranks
 from trainer import distributed
-from trainer.heads import build_head
 from trainer.backbones.aaface import AAFaceNet, AAIModule, aaface
-from trainer.modes.aaface import (AAFaceObjective, AAFaceSchedule, AttributeLoss, attribute_targets,
-                                  balanced_pos_weight)
+from trainer.heads import build_head
+from trainer.modes.aaface import AAFaceObjective, AAFaceSchedule, AttributeLoss, attribute_targets, balanced_pos_weight
 from trainer.modes.lvface import EPLHead, LVFaceCurriculum, LVFacePartialFC, build_lvface_partial_fc
 from trainer.modes.sst import IdentityPairLoader, PrototypeQueue, SemiSiameseTraining
 from trainer.optim import RowSparseSGD
@@ -109,23 +109,40 @@ def test_aai_fusion_formula_and_its_start():
     g = torch.sigmoid(torch.tensor(3.0))
     # At initialisation both gates are sigmoid(3): the joint stage starts close to F = F_FR.
     torch.testing.assert_close(aai(f_fr, f_sb), g * g * f_fr + (1 - g) * (1 - g) * f_sb)
-    with torch.no_grad():  # move off the initial point and check the formula with the module's own maps
+    with torch.no_grad():  # move off the initial point and check eq. 3 with the module's own maps
         for p in aai.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    mc = aai.channel_attention(f_fr + f_sb)
-    ms = aai.spatial_attention(mc * f_fr + (1 - mc) * f_sb)
-    assert mc.shape == (2, 16, 5, 5) and ms.shape == (2, 1, 5, 5)
-    assert mc.std() > 0.01 and ms.std() > 0.01
+    aai.eval()
+    mc = aai.channel(f_fr + f_sb)
+    ms = aai.spatial(mc * f_fr + (1 - mc) * f_sb)
+    # Both integration weights have the input feature's shape and vary along every axis of it.
+    assert mc.shape == ms.shape == (2, 16, 5, 5)
+    for m in (mc, ms):
+        assert m.std(dim=1).mean() > 0.01 and m.std(dim=(2, 3)).mean() > 0.01
     torch.testing.assert_close(aai(f_fr, f_sb), ms * (mc * f_fr) + (1 - ms) * ((1 - mc) * f_sb))
 
 
-def _tiny_aaface(num_attributes: int, dim: int = 32) -> AAFaceNet:
-    """A small AAFaceNet for fast tests: 112x112 -> 16 x 7 x 7 maps in each branch."""
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.PReLU(cout))
-    stem = nn.Sequential(nn.AvgPool2d(4), block(3, 16))  # 112 -> 28 -> 14
-    output = nn.Sequential(nn.BatchNorm2d(16), nn.Flatten(), nn.Linear(16 * 49, dim), nn.BatchNorm1d(dim))
-    return AAFaceNet(stem, block(16, 16), block(16, 16), output, 16, num_attributes)
+def test_aai_sub_modules_as_the_paper_describes():
+    aai = AAIModule(64, reduction=8)
+    shapes = {n: tuple(p.shape) for n, p in aai.named_parameters() if n.endswith("weight") and p.dim() == 4}
+    # Channel: the GAP and GMP descriptors share one point-wise bottleneck 64 -> 8 -> 64; the global-context
+    # descriptor (the whole map) has its own.
+    assert shapes["channel.pooled.0.weight"] == (8, 64, 1, 1) and shapes["channel.pooled.2.weight"] == (64, 8, 1, 1)
+    assert shapes["channel.context.0.weight"] == (8, 64, 1, 1) and shapes["channel.context.3.weight"] == (64, 8, 1, 1)
+    # Spatial: a 7x7 convolution of the channel-pooled [mean, max] maps, and a convolutional bottleneck.
+    assert shapes["spatial.pooled.weight"] == (1, 2, 7, 7)
+    assert shapes["spatial.context.0.weight"] == (8, 64, 3, 3) and shapes["spatial.context.3.weight"] == (64, 8, 3, 3)
+    x = torch.randn(3, 64, 7, 7)
+    assert aai.channel.pooled(torch.randn(3, 64, 1, 1)).shape == (3, 64, 1, 1)  # shared by GAP and GMP
+    assert aai.channel.context(x).shape == aai.spatial.context(x).shape == (3, 64, 7, 7)
+
+
+def _tiny_aaface(num_attributes: int, dim: int = 32, freeze_backbone: bool = True) -> AAFaceNet:
+    """A small AAFaceNet for fast tests: 112x112 -> a 16 x 14 x 14 backbone map -> 16 -> dim channels."""
+    backbone = nn.Sequential(nn.AvgPool2d(4), nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16),
+                             nn.PReLU(16))
+    return AAFaceNet(backbone, 16, num_attributes, embedding_size=dim, branch_channels=16,
+                     freeze_backbone=freeze_backbone)
 
 
 def _grads(module: nn.Module) -> set:
@@ -133,19 +150,35 @@ def _grads(module: nn.Module) -> set:
             if p.grad is not None and p.grad.abs().sum() > 0}
 
 
-def test_aaface_on_iresnet():
+def test_aaface_on_iresnet_has_the_papers_branches():
     from trainer.backbones import build_backbone
+    from trainer.backbones.iresnet import iresnet18
 
     torch.manual_seed(0)
-    net = build_backbone("aaface", base="r18", embedding_size=32, num_attributes=2).eval()
+    net = build_backbone("aaface", base="r18", embedding_size=32, num_attributes=5).eval()
+    x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
-        emb, attrs = net(torch.randn(1, 3, 112, 112), with_attributes=True)
-    assert emb.shape == (1, 32) and attrs.shape == (1, 2)
-    assert isinstance(net.stem[-1][0], type(net.fr_branch[0][0]))  # split after layer2: IResNet units
-    assert len(net.stem) == 5 and len(net.fr_branch) == 2 and len(net.sb_branch) == 2
-    with pytest.raises(ValueError, match="split_after"):
-        aaface(base="r18", split_after="layer4")
-    with pytest.raises(TypeError, match="splits an IResNet"):
+        emb, attrs = net(x, with_attributes=True)
+        shared = net.backbone(x)
+    assert emb.shape == (2, 32) and attrs.shape == (2, 5) and shared.shape == (2, 512, 7, 7)
+    # Each branch: two 3x3 convolutions then GAP; the SB branch shares Br_FR's first convolution.
+    convs = {name: [m for m in getattr(net, name).modules() if isinstance(m, nn.Conv2d)]
+             for name in ("conv_a", "conv_fr", "conv_sb")}
+    assert [tuple(c.weight.shape) for c in convs["conv_a"]] == [(512, 512, 3, 3)]
+    assert [tuple(c.weight.shape) for c in convs["conv_fr"]] == [(32, 512, 3, 3)]
+    assert [tuple(c.weight.shape) for c in convs["conv_sb"]] == [(32, 512, 3, 3)]
+    assert net.sb_classifier.weight.shape == (5, 32)
+    with torch.no_grad():
+        h = net.conv_a(shared)
+        f_fr, f_sb = net.conv_fr(h), net.conv_sb(h)
+        torch.testing.assert_close(emb, net.aai(f_fr, f_sb).mean(dim=(2, 3)))  # joint: GAP of the fused map
+        torch.testing.assert_close(attrs, net.sb_classifier(f_sb.mean(dim=(2, 3))))
+        net.set_stage("fr")
+        torch.testing.assert_close(net(x), f_fr.mean(dim=(2, 3)))  # Br_FR alone: its GAP output
+    # The backbone is IResNet's convolutional layers under insightface's names, without its embedding layer.
+    full = set(iresnet18().state_dict())
+    assert set(net.backbone.state_dict()) == {k for k in full if not k.startswith(("bn2.", "fc.", "features."))}
+    with pytest.raises(TypeError, match="IResNet"):
         aaface(base="mbf")
 
 
@@ -154,25 +187,73 @@ def test_aaface_stages_train_only_their_parts():
     net = _tiny_aaface(num_attributes=2)
     x = torch.randn(4, 3, 112, 112)
     schedule = AAFaceSchedule(fr_epochs=1, sb_epochs=1)
-    expected = {"fr": {"stem", "fr_branch", "fr_output"}, "sb": {"sb_branch", "sb_classifier"},
-                "joint": {"stem", "fr_branch", "fr_output", "sb_branch", "sb_classifier", "aai"}}
+    # Section 3.2: Br_FR with the backbone frozen; Br_SB with the backbone and Br_FR's first conv frozen;
+    # then both branches (and the AAI) jointly.
+    expected = {"fr": {"conv_a", "conv_fr"}, "sb": {"conv_sb", "sb_classifier"},
+                "joint": {"conv_a", "conv_fr", "conv_sb", "sb_classifier", "aai"}}
     for epoch, stage in ((0.5, "fr"), (1.5, "sb"), (2.0, "joint")):
         assert schedule.apply(net, epoch) and net.stage == stage
         assert not schedule.apply(net, epoch)
+        assert {n.split(".")[0] for n, p in net.named_parameters() if p.requires_grad} == expected[stage]
         net.train()
         net.zero_grad(set_to_none=True)
-        running = net.stem[1][1].running_mean.clone()
+        backbone_bn, conv_a_bn = net.backbone[2].running_mean.clone(), net.conv_a[1].running_mean.clone()
         emb, attrs = net(x, with_attributes=True)
         loss = sum(t.square().mean() for t in (emb, attrs) if t is not None)
         loss.backward()
         assert _grads(net) == expected[stage], stage
         assert (emb is None) == (stage == "sb") and (attrs is None) == (stage == "fr")
-        # A frozen stem keeps its BatchNorm statistics.
-        assert torch.equal(net.stem[1][1].running_mean, running) == (stage == "sb")
+        # Frozen parts keep their BatchNorm statistics: the backbone always, conv_a in stage "sb".
+        assert torch.equal(net.backbone[2].running_mean, backbone_bn)
+        assert torch.equal(net.conv_a[1].running_mean, conv_a_bn) == (stage == "sb")
         # The stage travels with the state dict (checkpoints, model.pt): it picks the embedding path.
         copy = _tiny_aaface(num_attributes=2)
         copy.load_state_dict(net.state_dict())
-        assert copy.stage == stage and copy.fr_branch[0].weight.requires_grad == (stage != "sb")
+        assert copy.stage == stage and copy.conv_fr[0].weight.requires_grad == (stage != "sb")
+    # The shared first convolution learns from the attribute loss too in the joint stage.
+    net.zero_grad(set_to_none=True)
+    net(x, with_attributes=True)[1].square().mean().backward()
+    assert _grads(net) == {"conv_a", "conv_sb", "sb_classifier"}
+    # freeze_backbone=False: the backbone trains with Br_FR and in the joint stage (not with Br_SB).
+    thawed = _tiny_aaface(num_attributes=2, freeze_backbone=False)
+    for stage in ("fr", "sb", "joint"):
+        thawed.set_stage(stage)
+        assert thawed.backbone[1].weight.requires_grad == (stage != "sb")
+
+
+def test_aaface_exports_with_its_fused_embedding(tmp_path):
+    from trainer.model_io import export
+
+    torch.manual_seed(0)
+    net = _tiny_aaface(num_attributes=2).eval()
+    with torch.no_grad():  # gates off their initial constant
+        for p in net.aai.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    # ONNX and TorchScript checked against PyTorch on batches of 1 and 5 (traced with 2).
+    assert export.export_onnx(net, tmp_path / "aaface.onnx", atol=1e-4) < 1e-4
+    assert export.export_torchscript(net, tmp_path / "aaface.ts.pt", atol=1e-4) < 1e-4
+
+
+def test_aaface_defaults_are_the_papers():
+    from trainer.config import ConfigError, load_config
+    from trainer.modes import build_mode
+    from trainer.modes.aaface import CONFIG
+
+    weights = dict(zip(CONFIG["aaface_attributes"], CONFIG["aaface_lambdas"]))
+    assert weights == {"Male": 1.0, "Bald": 1.0, "Big_Nose": 0.5, "Chubby": 0.5, "Narrow_Eyes": 0.5}
+    assert CONFIG["aaface_lambda_fr"] == 3.0 and CONFIG["aaface_pos_weight"] == []  # eq. 2: plain BCE
+    assert inspect.signature(aaface).parameters["reduction"].default == 8  # r = 8, Table 2's best
+    # The backbone is frozen: a run without trained weights to start from is refused.
+    cfg = load_config("cpu_demo", ["mode=aaface", "network=aaface", "num_epoch=20"])
+    with pytest.raises(ConfigError, match="init_weights"):
+        build_mode(cfg)
+    build_mode(load_config("cpu_demo", ["mode=aaface", "network=aaface", "num_epoch=20",
+                                        "init_weights=backbone.pth"]))
+    cfg = load_config("aaface_r50", ["init_weights=backbone.pth"])
+    assert (cfg.optimizer, cfg.lr, cfg.lr_schedule, tuple(cfg.lr_steps), cfg.lr_gamma, cfg.num_epoch) == \
+        ("sgd", 0.01, "step", (4, 10, 17), 0.1, 25)
+    assert cfg.loss == "adaface" and cfg.network_kwargs["reduction"] == 8 and sum(cfg.aaface_stage_epochs) == 25
+    assert build_mode(cfg).names == ["Male", "Bald", "Big_Nose", "Chubby", "Narrow_Eyes"]
 
 
 def test_attribute_targets_by_name():
@@ -206,10 +287,11 @@ def test_weighted_bce_by_hand():
 def grey_attribute_data(glint24, tmp_path_factory):
     """A packed dataset (DESIGN.md section 1) of 10 glint24 identities x 12 faces whose label vectors
     carry a binary attribute "grey": every other image is stored in grey."""
+    from PIL import Image
+
     from pipeline.imageio import encode_jpeg
     from pipeline.manifest import shard_entry, write_manifest
     from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
-    from PIL import Image
 
     out = tmp_path_factory.mktemp("grey") / "data"
     out.mkdir()
@@ -454,8 +536,8 @@ def test_sst_learns_separable_identities():
 def test_sst_runs_on_real_pairs(packed_glint):
     torch.manual_seed(0)
     loader = IdentityPairLoader(packed_glint, batch_size=8, seed=0, num_workers=0, progress=False)
-    net = _tiny_aaface(num_attributes=1, dim=32)
-    probe = nn.Sequential(net.stem, net.fr_branch, net.fr_output)
+    net = _tiny_aaface(num_attributes=1, dim=32, freeze_backbone=False)
+    probe = nn.Sequential(net.backbone, net.conv_a, net.conv_fr, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     sst = SemiSiameseTraining(probe, feat_dim=32, queue_size=16, scale=16.0, alpha=0.9)
     opt = torch.optim.SGD(probe.parameters(), lr=0.05, momentum=0.9)
     probe.train(), sst.train()

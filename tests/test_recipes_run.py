@@ -65,7 +65,10 @@ def run(config: str, data: Path, out: Path, *overrides: str) -> list[dict]:
 RECIPES = {
     "facex_zoo_backbones": [],
     "sst_mbf": ["sst_queue_size=8"],
-    "aaface_r50": ['network_kwargs={"base": "r18", "split_after": "layer2", "reduction": 8}'],
+    # This data's attribute is maskgen's; the backbone trains (no init_weights file here): the recipe as
+    # published, CelebA-format attributes and init_weights, runs in tests/test_trainer_modes.py.
+    "aaface_r50": ['network_kwargs={"base": "r18", "branch_channels": 32, "freeze_backbone": False}',
+                   'aaface_attributes=["masked"]', "aaface_lambdas=[1.0]"],
     "lvface_vit_l": ['network_kwargs={"embed_dim": 64, "depth": 2}'],
 }
 

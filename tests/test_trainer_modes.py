@@ -3,8 +3,9 @@ glint24 packed plus 5% maskgen copies (one module-scoped data build; "masked" is
 
 Each run is short (a few optimizer steps of a tiny batch, in this process, one rank) and checks that the
 mode really ran: LVFace switches stage at the switch step and its EPL class means move; AAFace goes
-through its three stages with the attribute loss logged; SST fills its prototype queue and a resumed run
-continues with the very queue and gallery it saved. The modes' 1-rank == 2-rank equality is in
+through its three stages from init_weights with the attribute loss logged (and its recipe, on attributes
+in CelebA's format); SST fills its prototype queue and a resumed run continues with the very queue and
+gallery it saved. The modes' 1-rank == 2-rank equality is in
 tests/test_modes.py.
 """
 from __future__ import annotations
@@ -89,34 +90,105 @@ def test_lvface_switches_stage_at_the_switch_epoch_and_moves_the_class_means(dat
     assert not torch.allclose(mixed[at_end["class_seen"]], plain[at_end["class_seen"]], atol=1e-3)
 
 
-def test_aaface_runs_its_three_stages_and_logs_the_attribute_loss(data, tmp_path):
-    out = tmp_path / "aaface"
-    n = steps_per_epoch(data)
-    stages = (2 / n, 2 / n, 1 - 4 / n)  # two steps of each stage, then joint to the end of the epoch
-    run("--config", "aaface_r50", "--data", str(data), "--output", str(out), *FAST,
-        'network_kwargs={"base": "r18"}', "max_steps=6", "num_epoch=1", f"aaface_stage_epochs={stages!r}")
+@pytest.fixture(scope="module")
+def iresnet18_weights(tmp_path_factory) -> Path:
+    """An IResNet-18 state dict under insightface's key names (ours are the same): AAFace's init_weights."""
+    from trainer.backbones import build_backbone
+
+    path = tmp_path_factory.mktemp("init") / "backbone.pth"
+    torch.manual_seed(0)
+    torch.save(build_backbone("r18").state_dict(), path)
+    return path
+
+
+def _check_aaface_run(out: Path, init: Path, lambda_fr: float, lambdas: dict) -> list:
+    """Three stages of two steps each, the loss of eq. 4 logged, the backbone still the init weights."""
     records = train_records(out)
     assert [r["stage"] for r in records] == ["fr", "fr", "sb", "sb", "joint", "joint"]
     for r in records:
         assert ("loss_fr" in r) == (r["stage"] != "sb")
-        assert ("loss_attr" in r and "loss_masked" in r) == (r["stage"] != "fr")
-        expected = r.get("loss_fr", 0.0) + r.get("loss_attr", 0.0)  # lambdas of 1
+        assert ("loss_attr" in r) == (r["stage"] != "fr")
+        if "loss_attr" in r:
+            weighted = sum(w * r[f"loss_{n}"] for n, w in lambdas.items())
+            assert r["loss_attr"] == pytest.approx(weighted, rel=1e-5)
+        expected = lambda_fr * r.get("loss_fr", 0.0) + r.get("loss_attr", 0.0)
         assert r["loss"] == pytest.approx(expected, rel=1e-5)
-    # model.pt rebuilds the AAFace network in its last stage
+    # model.pt rebuilds the AAFace network in its last stage, its frozen backbone as init_weights gave it.
     from trainer.model_io.load import load_backbone
 
     model = load_backbone(out / ckpt.MODEL_FILE)
-    assert model.stage == "joint" and model.num_attributes == 1
+    assert model.stage == "joint" and model.num_attributes == len(lambdas)
     assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 32)
+    released = torch.load(init, weights_only=True)
+    assert all(torch.equal(v, released[k]) for k, v in model.backbone.state_dict().items())
+    assert "init_weights: " in (out / "training.log").read_text()
+    return records
 
 
-def test_aaface_attribute_missing_from_the_data_is_a_one_line_error(data, tmp_path, capsys):
-    code = trainer_main.main(["--config", "aaface_r50", "--data", str(data), "--output", str(tmp_path), *FAST,
-                              'network_kwargs={"base": "r18"}', "aaface_attributes=[\"glasses\"]",
-                              "aaface_lambdas=[]", "aaface_pos_weight=[]"])
+def test_aaface_mode_runs_its_three_stages_from_init_weights(data, tmp_path, iresnet18_weights, capsys):
+    out = tmp_path / "aaface"
+    n = steps_per_epoch(data)
+    stages = (2 / n, 2 / n, 1 - 4 / n)  # two steps of each stage, then joint to the end of the epoch
+    run("--config", "cpu_demo", "--data", str(data), "--output", str(out), *FAST, "mode=aaface",
+        "network=aaface", 'network_kwargs={"base": "r18", "branch_channels": 32}', "channels_last=false",
+        "max_steps=6", "num_epoch=1", f"aaface_stage_epochs={stages!r}", 'aaface_attributes=["masked"]',
+        "aaface_lambdas=[1.0]", f"init_weights={iresnet18_weights}")
+    _check_aaface_run(out, iresnet18_weights, 3.0, {"masked": 1.0})
+    # Closed-set accuracy of the held-out images with the run's own classifier (its last checkpoint).
+    from trainer.eval import __main__ as eval_cli
+
+    assert eval_cli.main(["--checkpoint", str(out / ckpt.MODEL_FILE), "--data", str(data), "--holdout",
+                          "--closed-set", "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (res["n"], res["classes"]) == (24 * 2, 24) and 0.0 <= res["acc"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def celeba_like(tmp_path_factory) -> Path:
+    """8 glint24 people x 8 faces under unique file names, packed with the paper's five attributes from a
+    file in CelebA's list_attr_celeba.txt format."""
+    import shutil
+
+    from tests._trainer_helpers import GLINT24
+
+    root = tmp_path_factory.mktemp("celeba")
+    rows = []
+    for k, person in enumerate(sorted(p for p in GLINT24.iterdir() if p.is_dir())[:8]):
+        (root / "img" / person.name).mkdir(parents=True)
+        for j, f in enumerate(sorted(person.glob("*.png"))[:8]):
+            name = f"{k * 8 + j + 1:06d}.png"
+            shutil.copy(f, root / "img" / person.name / name)
+            values = [k % 2, int(k == 3), j % 2, int(j % 3 == 0), int(k in (1, 5))]
+            rows.append(name + "".join(f" {v * 2 - 1:2d}" for v in values))
+    attrs = root / "list_attr_celeba.txt"
+    attrs.write_text(f"{len(rows)}\nMale Bald Big_Nose Chubby Narrow_Eyes \n" + "\n".join(rows) + "\n")
+    subprocess.run([PYTHON, "-m", "pipeline", "pack", str(root / "img"), "--out", str(root / "data"),
+                    "--attributes", str(attrs), "--workers", "1", "--no-progress"],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    return root / "data"
+
+
+def test_aaface_recipe_runs_on_the_cpu(celeba_like, tmp_path, iresnet18_weights):
+    out = tmp_path / "recipe"
+    n = steps_per_epoch(celeba_like)
+    stages = (2 / n, 2 / n, 25 - 4 / n)  # the recipe's 25 epochs: two steps of each stage, then joint
+    run("--config", "aaface_r50", "--data", str(celeba_like), "--output", str(out), *FAST,
+        'network_kwargs={"base": "r18", "branch_channels": 32}', "max_steps=6",
+        f"aaface_stage_epochs={stages!r}", f"init_weights={iresnet18_weights}")
+    records = _check_aaface_run(out, iresnet18_weights, 3.0,
+                                {"Male": 1.0, "Bald": 1.0, "Big_Nose": 0.5, "Chubby": 0.5, "Narrow_Eyes": 0.5})
+    assert [r["lr"] for r in records] == pytest.approx([0.01] * 6)  # before the first step at epoch 4
+
+
+def test_aaface_attribute_missing_from_the_data_is_a_one_line_error(data, tmp_path, capsys,
+                                                                     iresnet18_weights):
+    code = trainer_main.main(["--config", "cpu_demo", "--data", str(data), "--output", str(tmp_path), *FAST,
+                              "mode=aaface", "network=aaface", 'network_kwargs={"base": "r18"}',
+                              "num_epoch=20", f"init_weights={iresnet18_weights}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err[-1].startswith("error: aaface_attributes ['glasses'] are not in") and "label_fields" in err[-1]
+    assert err[-1].startswith("error: aaface_attributes ['Male', 'Bald', 'Big_Nose', 'Chubby', 'Narrow_Eyes'] "
+                              "are not in") and "label_fields" in err[-1]
 
 
 def test_sst_fills_its_queue_and_resume_restores_it(data, tmp_path):

@@ -46,8 +46,10 @@ from trainer.backbones import build_backbone
 from trainer.config import Config, ConfigError, describe_diff, load_config
 from trainer.cuda_flags import apply_cuda_flags, cuda_flags_text
 from trainer.distributed import all_reduce_, barrier, get_rank, get_world_size, init_distributed, wrap_ddp
+from trainer.early_stop import build_early_stopping
 from trainer.ema import ModelEMA
 from trainer.eval.images import VerificationError
+from trainer.init_weights import load_init_weights
 from trainer.logging_utils import MetricsLogger, config_text, require_wandb, setup_logging, truncate_metrics
 from trainer.modes import build_mode
 from trainer.optim import build_optimizer
@@ -252,6 +254,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     output = Path(cfg.output or Path("runs") / cfg.config_name)
     cfg.output = str(output)
     mode = build_mode(cfg)
+    stopper = build_early_stopping(cfg)
     amp_dtype = AMP_DTYPES[cfg.amp]
     resume_dir = find_resume(resume, cfg, output)
     config_changes = ckpt.check_resume_config(resume_dir, cfg, cfg.allow_config_change) \
@@ -282,7 +285,10 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
     # 3. model, head, optimizers
     network_kwargs = dict(embedding_size=cfg.embedding_size, dropout=cfg.dropout, **cfg.network_kwargs,
                           **mode.network_kwargs())
-    backbone = build_backbone(cfg.network, **network_kwargs).to(device)
+    backbone = build_backbone(cfg.network, **network_kwargs)
+    if cfg.init_weights:
+        logger.info(load_init_weights(backbone, cfg.init_weights))
+    backbone = backbone.to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     # The mode's head: a Partial FC (model-parallel classifier), or a module every rank holds alike (SST).
@@ -392,7 +398,12 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
                     extra.update(loss_scale=scaler.get_scale(), overflow_steps=state.overflow_steps)
                 last_record = metrics.flush(step, loader.epoch, lr, extra) or last_record
             if cfg.verbose > 0 and step % cfg.verbose == 0 and step < total_steps:
-                last_eval = run_eval(step) or last_eval
+                results = run_eval(step)
+                last_eval = results or last_eval
+                if stopper is not None and stopper.should_stop(results, device):
+                    logger.info("step %d: early stop, no better validation accuracy in %d evaluations",
+                                step, stopper.patience)
+                    break
             periodic = cfg.save_every > 0 and step % cfg.save_every == 0
             if step < total_steps and (periodic or (cfg.save_epoch_end and epoch_done)):
                 save(step)

@@ -7,6 +7,11 @@ things a network trained on a few hundred photos otherwise learns to tell people
 one lit side). In the CPU demo (glint24, 5 held-out images per person) it lifts held-out verification on
 every seed tried: 0.856-0.892 over 4 seeds (mean 0.878) against 0.80-0.88 before (bench/RESULTS.md). On
 millions of images a network learns this invariance itself; there it is only a cost.
+
+`imagenet`: the readers' [-1, 1] pixels re-normalised with ImageNet's per-channel mean and std, as
+torchvision's `Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])` gives them (the CrossScan
+hybrid's report, and any network started from ImageNet weights). In the network rather than in the
+readers, so that every reader (DALI, nvJPEG, torch), evaluation and export see the same input.
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INPUT_NORMS = ("none", "lcn")
+INPUT_NORMS = ("none", "lcn", "imagenet")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class LocalContrastNorm(nn.Module):
@@ -58,10 +65,27 @@ class LocalContrastNorm(nn.Module):
         return f"radius={self.radius}, eps={self.eps}, gain={self.gain}"
 
 
+class ImageNetNorm(nn.Module):
+    """`[B, 3, H, W]` in [-1, 1] (RGB) -> `((x + 1) / 2 - mean) / std` per channel, ImageNet's statistics.
+    Non-persistent buffers: state dicts are unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        # (x + 1) / 2 - mean) / std = x * scale + shift
+        self.register_buffer("scale", (0.5 / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+
+
 def build_input_norm(kind: Optional[str]) -> nn.Module:
     """The module for `input_norm=` (None or "none": identity)."""
     if kind in (None, "none"):
         return nn.Identity()
     if kind == "lcn":
         return LocalContrastNorm()
+    if kind == "imagenet":
+        return ImageNetNorm()
     raise ValueError(f"unknown input_norm {kind!r}; known: {', '.join(INPUT_NORMS)}")

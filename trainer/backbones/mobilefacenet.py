@@ -116,8 +116,8 @@ class MobileFaceNet(nn.Module):
 
     `resolution` < 112 shrinks the input (area average) before the stem: every feature map is then
     smaller by that factor squared, which is what makes a CPU run of a few minutes learn (the CPU
-    demo trains at 56x56). The GDC kernel follows the last map's size. `input_norm` (`"lcn"`) runs
-    before that, on the full crop (`trainer.backbones.input_norm`).
+    demo trains at 56x56). The GDC kernel follows the last map's size. `input_norm` (`"lcn"`,
+    `"imagenet"`) runs before that, on the full crop (`trainer.backbones.input_norm`).
     """
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, units: Sequence[int] = (1, 4, 6, 2),

@@ -10,6 +10,9 @@ config.network = "r50"
 config.embedding_size = 512
 config.dropout = 0.0
 config.network_kwargs = {}  # extra constructor arguments for the backbone
+# Start the backbone from trained weights (fine-tuning): a model.pt, a checkpoint or run folder, or an
+# insightface IResNet state dict (trainer/init_weights.py). "" = random initialisation.
+config.init_weights = ""
 
 # Training mode (trainer/modes): "standard" (backbone -> Partial FC -> a margin head), or a paper's recipe:
 # "lvface", "aaface", "sst". The mode's module declares its keys (CONFIG): the margin head's (loss,
@@ -95,6 +98,8 @@ config.val_targets = []
 config.val_align = False
 config.verbose = 2000
 config.val_batch_size = 64
+# > 0: stop when that many evaluations in a row have not raised the mean val accuracy (trainer/early_stop.py)
+config.early_stop_patience = 0
 
 # Checkpoints in OUTPUT/checkpoints/step_XXXXXXXX/, atomically; 0 = at the end of every epoch only
 config.save_every = 0

@@ -22,6 +22,10 @@ pairs to measure that FAR (fewer than 1 / FAR). The headline, on stderr and firs
 --headline-far and the balanced accuracy, (TPR + TNR) / 2, with the genuine and impostor counts: on an
 imbalanced set (240 genuine against 6,900 impostor pairs) the plain accuracy of always answering
 "different person" is already 0.966, shown as `majority_acc` beside `acc`.
+Soft-biometric attribute accuracy per attribute (AAFace's Table 1), trainer/eval/attributes.py:
+    python -m trainer.eval --checkpoint model.pt --data TEST --holdout --attributes [A,B,...]
+Closed-set classification accuracy with the run's own classifier (trainer/eval/closed_set.py):
+    python -m trainer.eval --checkpoint runs/x/model.pt --data DATA --holdout --closed-set
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ from pipeline.help_format import HelpFormatter
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.recordio import RecordIOError
 from trainer.checkpoint import CheckpointError
+from trainer.eval.attributes import run_attributes
+from trainer.eval.closed_set import run_closed_set
 from trainer.eval.common import FARS, EvalError, far_key, resolve_device
 from trainer.eval.embedding import embed_images
 from trainer.eval.ijb import add_ijb_arguments, run_ijb
@@ -71,6 +77,14 @@ def build_parser(prog: str = "python -m trainer.eval") -> argparse.ArgumentParse
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", help="insightface .bin pack, or an LFW-style pairs.txt (with --root)")
     src.add_argument("--data", help="packed labelled set (python -m pipeline pack; maskgen build adds masks)")
+    ap.add_argument("--attributes", nargs="?", const="", metavar="A,B",
+                    help="--data: accuracy per soft-biometric attribute of a model that predicts them "
+                         "(AAFace); names default to those it was trained on (trainer/eval/attributes.py)")
+    ap.add_argument("--closed-set", action="store_true",
+                    help="--data: closed-set classification accuracy with the run's classifier "
+                         "(trainer/eval/closed_set.py)")
+    ap.add_argument("--classifier", help="--closed-set: fc_full.pt, a checkpoint or run folder "
+                                         "(default: the run folder of the checkpoint)")
     ap.add_argument("--root", help="image root of a pairs.txt (default: its folder)")
     ap.add_argument("--name", help="the set's name in results and tables (default: the file's stem, or for "
                                    "pairs.txt its folder's name; --data: the folder's name)")
@@ -155,6 +169,10 @@ def _evaluate_packed(model: torch.nn.Module, ckpt: str, args: argparse.Namespace
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.attributes is not None:
+        return run_attributes(args)
+    if args.closed_set:
+        return run_closed_set(args)
     if args.data is None and (args.cmc or args.holdout):
         raise EvalError("--cmc and --holdout need --data DATA (a packed labelled set)")
     if args.distractors and not args.cmc:

@@ -1,29 +1,18 @@
 """AAFace (Alipour Talemi et al., ICIP 2023): face recognition helped by soft-biometric attributes.
 
-A multi-branch network on a shared backbone: the face-recognition (FR) branch and a soft-biometric (SB)
-branch of binary attribute classifiers, fused by the attribute-aware attentional integration (AAI)
-module before the FR embedding layer:
+The network is the backbone "aaface" (trainer/backbones/aaface.py: a shared backbone, the FR and SB branches
+of two convolutions + GAP with a shared first convolution, fused by the AAI module); this module is the
+training mode: attribute targets and loss, the stage schedule, and the objective.
 
-    X  = F_FR + F_SB
-    Mc = sigmoid(local(X) + mlp(GAP(X)) + mlp(GMP(X)) + mlp(GC(X)))     multi-scale channel attention
-    Y  = Mc * F_FR + (1 - Mc) * F_SB
-    Ms = sigmoid(conv7x7([mean_c(Y), max_c(Y)]))                         spatial attention
-    F  = Ms * (Mc * F_FR) + (1 - Ms) * ((1 - Mc) * F_SB)
+Loss (eq. 4): lambda_FR * L_FR + sum_i lambda_i * L_i, L_FR the margin loss through Partial FC (AdaFace in
+the paper), L_i the binary cross-entropy of attribute i (eq. 2; `aaface_pos_weight` may weight its
+positives). Schedule (section 3.2): "fr" (Br_FR alone, the backbone frozen), "sb" (Br_SB alone, the backbone
+and Br_FR's first convolution frozen), "joint" (both branches and the AAI). Attribute targets come from the
+record label vector by name (`label_fields` in the manifest): CelebA's attributes packed with
+`pipeline pack --attributes list_attr_celeba.txt`, or `masked` from maskgen.
 
-`local` is a point-wise bottleneck (the per-position scale), `mlp` a shared bottleneck on the three
-global descriptors: average pooling, max pooling and a global context (attention-weighted pooling with a
-softmax over positions); both reduce channels by r = 8. The last layer of each starts at zero and the
-gates at a bias of `init_logit` (sigmoid(3) = 0.95), so the joint stage starts from F ~= F_FR, the map
-the FR output layer was trained on in stage 1.
-
-Loss: lambda_FR * L_FR + sum_i lambda_i * L_i, L_FR the margin loss through Partial FC (AdaFace in the
-paper), L_i a weighted binary cross-entropy per attribute. Schedule: "fr" (the FR branch alone, shared
-backbone included), "sb" (the SB branch alone, everything else frozen), "joint" (all of it, AAI
-included). Attribute targets come from the record label vector by name (`label_fields` in the
-manifest): `masked` from maskgen is one such attribute.
-
-The network is the backbone "aaface" (trainer/backbones/aaface.py); this module is the training mode:
-attribute targets and loss, the stage schedule, and the objective.
+Defaults are the paper's: its five CelebA attributes (Male, Bald, Big_Nose, Chubby, Narrow_Eyes) with
+lambda_Male = lambda_Bald = 1 and 0.5 for the rest, lambda_FR = 3.
 """
 from __future__ import annotations
 
@@ -39,14 +28,19 @@ from trainer.config import Config, ConfigError
 from trainer.modes import standard
 from trainer.modes.standard import StandardMode
 
+# The paper's attributes (section 1) under CelebA's names (list_attr_celeba.txt), and their loss weights
+# (section 3.2: lambda_Male = lambda_Bald = 1, all the rest 0.5).
+PAPER_ATTRIBUTES = ("Male", "Bald", "Big_Nose", "Chubby", "Narrow_Eyes")
+PAPER_LAMBDAS = (1.0, 1.0, 0.5, 0.5, 0.5)
+
 # The mode's config keys and defaults: the margin head's (L_FR) and the attributes'. Attributes are binary,
 # by name from the manifest's label_fields ("masked" from maskgen, or packed with `pipeline pack
 # --attributes`); the loss is aaface_lambda_fr * L_FR + sum_i aaface_lambdas[i] * BCE_i.
 CONFIG = {
     **standard.CONFIG,
-    "aaface_attributes": [],
-    "aaface_lambdas": [],  # one per attribute; [] = 1.0 each
-    "aaface_lambda_fr": 1.0,
+    "aaface_attributes": list(PAPER_ATTRIBUTES),
+    "aaface_lambdas": list(PAPER_LAMBDAS),  # one per attribute; [] = 1.0 each
+    "aaface_lambda_fr": 3.0,
     "aaface_pos_weight": [],  # BCE positive weight per attribute (#neg / #pos balances it); [] = 1.0 each
     "aaface_stage_epochs": (10.0, 5.0, 5.0),  # (FR branch alone, SB branch alone, joint); sum = num_epoch
 }
@@ -133,7 +127,7 @@ class AAFaceSchedule:
         """Puts `model` in the stage of `epoch`; True when the stage changed (the trainer must then
         re-wrap the model in DDP, whose gradient buckets follow `requires_grad`)."""
         stage = self.stage(epoch)
-        if stage == model.stage:  # a new AAFaceNet is in "joint": everything trainable, as set_stage does
+        if stage == model.stage:  # a new AAFaceNet is in "joint"
             return False
         model.set_stage(stage)
         return True
@@ -142,7 +136,7 @@ class AAFaceSchedule:
 class AAFaceObjective:
     """The total loss lambda_FR * L_FR + sum_i lambda_i * L_i of one batch, for the model's stage."""
 
-    def __init__(self, attribute_names: Sequence[str], label_fields: Sequence[str], lambda_fr: float = 1.0,
+    def __init__(self, attribute_names: Sequence[str], label_fields: Sequence[str], lambda_fr: float = 3.0,
                  lambdas: Optional[Sequence[float]] = None, pos_weight: Optional[Sequence[float]] = None):
         self.names, self.label_fields = list(attribute_names), list(label_fields)
         missing = [n for n in self.names if n not in self.label_fields]
@@ -200,6 +194,11 @@ class AAFaceMode(StandardMode):
         if abs(sum(stages) - cfg.num_epoch) > 1e-6:
             raise ConfigError(f"aaface_stage_epochs {stages} add up to {sum(stages):g} epochs, "
                               f"but num_epoch is {cfg.num_epoch}")
+        freeze = cfg.network_kwargs.get("freeze_backbone", True)
+        if freeze and not cfg.init_weights:
+            raise ConfigError("mode aaface freezes its backbone in every stage, as the paper does: set "
+                              "init_weights to trained weights (an insightface IResNet state dict, a "
+                              "model.pt or a run folder), or network_kwargs freeze_backbone=False to train it")
         self.names = names
         self.schedule = AAFaceSchedule(stages[0], stages[1])
         self.objective: Optional[AAFaceObjective] = None

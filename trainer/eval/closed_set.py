@@ -1,0 +1,92 @@
+"""Closed-set classification accuracy (the CrossScan hybrid paper's ACC): every record of a packed set whose
+identities are the classes a run was trained on (its `--holdout` shards, say) gets the class of the
+classifier row nearest to its embedding (the highest cosine: Partial FC's logit before any margin), and
+is right when that is its identity.
+
+    python -m trainer.eval --checkpoint runs/x/model.pt --data DATA --holdout --closed-set [--classifier C]
+
+The classifier is the run's Partial FC (`fc_full.pt`): of `--classifier` (the file, a checkpoint folder or a
+run folder), else of the last checkpoint of the run folder model.pt is in. Reported: "acc" over the
+records, and "balanced_acc", the mean of the per-class accuracies (what a class-weighted loss aims at).
+Masked copies (maskgen) are left out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pipeline.atomic import atomic_write_json, json_safe
+from trainer import checkpoint as ckpt
+from trainer.eval.common import EvalError, l2_normalize, resolve_device
+
+
+def closed_set_accuracy(embeddings: np.ndarray, identity: np.ndarray, weight: np.ndarray) -> dict:
+    """Nearest-row (cosine) classification of `embeddings` [N, D] among the rows of `weight` [C, D]."""
+    identity = np.asarray(identity, np.int64)
+    if len(identity) == 0:
+        raise EvalError("no records to classify")
+    if identity.min() < 0 or identity.max() >= len(weight):
+        raise EvalError(f"identities {identity.min()}..{identity.max()} are not all among the classifier's "
+                        f"{len(weight)} classes (a set packed with the training data's classes is needed)")
+    predicted = np.argmax(l2_normalize(embeddings) @ l2_normalize(weight).T, axis=1)
+    right = predicted == identity
+    classes = np.unique(identity)
+    per_class = [float(right[identity == c].mean()) for c in classes]
+    return {"acc": float(right.mean()), "balanced_acc": float(np.mean(per_class)), "n": int(len(identity)),
+            "classes": int(len(classes))}
+
+
+def load_classifier(model_path: str, classifier: Optional[str] = None) -> np.ndarray:
+    """The class rows [C, D] of a run's Partial FC (the module docstring says where they are looked for)."""
+    source = Path(classifier) if classifier else Path(model_path).parent
+    path = source
+    if not source.is_file():
+        found = ckpt.find_checkpoint(source)
+        if found is None:
+            raise EvalError(f"no checkpoint with a classifier in {source}: name it with --classifier "
+                            f"(its {ckpt.FC_FULL}, a checkpoint folder or a run folder)")
+        path = found / ckpt.FC_FULL
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    fc = saved.get("fc") if isinstance(saved, dict) else None
+    if not fc or "weight" not in fc:
+        raise EvalError(f"{path} holds no Partial FC classifier (a run of a mode without one?)")
+    return fc["weight"].float().numpy()
+
+
+def run_closed_set(args: argparse.Namespace) -> list[dict]:
+    """`python -m trainer.eval --closed-set`: one result per checkpoint, printed as a JSON line."""
+    from trainer.eval.packed import embed_packed
+    from trainer.model_io.load import load_backbone
+
+    if args.data is None:
+        raise EvalError("--closed-set needs --data DATA (a packed set of the training data's identities)")
+    if args.cmc or args.masked_probe or args.table or args.distractors:
+        raise EvalError("--closed-set does not go with --cmc, --masked-probe, --distractors or --table")
+    device = resolve_device(args.device)
+    results = []
+    for path in args.checkpoint:
+        weight = load_classifier(path, args.classifier)
+        model = load_backbone(path, device, network=args.network)
+        emb, info = embed_packed(model, args.data, device, args.batch_size, not args.no_flip, args.holdout,
+                                 args.workers, not args.no_progress)
+        keep = ~info.masked
+        if emb.shape[1] != weight.shape[1]:
+            raise EvalError(f"{path} gives {emb.shape[1]}-d embeddings, its classifier has "
+                            f"{weight.shape[1]}-d rows")
+        result = json_safe({"checkpoint": path, "network": model.network, "data": args.data,
+                            "holdout": bool(args.holdout), "flip": not args.no_flip,
+                            "skipped_records": info.skipped,
+                            **closed_set_accuracy(emb[keep], info.identity[keep], weight)})
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    if args.output:
+        atomic_write_json(Path(args.output), {"results": results})
+    return results
+
+
+__all__ = ["closed_set_accuracy", "load_classifier", "run_closed_set"]
