@@ -1,30 +1,7 @@
-"""Fixtures for the maskgen tests: real aligned crops from glint24 and one Masker per session."""
+"""Helpers of the maskgen tests (their fixtures, glint_crops and masker, are in conftest.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-
-import cv2
-import numpy as np
-import pytest
-
-
-@pytest.fixture(scope="session")
-def glint_crops(glint24) -> list[np.ndarray]:
-    """One aligned 112x112 RGB crop per glint24 identity (24 real faces, frontal to half-profile)."""
-    crops = []
-    for person in sorted(p for p in Path(glint24).iterdir() if p.is_dir()):
-        first = sorted(person.glob("*.png"), key=lambda p: int(p.stem))[0]
-        crops.append(cv2.cvtColor(cv2.imread(str(first)), cv2.COLOR_BGR2RGB))
-    return crops
-
-
-@pytest.fixture(scope="session")
-def masker():
-    from maskgen.masker import Masker
-
-    m = Masker()
-    yield m
-    m.close()
 
 
 def small_image_folder(glint24: Path, root: Path, identities: int = 4, per_identity: int = 6) -> Path:

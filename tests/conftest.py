@@ -82,3 +82,25 @@ def mxnet_python() -> Path:
         if proc.returncode != 0:
             pytest.fail(f"could not install the mxnet peer: {proc.stderr[-2000:]}")
     return py
+
+
+@pytest.fixture(scope="session")
+def glint_crops(glint24) -> list:
+    """One aligned 112x112 RGB crop per glint24 identity (24 real faces, frontal to half-profile)."""
+    import cv2
+
+    crops = []
+    for person in sorted(p for p in Path(glint24).iterdir() if p.is_dir()):
+        first = sorted(person.glob("*.png"), key=lambda p: int(p.stem))[0]
+        crops.append(cv2.cvtColor(cv2.imread(str(first)), cv2.COLOR_BGR2RGB))
+    return crops
+
+
+@pytest.fixture(scope="session")
+def masker():
+    """One Masker for the session (FaceMesh's graph starts once)."""
+    from maskgen.masker import Masker
+
+    m = Masker()
+    yield m
+    m.close()

@@ -10,16 +10,21 @@ import pytest
 
 from maskgen import quality
 from maskgen.composite import composite, estimate_blur, estimate_noise, is_grey, lighting_field, measure
-from maskgen.facemesh_asset import (ASSET, NUM_LANDMARKS, build_asset, fit_affine3d, head_yaw, load_asset,
-                                    read_canonical_pbtxt)
+from maskgen.facemesh_asset import (
+    ASSET,
+    NUM_LANDMARKS,
+    build_asset,
+    fit_affine3d,
+    head_yaw,
+    load_asset,
+    read_canonical_pbtxt,
+)
 from maskgen.landmarks import mean_mesh_on_template
 from maskgen.render3d import MeshRenderer, rasterize_uv
 from maskgen.shapes import MASK_TYPES, draw_shape, eye_safe_v
 from maskgen.textures import PATTERNS, Style, UVCanvas, draw_style, render_texture
 from maskgen.warp2d import SplineWarper, ThinPlateSpline
 from pipeline.landmarks import ARCFACE_112, five_points
-
-from ._maskgen_helpers import glint_crops, masker  # noqa: F401 (fixtures)
 
 
 # ---------------------------------------------------------------------------------------------- asset
@@ -407,6 +412,7 @@ from google.protobuf import text_format
 from mediapipe.framework import calculator_pb2
 from mediapipe.framework.formats import rect_pb2
 from mediapipe.python.solution_base import SolutionBase
+
 
 crops = np.load(sys.argv[1])
 config = text_format.Parse(
