@@ -41,6 +41,9 @@ CASES = {
     "grad_scale": dict(BASE, loss="arcface", seed=6, grad_scale=3.0),
     "arcface_fp32": dict(BASE, loss="arcface", seed=7, dtype=torch.float32),
     "sampled": dict(BASE, loss="cosface", seed=8, c=40, n=9, rate=0.3),
+    # the trainer's contract: the same batch size on every rank, gathered without reading sizes back
+    "equal_batches": dict(BASE, loss="arcface", seed=9, n=12, equal_batches=True),
+    "equal_batches_sampled": dict(BASE, loss="arcface", seed=10, c=40, n=12, rate=0.2, equal_batches=True),
 }
 
 
