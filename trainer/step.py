@@ -3,6 +3,7 @@ all-rank skip of a non-finite step (trainer/main.py's loop and bench/train.py ru
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -31,6 +32,24 @@ def back_off(scaler: torch.amp.GradScaler) -> None:
     state["_growth_tracker"] = 0
     scaler.update(state["scale"])  # ends the iteration: forgets this step's unscale_ records
     scaler.load_state_dict(state)
+
+
+# The copies of the buffers a skipped step puts back, kept between steps: one foreach copy per step instead
+# of a fresh clone of every BatchNorm statistic (hundreds of small allocations and kernels in an r100).
+_snapshots: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _buffer_snapshot(owner: torch.nn.Module, buffers: list) -> list:
+    """`buffers`' values now, in tensors reused from the last step while the buffers are the same ones."""
+    key = [(id(b), b.shape, b.dtype, b.device) for b in buffers]
+    cached = _snapshots.get(owner)
+    if cached is None or cached[0] != key:
+        cached = (key, [b.detach().clone() for b in buffers])
+        _snapshots[owner] = cached
+    elif buffers:
+        with torch.no_grad():
+            torch._foreach_copy_(cached[1], buffers)
+    return cached[1]
 
 
 def micro_batches(loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,7 +91,7 @@ def train_step(
     # A skipped step must leave no trace, but the forward pass already fed its (maybe NaN) batch into
     # BatchNorm's running statistics and any head statistics: keep a copy to put back.
     buffers = [b for m in (backbone, partial_fc) for b in m.buffers()]
-    saved_buffers = [b.detach().clone() for b in buffers]
+    saved_buffers = _buffer_snapshot(backbone, buffers)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     parts_sum: dict = {}
     for i, batch in enumerate(batches):
@@ -120,8 +139,8 @@ def train_step(
 
     if skipped:
         with torch.no_grad():
-            for buf, saved in zip(buffers, saved_buffers):
-                buf.copy_(saved)
+            if buffers:
+                torch._foreach_copy_(buffers, saved_buffers)
         if scaler is not None and stepping:
             back_off(scaler)
     else:
