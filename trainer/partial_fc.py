@@ -15,7 +15,8 @@ the exact gradient of that loss for its weight shard, and the gradient for its o
 over all ranks (see `trainer.distributed.all_gather_with_grad`).
 
 Sampling (`sample_rate < 1`): every class present in the gathered batch is kept and
-`int(sample_rate * num_local)` rows in all are drawn per step per rank (seeded). The sampled rows are
+`int(sample_rate * num_local)` rows in all (at least the gathered batch size, at most the shard) are drawn
+per step per rank, from a seed and a draw count. The sampled rows are
 taken from the full `weight` with `F.embedding(..., sparse=True)`, so the weight's gradient is a sparse
 tensor holding the sampled rows only. What "correct" means for the optimizer here: a row behaves as if
 it were its own parameter that is stepped only on the steps where it was sampled. An unsampled row's
@@ -109,7 +110,8 @@ def cosine_matmul_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype of the cosine matmuls: fp16 under fp16 autocast (arcface_torch's precision: cosine error
     ~3e-4 at a target cosine of 0.994), else fp32 (None: the inputs' own). bf16's 8-bit mantissa would
     put ~2.5e-3 on the target cosine, 0.16 on its logit at s=64, the size of the gaps the margin works
-    on; the layer's matmuls are a small share of a step's FLOPs (bench/log/partial_fc.md)."""
+    on; the layer's matmuls are a small share of a step's FLOPs (bench/log/partial_fc.md). On a GPU with
+    the config's tf32=True the fp32 matmuls run in TF32, whose 10-bit mantissa is fp16's."""
     return torch.float16 if _autocast_dtype(device_type) == torch.float16 else None
 
 
