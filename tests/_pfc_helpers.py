@@ -182,6 +182,14 @@ def train_steps(pfc: PartialFC, opt: torch.optim.Optimizer, steps: range, rank: 
 
 def train_and_save(rank: int, world_size: int, out_dir: str) -> None:
     """3 steps on `world_size` ranks, then the full state (rank 0) and every rank's shard."""
+    # equal_batches=True (the default) refuses uneven batches with a clear error on every rank at once
+    pfc = PartialFC(ArcFace(16.0, 0.3), TRAIN["d"], TRAIN["c"])
+    try:
+        pfc(torch.randn(3 + rank, TRAIN["d"]), torch.zeros(3 + rank, dtype=torch.long))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    Path(out_dir, f"uneven_refused_{rank}.txt").write_text(refused)
     for kind in ("adamw", "sgd"):
         pfc, opt = build_trainable(kind)
         train_steps(pfc, opt, range(3), rank, world_size)

@@ -104,6 +104,9 @@ def test_multi_rank_equals_reference(multi_rank_dir, world_size):
     for name, case in CASES.items():
         per_rank = [r[name] for r in results]
         check_against_reference(per_rank, case, name)
+    if world_size == 2:  # uneven batches under equal_batches=True: refused on both ranks
+        for r in range(2):
+            assert "equal_batches" in (multi_rank_dir / f"uneven_refused_{r}.txt").read_text()
     # The initial classifier does not depend on the world size.
     single = pfc_step(CASES["arcface"], 0, 1)["init_weight"]
     joined = torch.cat([r["arcface"]["init_weight"] for r in results])

@@ -215,8 +215,8 @@ class PartialFC(nn.Module):
     so that the backbone receives the gradient of the global mean loss, as insightface does.
 
     `equal_batches` (the trainer's contract: every rank trains on batches of the same size): the all-gathers
-    use the known sizes, so no batch size is read back to the host; an unequal batch then fails an
-    on-device check. False: ranks may hold different numbers of rows (one more small collective and a
+    use the known sizes, so no batch size is read back to the host (after the first forward, which checks
+    them); an unequal batch later fails an on-device check. False: ranks may hold different numbers of rows (one more small collective and a
     host sync per forward).
     """
 
@@ -247,6 +247,7 @@ class PartialFC(nn.Module):
         self.embedding_grad_scale = float(embedding_grad_scale)
         self.seed = int(seed)
         self.equal_batches = bool(equal_batches)
+        self._batches_checked = False
         self.rank, self.world_size = get_rank(), get_world_size()
         self.class_start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
         self.weight = nn.Parameter(self._initial_weight(init_std))
@@ -338,6 +339,12 @@ class PartialFC(nn.Module):
                     all_gather_no_grad(labels, sizes))
         b = embeddings.shape[0]
         sizes = [b] * self.world_size
+        if not self._batches_checked:  # once, on every rank alike: a clear error for a misconfigured run
+            seen = all_gather_no_grad(torch.tensor([b], device=labels.device), [1] * self.world_size).tolist()
+            if seen != sizes:
+                raise ValueError(f"Partial FC with equal_batches=True got batches of {seen} rows on the "
+                                 f"{self.world_size} ranks; pass equal_batches=False for uneven batches")
+            self._batches_checked = True
         # Each rank's batch size rides along with its labels, checked on the device (no host sync).
         tagged = all_gather_no_grad(torch.cat([labels, labels.new_full((1,), b)]), [b + 1] * self.world_size)
         tagged = tagged.view(self.world_size, b + 1)
