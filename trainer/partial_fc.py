@@ -384,8 +384,10 @@ class PartialFC(nn.Module):
         device: `int(sample_rate * num_local)` rows, or the gathered batch size if that is more (a
         batch may hold that many positives), never more than the shard.
         """
-        num_sample = min(self.num_local, max(int(self.sample_rate * self.num_local), local_labels.shape[0]))
         device = local_labels.device
+        if self.num_local == 0:  # a rank that owns no class (fewer classes than ranks)
+            return torch.zeros(0, dtype=torch.long, device=device), local_labels
+        num_sample = min(self.num_local, max(int(self.sample_rate * self.num_local), local_labels.shape[0]))
         score = torch.rand(self.num_local, generator=self.generator(device), device=device)
         positive = local_labels != -1
         rows = local_labels.clamp_min(0)
