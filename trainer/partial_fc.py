@@ -17,7 +17,7 @@ over all ranks (see `trainer.distributed.all_gather_with_grad`).
 Sampling (`sample_rate < 1`): every class present in the gathered batch is kept and
 `int(sample_rate * num_local)` rows in all (at least the gathered batch size, at most the shard) are drawn
 per step per rank, from a seed and a draw count. The sampled rows are
-taken from the full `weight` with `F.embedding(..., sparse=True)`, so the weight's gradient is a sparse
+taken from the full `weight` by `_SampledRows` (an index_select), so the weight's gradient is a sparse
 tensor holding the sampled rows only. What "correct" means for the optimizer here: a row behaves as if
 it were its own parameter that is stepped only on the steps where it was sampled. An unsampled row's
 weight, momentum / Adam moments and step count are untouched (no momentum drift, no weight decay);
