@@ -106,7 +106,8 @@ def pfc_step(case: Dict[str, Any], rank: int, world_size: int) -> Dict[str, Any]
     emb, labels, weight = problem(case["seed"], case["n"], case["c"], case["d"], case["dtype"])
     start, count = shard_range(case["n"], rank, world_size)  # uneven batches per rank too
     pfc = PartialFC(LOSSES[case["loss"]](), case["d"], case["c"], sample_rate=case.get("rate", 1.0),
-                    embedding_grad_scale=case.get("grad_scale", 1.0), seed=case.get("pfc_seed", 0))
+                    embedding_grad_scale=case.get("grad_scale", 1.0), seed=case.get("pfc_seed", 0),
+                    equal_batches=case.get("equal_batches", False))
     init_weight = pfc.weight.detach().clone()
     pfc.to(case["dtype"])
     pfc.load_full_weight(weight)
@@ -161,7 +162,7 @@ def train_batch(step: int):
 
 def build_trainable(kind: str) -> tuple[PartialFC, torch.optim.Optimizer]:
     """A float64 Partial FC and its optimizer; `kind` picks torch's AdamW or our row-sparse SGD."""
-    pfc = PartialFC(ArcFace(16.0, 0.3), TRAIN["d"], TRAIN["c"], seed=5).double()
+    pfc = PartialFC(ArcFace(16.0, 0.3), TRAIN["d"], TRAIN["c"], seed=5, equal_batches=False).double()
     if kind == "adamw":
         opt = torch.optim.AdamW(pfc.parameters(), lr=0.05, weight_decay=0.1)
     else:
@@ -181,6 +182,14 @@ def train_steps(pfc: PartialFC, opt: torch.optim.Optimizer, steps: range, rank: 
 
 def train_and_save(rank: int, world_size: int, out_dir: str) -> None:
     """3 steps on `world_size` ranks, then the full state (rank 0) and every rank's shard."""
+    # equal_batches=True (the default) refuses uneven batches with a clear error on every rank at once
+    pfc = PartialFC(ArcFace(16.0, 0.3), TRAIN["d"], TRAIN["c"])
+    try:
+        pfc(torch.randn(3 + rank, TRAIN["d"]), torch.zeros(3 + rank, dtype=torch.long))
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    Path(out_dir, f"uneven_refused_{rank}.txt").write_text(refused)
     for kind in ("adamw", "sgd"):
         pfc, opt = build_trainable(kind)
         train_steps(pfc, opt, range(3), rank, world_size)

@@ -41,6 +41,9 @@ CASES = {
     "grad_scale": dict(BASE, loss="arcface", seed=6, grad_scale=3.0),
     "arcface_fp32": dict(BASE, loss="arcface", seed=7, dtype=torch.float32),
     "sampled": dict(BASE, loss="cosface", seed=8, c=40, n=9, rate=0.3),
+    # the trainer's contract: the same batch size on every rank, gathered without reading sizes back
+    "equal_batches": dict(BASE, loss="arcface", seed=9, n=12, equal_batches=True),
+    "equal_batches_sampled": dict(BASE, loss="arcface", seed=10, c=40, n=12, rate=0.2, equal_batches=True),
 }
 
 
@@ -101,6 +104,9 @@ def test_multi_rank_equals_reference(multi_rank_dir, world_size):
     for name, case in CASES.items():
         per_rank = [r[name] for r in results]
         check_against_reference(per_rank, case, name)
+    if world_size == 2:  # uneven batches under equal_batches=True: refused on both ranks
+        for r in range(2):
+            assert "equal_batches" in (multi_rank_dir / f"uneven_refused_{r}.txt").read_text()
     # The initial classifier does not depend on the world size.
     single = pfc_step(CASES["arcface"], 0, 1)["init_weight"]
     joined = torch.cat([r["arcface"]["init_weight"] for r in results])
@@ -274,3 +280,53 @@ def test_losses_registry_is_complete():
     # The helpers' loss table is what the multi-rank tests cover: keep it in sync with CASES.
     assert {c["loss"] for c in CASES.values()} == set(LOSSES)
     assert TRAIN["c"] % 3 != 0 and TRAIN["c"] % 2 != 0  # uneven shards on 2 and 3 ranks
+
+
+# ---- issue I: precision under autocast, device-free sampler state ------------------------------------
+
+def _near_target(dim: int = 512, classes: int = 64, cos: float = 0.994):
+    """Embeddings [16, dim] and a classifier whose row i is at cosine `cos` from embedding i % 16."""
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(16, dim, generator=g, dtype=F64), dim=1)
+    noise = torch.randn(classes, dim, generator=g, dtype=F64)
+    base = emb[torch.arange(classes) % 16]
+    noise = F.normalize(noise - (noise * base).sum(1, keepdim=True) * base, dim=1)
+    weight = (cos * base + (1 - cos * cos) ** 0.5 * noise) * 0.05  # the trainer's small weights
+    return emb * 3.0, weight  # embedding norms as a backbone gives them
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16])
+def test_target_cosine_error_stays_within_fp16s_under_every_autocast(amp):
+    """bf16 matmuls put ~2.5e-3 on a target cosine of 0.994 (0.16 on its logit at s=64); fp16, what
+    arcface_torch trains with, ~3e-4. Every AMP setting must stay within 5e-4."""
+    emb, weight = _near_target()
+    pfc = PartialFC(ArcFace(), 512, weight.shape[0])
+    exact = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1))
+    with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        cos = pfc.cosine(emb.float(), weight.float())
+    assert cos.dtype == torch.float32
+    target = torch.arange(weight.shape[0]) % 16
+    err = (cos.double() - exact).abs()
+    assert exact[target, torch.arange(weight.shape[0])].mean() == pytest.approx(0.994, abs=1e-6)
+    assert err[target, torch.arange(weight.shape[0])].max() <= 5e-4
+    assert err.max() <= 5e-4
+
+
+def test_sampler_state_is_device_free_and_continues_the_stream():
+    """The sampling RNG is saved as numbers (seed, draws): a CPU generator's state (a ByteTensor) cannot be
+    set into a CUDA generator, so a checkpoint saved on one device failed to resume on the other."""
+    labels = torch.tensor([1, 5, 9])
+    a = sampled_pfc(seed=3)
+    for _ in range(3):
+        a.sample(a.local_labels(labels))
+    state = a.sampler_state_dict()
+    assert not any(torch.is_tensor(v) for v in state.values()), state
+    nxt = a.sample(a.local_labels(labels))[0]
+    b = sampled_pfc(seed=3)
+    b.sample(b.local_labels(labels))  # b's generator already made (here on the CPU, on a GPU its own)
+    b.load_sampler_state_dict(copy.deepcopy(state))
+    assert torch.equal(b.sample(b.local_labels(labels))[0], nxt)
+    # A checkpoint from before (a generator state tensor) keeps the fresh seeded stream.
+    c, fresh = sampled_pfc(seed=3), sampled_pfc(seed=3)
+    c.load_sampler_state_dict({"rank": 0, "world_size": 1, "generator": torch.Generator().get_state()})
+    assert torch.equal(c.sample(c.local_labels(labels))[0], fresh.sample(fresh.local_labels(labels))[0])

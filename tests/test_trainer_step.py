@@ -168,3 +168,51 @@ def test_skipped_step_restores_batchnorm_statistics():
     assert result.skipped
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+# ---- fp16's GradScaler (torch's CPU GradScaler stands in for the GPU's) ---------------------------------
+
+def _scaled_setup(growth_interval: int = 2):
+    torch.manual_seed(0)
+    net = TinyNet()
+    pfc = PartialFC(CombinedMarginLoss(16.0, 1.0, 0.3, 0.0), 16, NUM_CLASSES)
+    cfg = Config(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opts = [build_optimizer(cfg, net.parameters()), build_optimizer(cfg, pfc.parameters(), row_sparse=True)]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=growth_interval)
+    return net, pfc, opts, scaler
+
+
+def test_fp16_step_with_an_optimizer_that_got_no_gradient():
+    """AAFace's soft-biometric stage never calls the Partial FC: its optimizer gets no gradient, which
+    GradScaler.step refuses ("No inf checks were recorded for this optimizer")."""
+    net, pfc, opts, scaler = _scaled_setup()
+    fc_before = pfc.weight.detach().clone()
+
+    def backbone_only(backbone, head, batch):
+        return backbone(batch[0]).pow(2).mean(), {}
+
+    images, labels = _data(0)
+    result = train_step(net, pfc, [(images, labels)], opts, scaler, None, 5.0, objective=backbone_only)
+    assert not result.skipped
+    assert torch.equal(pfc.weight.detach(), fc_before)
+    assert not torch.equal(TinyNet().fc1.weight, net.fc1.weight)
+
+
+def test_fp16_skip_resets_the_growth_tracker():
+    """After a skipped step the scale backs off and needs growth_interval clean steps before it grows again
+    (GradScaler.update(new_scale) alone kept the count of clean steps from before the skip)."""
+    net, pfc, opts, scaler = _scaled_setup(growth_interval=2)
+    images, labels = _data(0)
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("inf")
+
+    def run(x):
+        return train_step(net, pfc, [(x, labels)], opts, scaler, None, 5.0)
+
+    assert not run(images).skipped  # one clean step counted
+    assert run(bad).skipped
+    assert scaler.get_scale() == 2.0 ** 9
+    assert not run(images).skipped
+    assert scaler.get_scale() == 2.0 ** 9  # one clean step since the skip: no growth yet
+    assert not run(images).skipped
+    assert scaler.get_scale() == 2.0 ** 10  # growth_interval clean steps: grows

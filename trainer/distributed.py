@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
+import uuid
 from datetime import timedelta
 from typing import Optional, Tuple
 
@@ -203,24 +205,51 @@ def init_distributed() -> tuple[torch.device, int]:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
         backend, timeout = ("nccl" if use_cuda else "gloo"), timedelta(minutes=30)
-        env = os.environ
-        restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0
-        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restarted:
-            # torchrun's agent keeps one TCPStore across worker restarts, so a restarted worker would
-            # read the dead workers' addresses left in it and never connect. Scope this attempt's keys by
-            # the restart count, which a single agent (one node) reports alike to all its workers.
-            # Several nodes: launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 instead.
-            if int(env.get("GROUP_WORLD_SIZE", 1)) > 1:
-                raise RuntimeError("a worker restart across several torchrun agents needs "
-                                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment")
-            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
-                                  timeout=timeout)
-            store = dist.PrefixStore(f"facetrain/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
-            dist.init_process_group(backend, store=store, rank=int(env["RANK"]), world_size=world_size,
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = _fresh_store(timeout)
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]), world_size=world_size,
                                     timeout=timeout)
         else:
             dist.init_process_group(backend, init_method="env://", timeout=timeout)
     return device, local_rank
+
+
+def _fresh_store(timeout: timedelta) -> dist.Store:
+    """A TCPStore that only this attempt's workers use, for a run under torchrun's shared agent store.
+
+    torchrun (c10d rendezvous, TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset) hands its workers the agents' own
+    TCPStore, whose server outlives a worker restart: a restarted worker would read the dead workers'
+    addresses left there by the last attempt and never connect (gloo: "connectFullMesh failed ... Connection
+    refused"). Scoping keys by TORCHELASTIC_RESTART_COUNT does not work across nodes: the agent whose worker
+    failed counts a restart, the others only see a membership change and do not. So rank 0 opens a new
+    server on a free port with a random token in it and publishes "host port token" in the agent store; the
+    others connect to what they read there until they find the token (a value read from the last attempt
+    names a dead server or a server without that token).
+    """
+    env = os.environ
+    host, rank = env["MASTER_ADDR"], int(env["RANK"])
+    agent = dist.TCPStore(host, int(env["MASTER_PORT"]), is_master=False, timeout=timeout)
+    key, token_key = f"facetrain/{env.get('TORCHELASTIC_RUN_ID', '')}/process_group_store", "facetrain/token"
+    if rank == 0:  # on the node of rendezvous rank 0, which hosts the agent store at MASTER_ADDR
+        token = uuid.uuid4().hex
+        store = dist.TCPStore(host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        store.set(token_key, token)
+        agent.set(key, f"{host} {store.port} {token}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        addr, port, token = agent.get(key).decode().split()
+        try:
+            store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=3))
+            if store.get(token_key).decode() == token:
+                store.set_timeout(timeout)
+                return store
+        except (RuntimeError, dist.DistError):  # a dead server from the last attempt, or a stranger
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no process-group store of this attempt appeared under {key} in the agent "
+                               f"store {host}:{env['MASTER_PORT']}")
+        time.sleep(0.5)
 
 
 def wrap_ddp(backbone: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -141,14 +141,21 @@ class CombinedMarginLoss(nn.Module):
 
     def forward(self, cosine_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos, labels = prepare_logits(cosine_logits, labels)
-        rows, cols = positive_index(labels)
+        # Every row takes part, a mask says whose class is in this shard: unlike positive_index (nonzero)
+        # nothing is read back to the host on the trainer's hot path. Rows of other shards get their
+        # column-0 cosine written back unchanged.
+        mine = (labels != -1)[:, None]
+        cols = labels.clamp_min(0)[:, None]
+        if cos.shape[1] == 0:
+            return cos * self.s
         if self.interclass_filtering_threshold > 0:
             with torch.no_grad():
                 dirty = cos > self.interclass_filtering_threshold
-                dirty[rows, cols] = False
+                dirty.scatter_(1, cols, dirty.gather(1, cols) & ~mine)
             cos = cos.masked_fill(dirty, 0.0)
-        target = self.target_logit(cos[rows, cols])
-        return replace_target(cos * self.s, rows, cols, target * self.s)
+        cos_t = cos.gather(1, cols)
+        target = torch.where(mine, self.target_logit(cos_t), cos_t)
+        return (cos * self.s).scatter(1, cols, target * self.s)
 
 
 class ArcFace(CombinedMarginLoss):

@@ -39,11 +39,8 @@ def _rows_and_grad(p: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tenso
     if grad.sparse_dim() != 1:
         raise ValueError("row-sparse optimizers need gradients sparse in the first dimension only")
     if not grad.is_coalesced():
-        rows = grad._indices()[0]
-        # One backward of Partial FC gives sorted unique rows: usable as they are. Accumulated
-        # micro-batches repeat rows, which coalesce() sums (a sort and a [k, D] copy).
-        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-            return rows, grad._values()
+        # Partial FC marks one backward's gradient coalesced (its rows are sorted and unique); accumulated
+        # micro-batches repeat rows, which coalesce() sums (a sort, a [k, D] copy and a host sync for k).
         grad = grad.coalesce()
     return grad.indices()[0], grad.values()
 
@@ -143,8 +140,7 @@ class RowSparseSGD(_RowSparseOptimizer):
         if dampening != 0 or group["nesterov"]:
             d_p = grad if wd == 0 else grad.add(weight, alpha=wd)
             if dampening != 0:
-                first = torch.nonzero(steps == 1, as_tuple=True)[0]
-                buf.index_copy_(0, first, d_p.index_select(0, first))
+                buf.copy_(torch.where((steps == 1)[:, None], d_p, buf))  # a mask: no host sync
             if group["nesterov"]:
                 weight.add_(d_p.add(buf, alpha=momentum), alpha=-group["lr"])
                 return

@@ -15,8 +15,9 @@ the exact gradient of that loss for its weight shard, and the gradient for its o
 over all ranks (see `trainer.distributed.all_gather_with_grad`).
 
 Sampling (`sample_rate < 1`): every class present in the gathered batch is kept and
-`int(sample_rate * num_local)` rows in all are drawn per step per rank (seeded). The sampled rows are
-taken from the full `weight` with `F.embedding(..., sparse=True)`, so the weight's gradient is a sparse
+`int(sample_rate * num_local)` rows in all (at least the gathered batch size, at most the shard) are drawn
+per step per rank, from a seed and a draw count. The sampled rows are
+taken from the full `weight` by `_SampledRows` (an index_select), so the weight's gradient is a sparse
 tensor holding the sampled rows only. What "correct" means for the optimizer here: a row behaves as if
 it were its own parameter that is stepped only on the steps where it was sampled. An unsampled row's
 weight, momentum / Adam moments and step count are untouched (no momentum drift, no weight decay);
@@ -73,15 +74,18 @@ class _DistSoftmaxCEFunction(torch.autograd.Function):
             row_max = logits.new_full((n,), -math.inf)
         all_reduce_(row_max, "max")
         probs = logits - row_max[:, None]
-        target = logits.new_zeros(n)
-        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-        target[rows] = probs[rows, labels[rows]]
+        # Masks rather than the rows of this shard's labels (nonzero): no host sync.
+        mine = labels != -1
+        if logits.shape[1] > 0:
+            target = torch.where(mine, probs.gather(1, labels.clamp_min(0)[:, None]).squeeze(1), 0.0)
+        else:
+            target = logits.new_zeros(n)
         all_reduce_(target, "sum")  # each row's target logit lives on exactly one rank
         probs.exp_()
         denom = probs.sum(dim=1)
         all_reduce_(denom, "sum")
         probs.div_(denom[:, None])
-        ctx.save_for_backward(probs, rows, labels)
+        ctx.save_for_backward(probs, labels)
         ctx.used = False
         # log-sum-exp minus the target logit: stays finite where softmax(target) underflows.
         return (denom.log() - target).mean()
@@ -93,12 +97,22 @@ class _DistSoftmaxCEFunction(torch.autograd.Function):
             raise RuntimeError("Partial FC's cross-entropy reuses its softmax buffer: backward "
                                "cannot run twice (retain_graph is not supported)")
         ctx.used = True
-        probs, rows, labels = ctx.saved_tensors
+        probs, labels = ctx.saved_tensors
         # d(mean CE)/d logit = (softmax - onehot) / N, built in the saved buffer to spare a [N, C] copy.
         grad = probs
-        grad[rows, labels[rows]] -= 1.0
+        if grad.shape[1] > 0:
+            grad.scatter_add_(1, labels.clamp_min(0)[:, None], -(labels != -1).to(grad.dtype)[:, None])
         grad.mul_(grad_loss / probs.shape[0])
         return grad, None
+
+
+def cosine_matmul_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the cosine matmuls: fp16 under fp16 autocast (arcface_torch's precision: cosine error
+    ~3e-4 at a target cosine of 0.994), else fp32 (None: the inputs' own). bf16's 8-bit mantissa would
+    put ~2.5e-3 on the target cosine, 0.16 on its logit at s=64, the size of the gaps the margin works
+    on; the layer's matmuls are a small share of a step's FLOPs (bench/log/partial_fc.md). On a GPU with
+    the config's tf32=True the fp32 matmuls run in TF32, whose 10-bit mantissa is fp16's."""
+    return torch.float16 if _autocast_dtype(device_type) == torch.float16 else None
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -152,6 +166,27 @@ class _NormalizedLinear(torch.autograd.Function):
         return grad_e, grad_w, None
 
 
+class _SampledRows(torch.autograd.Function):
+    """weight[index] for sorted unique `index`; the weight's gradient is a sparse tensor of those rows,
+    marked coalesced (F.embedding(sparse=True) leaves it uncoalesced: the optimizer would have to read the
+    rows back to the host to learn they are unique)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, index: torch.Tensor, owner: "PartialFC") -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.shape = weight.shape
+        ctx.owner = owner
+        return weight.index_select(0, index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = torch.sparse_coo_tensor(index[None], grad, ctx.shape, is_coalesced=True, check_invariants=False)
+        ctx.owner._fresh_grad_indices = out._indices().data_ptr()
+        return out, None, None
+
+
 class DistSoftmaxCrossEntropy(nn.Module):
     """Mean softmax cross-entropy over classes sharded by columns across ranks.
 
@@ -178,6 +213,11 @@ class PartialFC(nn.Module):
     own embeddings times this factor. Keep 1.0 for the true gradient; a trainer whose backbone is
     wrapped in DistributedDataParallel (which averages gradients over ranks) passes the world size,
     so that the backbone receives the gradient of the global mean loss, as insightface does.
+
+    `equal_batches` (the trainer's contract: every rank trains on batches of the same size): the all-gathers
+    use the known sizes, so no batch size is read back to the host (after the first forward, which checks
+    them); an unequal batch later fails an on-device check. False: ranks may hold different numbers of rows (one more small collective and a
+    host sync per forward).
     """
 
     def __init__(
@@ -190,6 +230,7 @@ class PartialFC(nn.Module):
         embedding_grad_scale: float = 1.0,
         seed: int = 0,
         init_std: float = 0.01,
+        equal_batches: bool = True,
     ):
         super().__init__()
         if not callable(margin_loss):
@@ -205,14 +246,19 @@ class PartialFC(nn.Module):
         self.sample_rate = float(sample_rate)
         self.embedding_grad_scale = float(embedding_grad_scale)
         self.seed = int(seed)
+        self.equal_batches = bool(equal_batches)
+        self._batches_checked = False
         self.rank, self.world_size = get_rank(), get_world_size()
         self.class_start, self.num_local = shard_range(self.num_classes, self.rank, self.world_size)
         self.weight = nn.Parameter(self._initial_weight(init_std))
+        self._fresh_grad_indices: Optional[int] = None
+        self.weight.register_post_accumulate_grad_hook(self._keep_coalesced)
         self.cross_entropy = DistSoftmaxCrossEntropy()
         # Rows of `weight` used by the last training step (all of them when not sampling).
         self.sampled_index: Optional[torch.Tensor] = None
         self._generator: Optional[torch.Generator] = None
-        self._pending_generator_state: Optional[torch.Tensor] = None
+        # Negative sampling draws from seed + draw count: a state that means the same on any device.
+        self._draws = 0
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
@@ -242,18 +288,13 @@ class PartialFC(nn.Module):
             raise ValueError(f"{labels.shape[0]} labels for {embeddings.shape[0]} embeddings")
         self._check_labels(labels)
 
-        sizes = None
-        if is_distributed():
-            sizes = torch.tensor([embeddings.shape[0]], device=labels.device)
-            sizes = all_gather_no_grad(sizes, [1] * self.world_size).tolist()
-        embeddings = all_gather_with_grad(embeddings, self.embedding_grad_scale, sizes)
-        labels = all_gather_no_grad(labels, sizes)
+        embeddings, labels = self.gather(embeddings, labels)
         local_labels = self.local_labels(labels)
 
         if self.training and self.sample_rate < 1.0:
             index, local_labels = self.sample(local_labels)
-            # sparse=True: the weight's gradient holds the sampled rows only (see the module doc).
-            weight = F.embedding(index, self.weight, sparse=True)
+            # The weight's gradient holds the sampled rows only (see the module doc).
+            weight = _SampledRows.apply(self.weight, index, self)
         else:
             index, weight = None, self.weight
         self.sampled_index = index
@@ -276,14 +317,50 @@ class PartialFC(nn.Module):
                 loss = loss + extra / w + (extra * (w - 1) / w).detach()
         return loss
 
+    def _keep_coalesced(self, weight: torch.Tensor) -> None:
+        # Autograd stores a lone sparse gradient without its "coalesced" mark; put it back when the
+        # gradient is exactly one backward's (its indices are _SampledRows's own), so that the optimizer
+        # need not coalesce it (a host sync). A sum over micro-batches is a new tensor: left as it is.
+        grad, fresh = weight.grad, self._fresh_grad_indices
+        self._fresh_grad_indices = None
+        if grad is not None and grad.is_sparse and not grad.is_coalesced() and fresh is not None \
+                and grad._indices().data_ptr() == fresh:
+            weight.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape,
+                                                  is_coalesced=True, check_invariants=False)
+
+    def gather(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch: every rank's embeddings (differentiable) and labels, in rank order."""
+        if not is_distributed():
+            return all_gather_with_grad(embeddings, self.embedding_grad_scale), labels
+        if not self.equal_batches:
+            sizes = torch.tensor([embeddings.shape[0]], device=labels.device)
+            sizes = all_gather_no_grad(sizes, [1] * self.world_size).tolist()
+            return (all_gather_with_grad(embeddings, self.embedding_grad_scale, sizes),
+                    all_gather_no_grad(labels, sizes))
+        b = embeddings.shape[0]
+        sizes = [b] * self.world_size
+        if not self._batches_checked:  # once, on every rank alike: a clear error for a misconfigured run
+            seen = all_gather_no_grad(torch.tensor([b], device=labels.device), [1] * self.world_size).tolist()
+            if seen != sizes:
+                raise ValueError(f"Partial FC with equal_batches=True got batches of {seen} rows on the "
+                                 f"{self.world_size} ranks; pass equal_batches=False for uneven batches")
+            self._batches_checked = True
+        # Each rank's batch size rides along with its labels, checked on the device (no host sync).
+        tagged = all_gather_no_grad(torch.cat([labels, labels.new_full((1,), b)]), [b + 1] * self.world_size)
+        tagged = tagged.view(self.world_size, b + 1)
+        torch._assert_async((tagged[:, b] == b).all(),
+                            "Partial FC: ranks hold batches of different sizes (equal_batches=True)")
+        return all_gather_with_grad(embeddings, self.embedding_grad_scale, sizes), tagged[:, :b].reshape(-1)
+
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() == 0:
             return
         bad = (labels < 0) | (labels >= self.num_classes)
-        if labels.is_cuda:  # no host sync on the hot path
+        # Checked on the device: no host sync on a GPU (a device-side assert), immediate on the CPU.
+        try:
             torch._assert_async(~bad.any(), f"labels outside [0, {self.num_classes})")
-        elif bool(bad.any()):
-            raise ValueError(f"labels outside [0, {self.num_classes}): {labels[bad][:5].tolist()}")
+        except RuntimeError:
+            raise ValueError(f"labels outside [0, {self.num_classes}): {labels[bad][:5].tolist()}") from None
 
     def local_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Global class ids -> this shard's row numbers, -1 for classes owned by other ranks."""
@@ -291,61 +368,62 @@ class PartialFC(nn.Module):
         return local.masked_fill((local < 0) | (local >= self.num_local), -1)
 
     def cosine(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """fp32 (fp64 for fp64 inputs) cosines [N, rows of weight]; the matmuls follow any enclosing
-        autocast, as insightface's fp16 option does: they are the FLOP-heavy part of the layer."""
+        """fp32 (fp64 for fp64 inputs) cosines [N, rows of weight]; the matmuls run in fp16 under fp16
+        autocast, as insightface's fp16 option does, and in fp32 otherwise (`cosine_matmul_dtype`)."""
         e = F.normalize(at_least_fp32(embeddings), dim=1)
         device_type = e.device.type
-        matmul_dtype = _autocast_dtype(device_type)
+        matmul_dtype = cosine_matmul_dtype(device_type)
         with torch.autocast(device_type=device_type, enabled=False):
             return _NormalizedLinear.apply(e, at_least_fp32(weight), matmul_dtype)
 
     def sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows to use this step (sorted) and the labels renumbered into them.
 
-        Every positive class of the gathered batch is kept; the rest of the
-        `int(sample_rate * num_local)` rows are drawn uniformly from the negatives.
+        Every positive class of the gathered batch is kept; the rest of the rows are drawn uniformly
+        from the negatives. The count is fixed on the host, so that nothing is read back from the
+        device: `int(sample_rate * num_local)` rows, or the gathered batch size if that is more (a
+        batch may hold that many positives), never more than the shard.
         """
-        positive_mask = local_labels != -1
-        positive = torch.unique(local_labels[positive_mask])  # sorted
-        num_sample = int(self.sample_rate * self.num_local)
-        if positive.numel() >= num_sample:
-            index = positive
-        else:
-            score = torch.rand(self.num_local, generator=self.generator(local_labels.device),
-                               device=local_labels.device)
-            score[positive] = 2.0  # above any uniform draw: positives always make the top k
-            index = torch.topk(score, num_sample, sorted=False).indices.sort().values
-        relabelled = local_labels.clone()
-        relabelled[positive_mask] = torch.searchsorted(index, local_labels[positive_mask])
+        device = local_labels.device
+        if self.num_local == 0:  # a rank that owns no class (fewer classes than ranks)
+            return torch.zeros(0, dtype=torch.long, device=device), local_labels
+        num_sample = min(self.num_local, max(int(self.sample_rate * self.num_local), local_labels.shape[0]))
+        score = torch.rand(self.num_local, generator=self.generator(device), device=device)
+        positive = local_labels != -1
+        rows = local_labels.clamp_min(0)
+        # 2 is above any uniform draw: positives always make the top k (foreign rows add 0: no change).
+        score.scatter_reduce_(0, rows, torch.where(positive, 2.0, 0.0).to(score.dtype), "amax")
+        index = torch.topk(score, num_sample, sorted=False).indices.sort().values
+        relabelled = torch.where(positive, torch.searchsorted(index, rows), -1)
         return index, relabelled
 
     def generator(self, device: torch.device) -> torch.Generator:
+        """This rank's sampling generator on `device`, seeded for the next draw."""
         if self._generator is None or self._generator.device != torch.device(device):
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed * 1_000_003 + 7919 * self.rank + 1)
-            if self._pending_generator_state is not None:
-                gen.set_state(self._pending_generator_state)
-                self._pending_generator_state = None
-            self._generator = gen
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(self._draw_seed(self._draws))
+        self._draws += 1
         return self._generator
+
+    def _draw_seed(self, draw: int) -> int:
+        return (self.seed * 1_000_003 + 7919 * self.rank + 1 + draw * 2_654_435_761) % (1 << 63)
 
     # ---- checkpoint helpers ------------------------------------------------------------------
 
     def sampler_state_dict(self) -> Dict[str, Any]:
-        """This rank's negative-sampling RNG (meaningful only when resuming on the same world size)."""
-        gen = self._generator
-        state = gen.get_state() if gen is not None else self._pending_generator_state
-        return {"rank": self.rank, "world_size": self.world_size, "generator": state}
+        """This rank's negative-sampling stream: plain numbers, so a checkpoint resumes on any device
+        (a generator's own state is device-specific: a CPU one cannot be set into a CUDA generator)."""
+        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "draws": self._draws}
 
     def load_sampler_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restores the RNG if it was saved by the same rank of a world of the same size; otherwise
-        keeps the fresh seeded stream (a different world size draws different negatives anyway)."""
+        """Continues the saved stream if it was saved by the same rank of a world of the same size;
+        otherwise keeps the fresh seeded stream (a different world size draws different negatives anyway).
+        A checkpoint from before the draw count (a device generator state) also keeps the fresh stream."""
         if state.get("world_size") != self.world_size or state.get("rank") != self.rank:
             return
-        if state.get("generator") is None:
+        if "draws" not in state:
             return
-        self._pending_generator_state = state["generator"].cpu()
-        self._generator = None
+        self.seed, self._draws = int(state["seed"]), int(state["draws"])
 
     def local_state(self, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
         """This rank's shard (weight rows and, given the optimizer, their per-row state), on the CPU."""

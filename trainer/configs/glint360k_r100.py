@@ -10,6 +10,7 @@ config.embedding_size = 512
 config.margin_list = (1.0, 0.0, 0.4)  # CosFace s=64, m=0.4
 config.sample_rate = 1.0
 config.amp = "fp16"
+config.channels_last = True  # NHWC convolutions: tensor cores without layout transposes (cudnn_benchmark, tf32: on in base.py)
 config.batch_size = 128
 config.optimizer = "sgd"
 config.lr = 0.1

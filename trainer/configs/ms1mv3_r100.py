@@ -7,6 +7,7 @@ config.embedding_size = 512
 config.margin_list = (1.0, 0.5, 0.0)  # ArcFace s=64, m=0.5
 config.sample_rate = 1.0
 config.amp = "fp16"
+config.channels_last = True  # NHWC convolutions: tensor cores without layout transposes (cudnn_benchmark, tf32: on in base.py)
 config.batch_size = 128
 config.optimizer = "sgd"
 config.lr = 0.1
