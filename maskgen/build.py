@@ -24,7 +24,7 @@ import secrets
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -100,8 +100,12 @@ class Task:
 
 
 # ---------------------------------------------------------------------------------------------- scanning
-def scan_sources(data: Path, manifest: dict, progress: bool = True) -> list[Source]:
+def scan_sources(data: Path, manifest: dict, progress: bool = True,
+                 skipped: Optional[Counter] = None) -> list[Source]:
+    """Every unmasked record; one whose identity is outside [0, num_classes) is counted in `skipped`
+    ("label out of range") and never copied: a masked copy would hand the trainer a class it has not."""
     sources: list[Source] = []
+    num_classes = int(manifest["num_classes"])
     shards = manifest["shards"]
     fields = list(manifest["label_fields"])
     for si, shard in enumerate(shards):
@@ -117,6 +121,10 @@ def scan_sources(data: Path, manifest: dict, progress: bool = True) -> list[Sour
                 padded = np.zeros(len(fields))
                 padded[:min(len(values), len(fields))] = values[:len(fields)]
                 identity = int(decode_identity(padded, fields))
+                if not 0 <= identity < num_classes:
+                    if skipped is not None:
+                        skipped["label out of range"] += 1
+                    continue
                 sources.append(Source(si, off, int(header.id), identity, values))
     return sources
 
@@ -287,7 +295,8 @@ def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
     if not base:
         raise BuildError(f"{data} has no unmasked shards to take images from")
 
-    sources = scan_sources(data, manifest, opts.progress)
+    skipped: Counter = Counter()
+    sources = scan_sources(data, manifest, opts.progress, skipped)
     if not sources:
         raise BuildError(f"{data} has no records in its unmasked shards")
     if first_id <= max(s.id for s in sources):
@@ -305,7 +314,6 @@ def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
     sidecar_tmp = data / f"{tmp}{SIDECAR}"
     entries: list[dict] = []
     counts: Counter = Counter()
-    skipped: Counter = Counter()
     next_key = first_id
     try:
         with open(sidecar_tmp, "w", encoding="utf-8") as side:

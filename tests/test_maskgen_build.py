@@ -319,3 +319,23 @@ def test_a_bad_image_costs_only_itself_in_its_batch(glint24, monkeypatch):
         assert got[3][0] == out[3][0] and got[0][0] == out[0][0] and got[4][0] == out[4][0]
     finally:
         masker.close()
+
+
+def test_a_record_labelled_out_of_range_is_skipped_and_counted(data):
+    """Issue O.9: a record labelled 999 in a 4-identity dataset used to be copied into the masked shards."""
+    import struct
+
+    from pipeline.recordio import read_index
+
+    m = load_manifest(data)
+    shard = m["shards"][0]
+    _, offsets = read_index(data / shard["idx"])
+    with open(data / shard["rec"], "r+b") as f:  # the scalar label of the shard's first record
+        f.seek(offsets[0] + 8 + 4)
+        f.write(struct.pack("<f", 999.0))
+    out = build(BuildOptions(data, ratio=1.0, workers=1, progress=False))
+    assert out["maskgen"]["skipped"].get("label out of range") == 1
+    assert out["maskgen"]["count"] == IDENTITIES * PER_IDENTITY - 1 - sum(
+        v for k, v in out["maskgen"]["skipped"].items() if k != "label out of range")
+    labels = {int(h.label[0]) for _, h, _ in _records(data, "masked")}
+    assert labels <= set(range(IDENTITIES))
