@@ -1,4 +1,4 @@
-"""`python -m pipeline pack|verify`: the offline stage of the data path (docs/design.md, "Commands")."""
+"""`python -m pipeline pack|merge|verify`: the offline stage of the data path (docs/design.md section 2)."""
 from __future__ import annotations
 
 import argparse
@@ -21,8 +21,55 @@ def _size(text: str) -> tuple[int, int]:
     return dims[0], dims[1]
 
 
+def _quality(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality is 1..100, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _part(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"part {text!r}: expected K/N, e.g. 3/8") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"part {text!r}: needs 0 <= K < N")
+    return k, n
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get one line (the usage is one `--help` away), as every error of these commands."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    parser = OneLineParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="pack face images into shuffled RecordIO shards plus a manifest",
@@ -31,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC")
     p.add_argument("--out", required=True, type=Path, metavar="DATA")
     p.add_argument("--size", type=_size, default=(112, 112), help="N or WxH (default 112)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--shard-size", type=float, default=1024.0, metavar="MB", help="cut shards at this size")
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--shard-size", type=_positive_float, default=1024.0, metavar="MB",
+                   help="cut shards at this size")
     p.add_argument("--seed", type=int, default=0, help="shuffle and hold-out seed")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes")
+    p.add_argument("--workers", type=_int_at_least(1), default=os.cpu_count() or 1, help="encoder processes")
     p.add_argument("--align", action="store_true",
                    help="detect the face and warp it to the ArcFace 112x112 template (raw photos)")
     p.add_argument("--label-regex", help="identity from a flat folder's file names: the first group "
@@ -44,15 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identities of the same name in different sources are one identity")
     p.add_argument("--keep-labels", action="store_true",
                    help="keep the integer labels of list files / .rec sources as class ids")
-    p.add_argument("--holdout", type=int, default=0, metavar="K",
+    p.add_argument("--holdout", type=_int_at_least(0), default=0, metavar="K",
                    help="keep K images per identity out of training for verification pairs")
-    p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs")
+    p.add_argument("--holdout-pairs", type=_int_at_least(0), default=0, metavar="N", help="cap the number of pairs")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"])
     p.add_argument("--attributes", metavar="TSV", help="per-image binary attributes to store in the label "
                                                       "vector: a header 'path<TAB>name...', then 0/1/-1 rows")
     p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
+    p.add_argument("--part", type=_part, default=(0, 1), metavar="K/N",
+                   help="pack only the K-th (0-based) of N shares, e.g. one Slurm array task each; "
+                        "then run `python -m pipeline merge DATA` once")
     p.add_argument("--no-progress", action="store_true")
+
+    g = sub.add_parser("merge", help="check the parts of a `pack --part K/N` run and write the manifest")
+    g.add_argument("data", type=Path, metavar="DATA")
+    g.add_argument("--no-progress", action="store_true")
 
     v = sub.add_parser("verify", help="check every frame, index entry, count and checksum")
     v.add_argument("data", type=Path, metavar="DATA")
@@ -73,12 +128,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 align=args.align, label_regex=args.label_regex, list_root=args.list_root,
                 merge_classes=args.merge_classes, keep_labels=args.keep_labels, holdout=args.holdout,
                 holdout_pairs=args.holdout_pairs, resize_mode=args.resize_mode, overwrite=args.overwrite,
-                attributes=args.attributes,
+                attributes=args.attributes, part=args.part,
                 progress=not args.no_progress)
             m = pack(opts)
+            if "done" in m:  # one part of several: its journal
+                k, n = args.part
+                print(f"part {k}/{n} done: {sum(e['count'] for e in m['shards'])} images in {len(m['shards'])} "
+                      f"shards; when all {n} parts are done: python -m pipeline merge {args.out}")
+                return 0
             print(f"packed {m['num_images']} images of {m['num_classes']} identities into "
                   f"{len(m['shards'])} shards in {args.out}; skipped {m['skipped']['count']} "
                   f"(see {args.out / m['skipped']['file']})")
+            return 0
+        if args.command == "merge":
+            from .merge import merge
+
+            m = merge(args.data, progress=not args.no_progress)
+            print(f"merged {m['num_images']} images of {m['num_classes']} identities in {len(m['shards'])} "
+                  f"shards in {args.data}; skipped {m['skipped']['count']}")
             return 0
         from .verify import verify
 
@@ -91,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         known = type(e).__name__ in ("PackError", "VerifyError", "ManifestError", "SourceError", "RecordIOError")
         if not known and not isinstance(e, (OSError, ValueError)):
-            raise
+            e = f"{type(e).__name__}: {e}"  # a bug: still one line, with its kind
         print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
         return 1
 
