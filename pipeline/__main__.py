@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli_args import int_at_least, positive_float
+from .cli_args import part as part_arg
+
 
 def _size(text: str) -> tuple[int, int]:
     parts = text.lower().replace(",", "x").split("x")
@@ -22,43 +25,16 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _quality(text: str) -> int:
-    value = _int_at_least(1)(text)
+    value = int_at_least(1)(text)
     if value > 100:
         raise argparse.ArgumentTypeError(f"JPEG quality is 1..100, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
 
 
-def _part(text: str) -> tuple[int, int]:
-    try:
-        k, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"part {text!r}: expected K/N, e.g. 3/8") from None
-    if not 0 <= k < n:
-        raise argparse.ArgumentTypeError(f"part {text!r}: needs 0 <= K < N")
-    return k, n
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -79,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="DATA")
     p.add_argument("--size", type=_size, default=(112, 112), help="N or WxH (default 112)")
     p.add_argument("--quality", type=_quality, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--shard-size", type=_positive_float, default=1024.0, metavar="MB",
+    p.add_argument("--shard-size", type=positive_float, default=1024.0, metavar="MB",
                    help="cut shards at this size")
     p.add_argument("--seed", type=int, default=0, help="shuffle and hold-out seed")
-    p.add_argument("--workers", type=_int_at_least(1), default=os.cpu_count() or 1, help="encoder processes")
+    p.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1, help="encoder processes")
     p.add_argument("--align", action="store_true",
                    help="detect the face and warp it to the ArcFace 112x112 template (raw photos)")
     p.add_argument("--label-regex", help="identity from a flat folder's file names: the first group "
@@ -92,15 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identities of the same name in different sources are one identity")
     p.add_argument("--keep-labels", action="store_true",
                    help="keep the integer labels of list files / .rec sources as class ids")
-    p.add_argument("--holdout", type=_int_at_least(0), default=0, metavar="K",
+    p.add_argument("--holdout", type=int_at_least(0), default=0, metavar="K",
                    help="keep K images per identity out of training for verification pairs")
-    p.add_argument("--holdout-pairs", type=_int_at_least(0), default=0, metavar="N", help="cap the number of pairs")
+    p.add_argument("--holdout-pairs", type=int_at_least(0), default=0, metavar="N", help="cap the number of pairs")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"])
     p.add_argument("--attributes", metavar="TSV", help="per-image binary attributes to store in the label "
                                                       "vector: a header 'path<TAB>name...', then 0/1/-1 rows")
     p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
-    p.add_argument("--part", type=_part, default=(0, 1), metavar="K/N",
+    p.add_argument("--part", type=part_arg, default=(0, 1), metavar="K/N",
                    help="pack only the K-th (0-based) of N shares, e.g. one Slurm array task each; "
                         "then run `python -m pipeline merge DATA` once")
     p.add_argument("--no-progress", action="store_true")

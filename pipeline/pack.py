@@ -34,7 +34,6 @@ import multiprocessing as mp
 import os
 import re
 import shutil
-import struct
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,8 +46,8 @@ from .atomic import atomic_write_json, atomic_write_with
 from .digests import RECORD, DigestSet, split
 from .imageio import RESIZE_MODES, ImageRejected, prepare_image
 from .manifest import MANIFEST, identity_label_vector, load_manifest
-from .recordio import MAGIC, IRHeader, RecordIO, RecordIOError, frame_record, pack_record, unpack_record
-from .shards import ShardWriter
+from .recordio import IRHeader, RecordIOError, frame_record, pack_record
+from .shards import ShardWriter, read_record_image
 from .sources import SourceError, SourceListing, list_source
 
 STATE_DIR = ".pack-state"
@@ -115,7 +114,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(size, quality, resize_mode, align, num_classes) -> None:
-    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None, recs={},
+    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None,
                    num_classes=num_classes)
     if align:
         from .align import align_face  # imported in the worker: mediapipe state is per process
@@ -127,19 +126,7 @@ def _read_input(path: str, offset: int) -> bytes:
     if offset < 0:
         with open(path, "rb") as f:
             return f.read()
-    # A single-part record is read with pread: a map of the source .rec kept for the worker's life would
-    # put every page it touched into the worker's RSS (the whole file, by the end).
-    with open(path, "rb") as f:
-        head = os.pread(f.fileno(), 8, offset)
-        if len(head) == 8:
-            magic, lrec = struct.unpack("<II", head)
-            if magic == MAGIC and lrec >> 29 == 0:
-                payload = os.pread(f.fileno(), lrec & ((1 << 29) - 1), offset + 8)
-                return unpack_record(payload)[1]
-    recs = _WORKER["recs"]
-    if path not in recs:  # a record split at a magic word: the framing code reads it
-        recs[path] = RecordIO(path, "r")
-    return unpack_record(recs[path].read_at(offset))[1]
+    return read_record_image(path, offset)
 
 
 def _process(task: tuple):

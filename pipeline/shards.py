@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, fsync_dir
-from .recordio import format_index
+from .recordio import MAGIC, MAX_RECORD, RecordIO, format_index, unpack_record
 
 
 class ShardWriter:
@@ -67,3 +68,16 @@ class ShardWriter:
         if self._rec is not None:
             self._rec.close()
             self._rec = None
+
+
+def read_record_image(path: str | os.PathLike, offset: int) -> bytes:
+    """The image bytes of the record at `offset` of a `.rec`, read with pread: a map of the file kept for a
+    worker's life would hold every page it touched in the worker's RSS (the whole file, by the end)."""
+    with open(path, "rb") as f:
+        head = os.pread(f.fileno(), 8, offset)
+        if len(head) == 8:
+            magic, lrec = struct.unpack("<II", head)
+            if magic == MAGIC and lrec >> 29 == 0:  # a record in one part: its length is all we need
+                return unpack_record(os.pread(f.fileno(), lrec & (MAX_RECORD - 1), offset + 8))[1]
+    with RecordIO(path, "r") as r:  # split at a magic word (or malformed): the framing code says
+        return unpack_record(r.read_at(offset))[1]
