@@ -13,8 +13,15 @@ Order of work, and why:
    behind another manifest swap). The dataset is consistent at every instant: an interrupted run leaves
    it as it was, or complete with the new masks.
 
-A masked record keeps its source's identity, gets a new unique id (ids from the manifest's `next_id`
-before any masks) and the source's id in `id2`, and carries a label vector named by `label_fields`.
+A masked record keeps its source's identity, gets a new unique id (the manifest's `next_id` before any
+masks plus the image's position in the write order: an image that cannot be masked leaves its id unused)
+and the source's id in `id2`, and carries a label vector named by `label_fields`.
+
+Across machines (issue N): `--part K/N` masks the K-th of N contiguous ranges of the write order into
+`maskgen.part-KKKKK.*` files without the lock or the manifest (every part scans and chooses the same
+images: the choice depends on the data and the seed alone); `--merge` then checks that all N parts
+finished with the same dataset and settings and commits their shards as step 4 does. Memory: the scan is
+numpy arrays (~36 bytes a record); only the chosen share becomes task objects.
 """
 from __future__ import annotations
 
