@@ -2,7 +2,8 @@
 
 A hash is 16 bytes (blake2b of the input file's bytes), kept as two uint64 words in sorted numpy runs
 (24 bytes an image with its write position) plus a small dict of the newest: a Python set of 42M bytes
-objects would take ~4 GB. Runs are merged like a binary counter, so a lookup searches O(log N) runs.
+objects would take ~4 GB. Runs are merged like a binary counter up to `MAX_RUN` hashes, so a lookup
+searches O(log N) runs below that size and N / MAX_RUN runs above it.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import numpy as np
 
 RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<i8")])
 FLUSH = 1 << 16
+# Runs stop growing at 2M hashes (48 MB): merging two halves of a 42M-hash set would need 2 GB at once;
+# 21 runs cost a lookup 21 binary searches, a few percent of an image's time.
+MAX_RUN = 1 << 21
 
 
 def split(digest: bytes) -> tuple[int, int]:
@@ -62,7 +66,7 @@ class DigestSet:
 
     def _push(self, rows: np.ndarray) -> None:
         run = rows[np.lexsort((rows["lo"], rows["hi"]))]
-        while self._runs and len(self._runs[-1]) <= 2 * len(run):
+        while self._runs and len(self._runs[-1]) <= 2 * len(run) and len(self._runs[-1]) + len(run) <= MAX_RUN:
             run = np.concatenate([self._runs.pop(), run])
             run = run[np.lexsort((run["lo"], run["hi"]))]
         self._runs.append(run)

@@ -152,8 +152,10 @@ def _cross_part_duplicates(out: Path, plan: Plan, journals: list[dict],
                            counters: Counter) -> tuple[dict[str, dict[int, int]], list[str]]:
     """Images whose bytes an earlier part wrote: {shard rec name: {record id: first position}}, and their
     skipped.tsv lines (counted in `counters` as the single pack would have)."""
-    known = DigestSet()
     dups: dict[str, dict[int, int]] = defaultdict(dict)
+    if len(journals) == 1:
+        return dups, []  # one part saw every image itself
+    known = DigestSet()
     lines = []
     for k, j in enumerate(journals):
         found_in_part = []
