@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import secrets
 from array import array
@@ -64,6 +65,7 @@ from .workers import batched_map
 MASKED_KIND = "masked"
 PREFIX = "masked"
 TMP_PREFIX = "maskgen.tmp-"
+RELEASE_BYTES = 64 << 20
 PART_PREFIX = "maskgen.part-"  # a part's files until the merge: maskgen.part-00003.masked-00000.rec
 SIDECAR = "maskgen-meta.jsonl"
 # Label fields maskgen adds after the dataset's own. Codes: mask_type 1.. in MASK_TYPES order, mask_mode
@@ -142,8 +144,14 @@ def scan_sources(data: Path, manifest: dict, progress: bool = True,
             continue
         _, shard_offsets = read_index(data / shard["idx"])
         with map_file(data / shard["rec"]) as buf:
+            released = 0
             for off in tqdm(shard_offsets, desc=f"scan {shard['rec']}", unit="rec", disable=not progress,
                             leave=False):
+                if isinstance(buf, mmap.mmap) and off - released > RELEASE_BYTES:
+                    # A header per record touches every page: released, they would all stay in the RSS.
+                    start = released - released % mmap.PAGESIZE
+                    buf.madvise(mmap.MADV_DONTNEED, start, (off - start) - (off - start) % mmap.PAGESIZE)
+                    released = off
                 header = peek_header(buf, off)
                 if header is None:  # split before its label ends (or malformed: read_frame raises)
                     header, _ = unpack_record(read_frame(buf, off)[0])
@@ -391,8 +399,8 @@ def _write_range(opts: BuildOptions, data: Path, plan: _Plan, lo: int, hi: int, 
                 rid = plan.first_id + pos
                 header = IRHeader(len(plan.fields), label_vector(plan.fields, src, meta), rid, src.id)
                 shard_index = len(entries)
-                if writer.add(rid, frame_record(pack_record(header, jpeg)), b""):
-                    entries.append(writer.finish(MASKED_KIND)[0])
+                if writer.add(rid, frame_record(pack_record(header, jpeg))):
+                    entries.append(writer.finish(MASKED_KIND))
                 side.write(json.dumps({"id": rid, "id2": src.id, "identity": src.identity, "shard": shard_index,
                                        "source": {"rec": Path(task.rec_path).name, "offset": src.offset},
                                        **meta}, separators=(",", ":")) + "\n")
@@ -401,7 +409,7 @@ def _write_range(opts: BuildOptions, data: Path, plan: _Plan, lo: int, hi: int, 
                 counts["mode:" + meta["mode"]] += 1
                 counts["fallback"] += int(meta["fallback"])
             if writer.pending:
-                entries.append(writer.finish(MASKED_KIND)[0])
+                entries.append(writer.finish(MASKED_KIND))
             side.flush()
             os.fsync(side.fileno())
     except BaseException:

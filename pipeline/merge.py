@@ -194,9 +194,9 @@ def _final_shards(out: Path, journals: list[dict], dups: dict, plan: Plan,
                 for key in tqdm(r.keys, desc=f"rewrite {entry['rec']}", leave=False, disable=not progress):
                     if key in drop:
                         continue
-                    writer.add(key, frame_record(r.read_idx(key)), b"")
+                    writer.add(key, frame_record(r.read_idx(key)))
             if writer.pending:
-                shards.append(writer.finish(entry["kind"])[0])
+                shards.append(writer.finish(entry["kind"]))
             replaced += [entry["rec"], entry["idx"]]
     holdout = [e for e in shards if e["kind"] == "holdout"]
     return holdout + [e for e in shards if e["kind"] == "train"], replaced

@@ -34,6 +34,8 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import threading
+from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -587,14 +589,17 @@ def run_part(opts: PackOptions, plan: Plan) -> dict:
     done_by_kind = Counter(e["kind"] for e in journal["shards"])
     writers = {kind: ShardWriter(out, shard_prefix(kind, k, n), max_bytes, done_by_kind[kind])
                for kind in ("train", "holdout")}
-    pending: dict[str, list] = {"train": [], "holdout": []}
+    # Per stream, the hashes of the shard being written (hi, lo, position): 24 bytes a record.
+    pending = {kind: (array("Q"), array("Q"), array("q")) for kind in ("train", "holdout")}
 
     def finish_shard(kind: str, next_pos: int) -> None:
-        entry, _ = writers[kind].finish(kind)
+        entry = writers[kind].finish(kind)
         name = f"{entry['rec']}.hashes.npy"
-        rows = np.array(pending[kind], dtype=RECORD)
+        hi_words, lo_words, positions = pending[kind]
+        rows = np.empty(len(positions), RECORD)
+        rows["hi"], rows["lo"], rows["pos"] = hi_words, lo_words, positions
         atomic_write_with(state / name, lambda f: np.save(f, rows))
-        pending[kind] = []
+        pending[kind] = (array("Q"), array("Q"), array("q"))
         skipped_log.flush()
         journal["shards"].append(entry)
         journal["hash_files"].append(name)
@@ -620,8 +625,11 @@ def run_part(opts: PackOptions, plan: Plan) -> dict:
                 seen.add(digest, pos)
                 counters.update(notes)
                 counters["images:" + stream] += 1
-                pending[stream].append((*split(digest), pos))
-                if writers[stream].add(plan.rec_id(pos), data, digest):
+                hi_word, lo_word = split(digest)
+                pending[stream][0].append(hi_word)
+                pending[stream][1].append(lo_word)
+                pending[stream][2].append(pos)
+                if writers[stream].add(plan.rec_id(pos), data):
                     finish_shard(stream, pos + 1)
             # A stream ends: close its last shard so that shard boundaries depend on the input alone.
             nxt = plan.stream(pos + 1) if pos + 1 < hi else None
@@ -657,6 +665,7 @@ def tsv_field(text: str) -> str:
 
 
 CHUNK = 32  # images per worker task
+IN_FLIGHT = 4  # chunks per worker between the task maker and the writer
 
 
 def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterable[tuple[int, tuple]]:
@@ -667,8 +676,16 @@ def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterabl
                unit="img", disable=not opts.progress, smoothing=0.05)
     init = (opts.size, opts.quality, opts.resize_mode, opts.align, plan.num_classes)
 
+    # Pool.imap takes tasks as fast as it can and keeps results until they are read: a semaphore keeps
+    # at most IN_FLIGHT chunks between the task maker and this loop, whichever side is slower.
+    in_flight = threading.Semaphore(IN_FLIGHT * max(1, opts.workers))
+    stop = threading.Event()
+
     def chunks():
         for c in range(start, end, CHUNK):
+            in_flight.acquire()
+            if stop.is_set():  # the loop below ended early: let the pool's task thread finish
+                return
             yield [plan.task(p) for p in range(c, min(c + CHUNK, end))]
 
     try:
@@ -682,11 +699,14 @@ def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterabl
         try:
             pos = start
             for res in results:
+                in_flight.release()
                 for r in res:
                     bar.update()
                     yield pos, r
                     pos += 1
         finally:
+            stop.set()
+            in_flight.release()
             if opts.workers > 1:
                 pool.terminate()
                 pool.join()
