@@ -144,7 +144,8 @@ print(n)
 STAGES = ("pack", "verify", "maskgen", "reader")
 
 
-def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...] = STAGES) -> dict:
+def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...] = STAGES,
+             shard_mb: float = 1024.0) -> dict:
     images, data = tmp / f"img{n}", tmp / f"data{n}"
     t = time.perf_counter()
     make_images(images, n, workers, src)
@@ -153,12 +154,13 @@ def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = {"n": n, "generate_s": gen}
     res["pack"] = measured([py, "-m", "pipeline", "pack", str(images), "--out", str(data), "--workers",
-                            str(workers), "--no-progress"], env)
+                            str(workers), "--shard-size", f"{shard_mb:g}", "--no-progress"], env)
     if "verify" in stages:
         res["verify"] = measured([py, "-m", "pipeline", "verify", str(data), "--no-progress"], env)
     if "maskgen" in stages:
         res["maskgen"] = measured([py, "-m", "maskgen", "build", "--data", str(data), "--ratio", "0.05",
-                                   "--workers", str(workers), "--no-progress"], env)
+                                   "--workers", str(workers), "--shard-size", f"{shard_mb:g}", "--no-progress"],
+                                  env)
     if "reader" in stages:
         res["reader"] = measured([py, "-c", READER, str(data), str(workers)], env)
     return res
@@ -192,6 +194,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                     help="pack always runs (the others read its output)")
+    ap.add_argument("--shard-size", type=float, default=1024.0, metavar="MB",
+                    help="shard size of pack and maskgen: their per-shard state (~40 bytes a record of the open "
+                         "shard) grows with N until the first shard is cut, so a slope measured below one "
+                         "shard's worth of images includes it")
     ap.add_argument("--src", type=Path, default=Path(os.environ.get("FACE_DATA", SHARED_DATA)) / "glint24")
     ap.add_argument("--tmp", type=Path, default=None, help="folder for the images and datasets (default: $TMPDIR)")
     ap.add_argument("--record", action="store_true", help="append a dated section to bench/log/pack.md")
@@ -199,7 +205,7 @@ def main() -> None:
     results = []
     tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="pack_scale."))
     for n in sorted(int(s) for s in args.sizes):
-        results.append(run_size(n, args.workers, tmp, args.src, tuple(args.stages)))
+        results.append(run_size(n, args.workers, tmp, args.src, tuple(args.stages), args.shard_size))
         print(table(results[-1:]), flush=True)
     text = table(results)
     print(text)
@@ -208,7 +214,7 @@ def main() -> None:
         model = next((line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("Model name")),
                      "unknown")
         cmd = "python bench/pack_scale.py --sizes " + " ".join(f"{s:g}" for s in args.sizes) + \
-            f" --workers {args.workers}" + (f" --stages {' '.join(args.stages)}" if len(args.stages) < len(STAGES) else "")
+            f" --workers {args.workers} --shard-size {args.shard_size:g}" + (f" --stages {' '.join(args.stages)}" if len(args.stages) < len(STAGES) else "")
         with open(LOG, "a") as f:
             f.write(f"\n## Memory against dataset size ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
                     f"- machine: {model}, {os.cpu_count()} cores (shared with other jobs)\n- command: `{cmd}`\n\n"

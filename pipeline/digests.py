@@ -12,7 +12,7 @@ import struct
 import numpy as np
 
 RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("pos", "<i8")])
-FLUSH = 1 << 16
+FLUSH = 1 << 12  # the newest hashes as Python objects (~120 bytes each) before they become a run
 # Runs stop growing at 2M hashes (48 MB): merging two halves of a 42M-hash set would need 2 GB at once;
 # 21 runs cost a lookup 21 binary searches, a few percent of an image's time.
 MAX_RUN = 1 << 21
