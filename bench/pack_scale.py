@@ -213,7 +213,7 @@ def main() -> None:
         model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         model = next((line.split(":", 1)[1].strip() for line in model.splitlines() if line.startswith("Model name")),
                      "unknown")
-        cmd = "python bench/pack_scale.py --sizes " + " ".join(f"{s:g}" for s in args.sizes) + \
+        cmd = "python bench/pack_scale.py --sizes " + " ".join(str(int(s)) for s in args.sizes) + \
             f" --workers {args.workers} --shard-size {args.shard_size:g}" + (f" --stages {' '.join(args.stages)}" if len(args.stages) < len(STAGES) else "")
         with open(LOG, "a") as f:
             f.write(f"\n## Memory against dataset size ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
