@@ -1,6 +1,7 @@
 """`facetrain COMMAND [options]`: one command for every stage, from photos to an exported model.
 
     facetrain pack SRC [SRC ...] --out DATA        pack face images into RecordIO shards + manifest
+    facetrain pack SRC ... --out DATA --part K/N   one of N machines' share; then `facetrain merge DATA`
     facetrain verify DATA                          check every shard, index entry and checksum
     maskgen build --ratio 0.05 --data DATA         add masked copies (its own command)
     facetrain train --config CONFIG --data DATA --output RUN [key=value ...]
@@ -38,6 +39,8 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "pack": Command("pipeline.__main__", "pack face images into shuffled RecordIO shards + manifest",
                     ("pack",)),
+    "merge": Command("pipeline.__main__", "join the parts of a `pack --part K/N` run into one dataset",
+                     ("merge",)),
     "verify": Command("pipeline.__main__", "check a packed dataset's shards, indexes and checksums",
                       ("verify",)),
     "train": Command("trainer.main", "train a backbone (DDP + Partial FC); runs under torch.distributed.run",

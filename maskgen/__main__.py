@@ -1,6 +1,8 @@
 """`maskgen`: masked copies of face images for masked-face recognition training.
 
     maskgen build --ratio 0.05 --data DATA [--mode 2d|3d|mixed] [--seed N]
+    maskgen build --ratio 0.05 --data DATA --part K/N     (N processes, anywhere), then
+    maskgen build --data DATA --merge                      (once: the parts' masks into the dataset)
     maskgen preview --data DATA -n 64 --out sheet.png
     maskgen preview --images DIR -n 32 --out sheet.png [--mode 3d] [--types surgical]
     maskgen folder SRC --out DST [--mode mixed] [--seed N]
@@ -23,6 +25,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
+from pipeline.cli_args import part as part_arg  # noqa: E402
+from pipeline.cli_args import positive_float  # noqa: E402
 from pipeline.help_format import HelpFormatter  # noqa: E402
 
 from .masker import MODE_CHOICES, NOSE_COVERED  # noqa: E402
@@ -81,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the images picked and the masks drawn")
     _mask_options(b)
     b.add_argument("--workers", type=int, default=workers, help="processes (default: the CPU count, %(default)s here)")
-    b.add_argument("--shard-size", type=float, default=1024.0, metavar="MB", help="cut shards at this size")
+    b.add_argument("--shard-size", type=positive_float, default=1024.0, metavar="MB", help="cut shards at this size")
+    b.add_argument("--part", type=part_arg, default=(0, 1), metavar="K/N",
+                   help="mask only the K-th (0-based) of N shares of the chosen images (no manifest change); "
+                        "then `maskgen build --data DATA --merge` once")
+    b.add_argument("--merge", action="store_true",
+                   help="take the finished parts into the dataset (their settings are the parts' own)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("preview", help="contact sheet of original | masked pairs", formatter_class=HelpFormatter)
@@ -111,14 +120,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "build":
             from .build import BuildError, BuildOptions, build
 
+            if args.merge and args.part != (0, 1):
+                print("maskgen build: --merge and --part are separate runs", file=sys.stderr)
+                return 2
             try:
                 m = build(BuildOptions(data=args.data, ratio=args.ratio, mode=args.mode, seed=args.seed,
                                        types=args.types, nose_covered=args.nose_covered,
                                        aligned=args.crops == "aligned", workers=max(1, args.workers),
-                                       shard_size_mb=args.shard_size, progress=not args.no_progress))
+                                       shard_size_mb=args.shard_size, progress=not args.no_progress),
+                          part=args.part, merge=args.merge)
             except BuildError as e:
                 print(f"maskgen build: {e}", file=sys.stderr)
                 return 1
+            if "done" in m:
+                k, n = args.part
+                print(f"maskgen part {k}/{n}: masked {m['written']} images ({sum(m['skipped'].values())} skipped); "
+                      f"when all {n} parts are done: maskgen build --data {args.data} --merge")
+                return 0
             info = m["maskgen"]
             print(f"masked {info['count']} of {m['num_images'] - info['count']} images "
                   f"({info['fallbacks']} on template-fitted landmarks, {sum(info['skipped'].values())} skipped) "

@@ -13,29 +13,38 @@ Order of work, and why:
    behind another manifest swap). The dataset is consistent at every instant: an interrupted run leaves
    it as it was, or complete with the new masks.
 
-A masked record keeps its source's identity, gets a new unique id (ids from the manifest's `next_id`
-before any masks) and the source's id in `id2`, and carries a label vector named by `label_fields`.
+A masked record keeps its source's identity, gets a new unique id (the manifest's `next_id` before any
+masks plus the image's position in the write order: an image that cannot be masked leaves its id unused)
+and the source's id in `id2`, and carries a label vector named by `label_fields`.
+
+Across machines (issue N): `--part K/N` masks the K-th of N contiguous ranges of the write order into
+`maskgen.part-KKKKK.*` files without the lock or the manifest (every part scans and chooses the same
+images: the choice depends on the data and the seed alone); `--merge` then checks that all N parts
+finished with the same dataset and settings and commits their shards as step 4 does. Memory: the scan is
+numpy arrays (~36 bytes a record); only the chosen share becomes task objects.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
 import secrets
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_write_bytes, fsync_dir
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from pipeline.imageio import jpeg_quality
 from pipeline.manifest import ManifestError, decode_identity, load_manifest, sha256_file, write_manifest
 from pipeline.recordio import (
     IRHeader,
-    RecordIO,
     RecordIOError,
     frame_record,
     map_file,
@@ -45,7 +54,7 @@ from pipeline.recordio import (
     read_index,
     unpack_record,
 )
-from pipeline.shards import ShardWriter
+from pipeline.shards import ShardWriter, read_record_image
 
 from .lock import DatasetLock, LockBusy
 from .masker import MODE_CHOICES, MODES, Masker, MaskingOptions, skip_reason
@@ -56,6 +65,8 @@ from .workers import batched_map
 MASKED_KIND = "masked"
 PREFIX = "masked"
 TMP_PREFIX = "maskgen.tmp-"
+RELEASE_BYTES = 64 << 20
+PART_PREFIX = "maskgen.part-"  # a part's files until the merge: maskgen.part-00003.masked-00000.rec
 SIDECAR = "maskgen-meta.jsonl"
 # Label fields maskgen adds after the dataset's own. Codes: mask_type 1.. in MASK_TYPES order, mask_mode
 # 1 = 2d, 2 = 3d; 0 in every field on unmasked records (readers pad missing values with 0).
@@ -100,54 +111,101 @@ class Task:
 
 
 # ---------------------------------------------------------------------------------------------- scanning
-def scan_sources(data: Path, manifest: dict, progress: bool = True) -> list[Source]:
-    sources: list[Source] = []
+@dataclass
+class Scan:
+    """Every unmasked record as arrays (issue N: ~36 bytes a record, not an object each): its shard,
+    offset, id, identity and label values (padded or cut to the dataset's label fields)."""
+
+    shard: np.ndarray
+    offset: np.ndarray
+    id: np.ndarray
+    identity: np.ndarray
+    labels: np.ndarray  # float32 [N, len(label_fields)]
+
+    def __len__(self) -> int:
+        return len(self.id)
+
+    def source(self, i: int) -> Source:
+        return Source(int(self.shard[i]), int(self.offset[i]), int(self.id[i]), int(self.identity[i]),
+                      tuple(self.labels[i].tolist()))
+
+
+def scan_sources(data: Path, manifest: dict, progress: bool = True,
+                 skipped: Optional[Counter] = None) -> Scan:
+    """Every unmasked record; one whose identity is outside [0, num_classes) is counted in `skipped`
+    ("label out of range") and never copied: a masked copy would hand the trainer a class it has not."""
     shards = manifest["shards"]
     fields = list(manifest["label_fields"])
+    num_classes = int(manifest["num_classes"])
+    shard_of, offsets, ids, identities, labels = array("i"), array("q"), array("q"), array("q"), array("f")
+    width = len(fields)
     for si, shard in enumerate(shards):
         if shard.get("kind", "train") == MASKED_KIND:
             continue
-        _, offsets = read_index(data / shard["idx"])
+        _, shard_offsets = read_index(data / shard["idx"])
         with map_file(data / shard["rec"]) as buf:
-            for off in tqdm(offsets, desc=f"scan {shard['rec']}", unit="rec", disable=not progress, leave=False):
+            released = 0
+            for off in tqdm(shard_offsets, desc=f"scan {shard['rec']}", unit="rec", disable=not progress,
+                            leave=False):
+                if isinstance(buf, mmap.mmap) and off - released > RELEASE_BYTES:
+                    # A header per record touches every page: released, they would all stay in the RSS.
+                    start = released - released % mmap.PAGESIZE
+                    buf.madvise(mmap.MADV_DONTNEED, start, (off - start) - (off - start) % mmap.PAGESIZE)
+                    released = off
                 header = peek_header(buf, off)
                 if header is None:  # split before its label ends (or malformed: read_frame raises)
                     header, _ = unpack_record(read_frame(buf, off)[0])
-                values = tuple(np.atleast_1d(header.label).astype(float).tolist())
-                padded = np.zeros(len(fields))
-                padded[:min(len(values), len(fields))] = values[:len(fields)]
+                values = np.atleast_1d(header.label).astype(np.float64)
+                padded = np.zeros(width)
+                padded[:min(len(values), width)] = values[:width]
                 identity = int(decode_identity(padded, fields))
-                sources.append(Source(si, off, int(header.id), identity, values))
-    return sources
+                if not 0 <= identity < num_classes:
+                    if skipped is not None:
+                        skipped["label out of range"] += 1
+                    continue
+                shard_of.append(si)
+                offsets.append(off)
+                ids.append(int(header.id))
+                identities.append(identity)
+                labels.extend(padded.astype(np.float32).tolist())
+
+    def arr(a, dtype):
+        return np.frombuffer(a, dtype) if len(a) else np.zeros(0, dtype)
+
+    return Scan(arr(shard_of, np.int32), arr(offsets, np.int64), arr(ids, np.int64), arr(identities, np.int64),
+                arr(labels, np.float32).reshape(-1, width))
 
 
 # ---------------------------------------------------------------------------------------------- choosing
-def choose(sources: Sequence[Source], ratio: float, seed: int) -> list[Source]:
-    """`round(ratio * N)` sources, stratified per identity, in a seeded shuffled (write) order."""
+def choose_indices(ids: np.ndarray, identities: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """`round(ratio * N)` record indices, stratified per identity, in a seeded shuffled (write) order."""
     if not 0 < ratio <= 1:
         raise BuildError(f"--ratio must be in (0, 1], got {ratio}")
-    by_identity: dict[int, list[Source]] = defaultdict(list)
-    for s in sources:
-        by_identity[s.identity].append(s)
-    identities = np.array(sorted(by_identity))
-    sizes = np.array([len(by_identity[i]) for i in identities])
+    ids = np.asarray(ids, np.int64)
+    identities = np.asarray(identities, np.int64)
+    uniq, group, sizes = np.unique(identities, return_inverse=True, return_counts=True)
     total = int(round(ratio * sizes.sum()))
     exact = ratio * sizes
     take = np.floor(exact).astype(np.int64)
     # Largest remainders get the images left over; ties broken by a seeded key per identity.
     left = total - int(take.sum())
     if left > 0:
-        order = np.lexsort((seeded_key(seed, identities, 1), -(exact - take)))
+        order = np.lexsort((seeded_key(seed, uniq, 1), -(exact - take)))
         take[order[:left]] += 1
-    chosen: list[Source] = []
-    for ident, k in zip(identities.tolist(), take.tolist()):
-        if k <= 0:
-            continue
-        members = by_identity[ident]
-        keys = seeded_key(seed, np.array([m.id for m in members]), 2)
-        chosen += [members[j] for j in np.argsort(keys, kind="stable")[:k]]
-    keys = seeded_key(seed, np.array([c.id for c in chosen], dtype=np.int64), 3)
-    return [chosen[j] for j in np.argsort(keys, kind="stable")]
+    # Each identity's images in a seeded order of their ids (ties: listing order); its first `take`.
+    by = np.lexsort((seeded_key(seed, ids, 2), group))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rank = np.arange(len(by)) - starts[group[by]]
+    chosen = by[rank < take[group[by]]]
+    keys = seeded_key(seed, ids[chosen], 3)
+    return chosen[np.argsort(keys, kind="stable")]
+
+
+def choose(sources: Sequence[Source], ratio: float, seed: int) -> list[Source]:
+    """`choose_indices` over `Source` objects."""
+    picked = choose_indices(np.array([s.id for s in sources], np.int64),
+                            np.array([s.identity for s in sources], np.int64), ratio, seed)
+    return [sources[i] for i in picked.tolist()]
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -155,14 +213,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(mode: str, types: Sequence[str], aligned: bool, nose_covered: float) -> None:
-    _WORKER.update(masker=Masker(mode, types, aligned, nose_covered), recs={})
+    _WORKER.update(masker=Masker(mode, types, aligned, nose_covered))
 
 
 def _read_payload(path: str, offset: int) -> bytes:
-    recs = _WORKER["recs"]
-    if path not in recs:  # kept open (mapped) for the worker's life: sources come from every shard
-        recs[path] = RecordIO(path, "r")
-    return unpack_record(recs[path].read_at(offset))[1]
+    return read_record_image(path, offset)
 
 
 def mask_records(payloads: Sequence[bytes], seeds: Sequence[int], masker: Masker) -> list[tuple]:
@@ -261,107 +316,229 @@ def _unlink(paths) -> None:
             pass
 
 
-def build(opts: BuildOptions) -> dict:
-    """Run the build under the dataset's lock; return the new manifest."""
+def build(opts: BuildOptions, part: tuple[int, int] = (0, 1), merge: bool = False) -> dict:
+    """Run the build under the dataset's lock; return the new manifest.
+
+    `part=(K, N)` with N > 1 masks only the K-th of N ranges of the chosen images, without the lock and
+    without touching the manifest (N processes on N machines); it returns the part's journal. `merge`
+    then takes the parts' results into the dataset, as one build would have (same records and ids)."""
     data = Path(opts.data)
     if opts.mode not in MODE_CHOICES:
         raise BuildError(f"--mode must be one of {', '.join(MODE_CHOICES)}")
     if not 0 < opts.ratio <= 1:
         raise BuildError(f"--ratio must be in (0, 1], got {opts.ratio}")
+    k, n = part
+    if not 0 <= k < n:
+        raise BuildError(f"--part K/N needs 0 <= K < N, not {k}/{n}")
     try:
         load_manifest(data)  # a folder that is no dataset gets no lock file either
+        if n > 1:
+            return _build_part(opts, data, load_manifest(data), k, n)
         with DatasetLock(data):
-            return _build(opts, data, load_manifest(data))
+            manifest = load_manifest(data)
+            return _merge_parts(opts, data, manifest) if merge else _build(opts, data, manifest)
     except ManifestError as e:
         raise BuildError(str(e)) from None
     except LockBusy as e:
         raise BuildError(str(e)) from None
 
 
-def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
-    _unlink(_stale_files(data, manifest))
+@dataclass
+class _Plan:
+    scan: Scan
+    chosen: np.ndarray  # record indices of `scan` in write order; position p gets id first_id + p
+    first_id: int
+    fields: list
+    base: list
+    old: list
+    shard_paths: list
+    skipped: Counter
+
+
+def _plan(opts: BuildOptions, data: Path, manifest: dict) -> _Plan:
     base = [s for s in manifest["shards"] if s.get("kind", "train") != MASKED_KIND]
     old = [s for s in manifest["shards"] if s.get("kind", "train") == MASKED_KIND]
     previous = manifest.get("maskgen", {})
     first_id = int(previous.get("base_next_id", manifest.get("next_id", 0)))
     if not base:
         raise BuildError(f"{data} has no unmasked shards to take images from")
-
-    sources = scan_sources(data, manifest, opts.progress)
-    if not sources:
+    skipped: Counter = Counter()
+    scan = scan_sources(data, manifest, opts.progress, skipped)
+    if not len(scan):
         raise BuildError(f"{data} has no records in its unmasked shards")
-    if first_id <= max(s.id for s in sources):
-        first_id = max(s.id for s in sources) + 1
-    chosen = choose(sources, opts.ratio, opts.seed)
-    if not chosen:
-        raise BuildError(f"--ratio {opts.ratio} of {len(sources)} images is no image at all")
-    shard_paths = [str(data / s["rec"]) for s in manifest["shards"]]
-    seeds = image_seeds(opts.seed, np.array([s.id for s in chosen]))
-    tasks = [Task(s, shard_paths[s.shard], int(k)) for s, k in zip(chosen, seeds)]
+    first_id = max(first_id, int(scan.id.max()) + 1)
+    chosen = choose_indices(scan.id, scan.identity, opts.ratio, opts.seed)
+    if not len(chosen):
+        raise BuildError(f"--ratio {opts.ratio} of {len(scan)} images is no image at all")
+    return _Plan(scan, chosen, first_id, label_fields_for(manifest["label_fields"]), base, old,
+                 [str(data / s["rec"]) for s in manifest["shards"]], skipped)
 
-    fields = label_fields_for(manifest["label_fields"])
-    tmp = f"{TMP_PREFIX}{secrets.token_hex(4)}."
-    writer = ShardWriter(data, f"{tmp}{PREFIX}", int(opts.shard_size_mb * (1 << 20)))
-    sidecar_tmp = data / f"{tmp}{SIDECAR}"
+
+def _write_range(opts: BuildOptions, data: Path, plan: _Plan, lo: int, hi: int, prefix: str,
+                 sidecar: Path) -> tuple[list[dict], Counter, Counter, int]:
+    """Mask the chosen images at positions [lo, hi) into `<prefix>masked-NNNNN` shards and a sidecar;
+    return (shard entries, counts, skipped, records written). A masked record's id is `first_id` plus its
+    position: an image that cannot be masked leaves its id unused, so that parts agree on every id."""
+    picked = plan.chosen[lo:hi]
+    seeds = image_seeds(opts.seed, plan.scan.id[picked])
+    sources = [plan.scan.source(int(i)) for i in picked]
+    tasks = [Task(src, plan.shard_paths[src.shard], int(seed)) for src, seed in zip(sources, seeds)]
+    del sources, seeds
+    writer = ShardWriter(data, f"{prefix}{PREFIX}", int(opts.shard_size_mb * (1 << 20)))
     entries: list[dict] = []
     counts: Counter = Counter()
     skipped: Counter = Counter()
-    next_key = first_id
+    written = 0
     try:
-        with open(sidecar_tmp, "w", encoding="utf-8") as side:
-            for task, (jpeg, meta) in _run(opts, tasks):
+        with open(sidecar, "w", encoding="utf-8") as side:
+            for pos, (task, (jpeg, meta)) in enumerate(_run(opts, tasks), lo):
                 if jpeg is None:
                     skipped[meta] += 1
                     continue
                 src = task.source
-                # Ids stay consecutive over the records actually written, whatever was skipped.
-                rid = next_key
-                next_key += 1
-                header = IRHeader(len(fields), label_vector(fields, src, meta), rid, src.id)
+                rid = plan.first_id + pos
+                header = IRHeader(len(plan.fields), label_vector(plan.fields, src, meta), rid, src.id)
                 shard_index = len(entries)
-                if writer.add(rid, frame_record(pack_record(header, jpeg)), b""):
-                    entries.append(writer.finish(MASKED_KIND)[0])
+                if writer.add(rid, frame_record(pack_record(header, jpeg))):
+                    entries.append(writer.finish(MASKED_KIND))
                 side.write(json.dumps({"id": rid, "id2": src.id, "identity": src.identity, "shard": shard_index,
                                        "source": {"rec": Path(task.rec_path).name, "offset": src.offset},
                                        **meta}, separators=(",", ":")) + "\n")
+                written += 1
                 counts[meta["mask_type"]] += 1
                 counts["mode:" + meta["mode"]] += 1
                 counts["fallback"] += int(meta["fallback"])
             if writer.pending:
-                entries.append(writer.finish(MASKED_KIND)[0])
+                entries.append(writer.finish(MASKED_KIND))
             side.flush()
             os.fsync(side.fileno())
-        written = next_key - first_id
-        if written == 0:
-            raise BuildError(f"no image could be masked ({dict(skipped)})")
-        _commit(data, manifest, base, old, entries, tmp, fields, opts, first_id, written, counts, skipped,
-                len(sources))
     except BaseException:
         writer.abandon()
+        raise
+    return entries, counts, skipped, written
+
+
+def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
+    _unlink(_stale_files(data, manifest))
+    plan = _plan(opts, data, manifest)
+    tmp = f"{TMP_PREFIX}{secrets.token_hex(4)}."
+    sidecar_tmp = data / f"{tmp}{SIDECAR}"
+    try:
+        entries, counts, skipped, written = _write_range(opts, data, plan, 0, len(plan.chosen), tmp, sidecar_tmp)
+        skipped.update(plan.skipped)
+        if written == 0:
+            raise BuildError(f"no image could be masked ({dict(skipped)})")
+        _commit(data, manifest, plan, entries, sidecar_tmp, opts, written, counts, skipped)
+    except BaseException:
         current = load_manifest(data)
         _unlink(_stale_files(data, current))
         raise
     return load_manifest(data)
 
 
-def _commit(data: Path, manifest: dict, base: list, old: list, entries: list, tmp: str, fields: list,
-            opts: BuildOptions, first_id: int, written: int, counts: Counter, skipped: Counter,
-            num_sources: int) -> None:
-    sidecar_tmp = data / f"{tmp}{SIDECAR}"
+# ---------------------------------------------------------------------------------------------- parts
+def _part_prefix(k: int) -> str:
+    return f"{PART_PREFIX}{k:05d}."
 
-    def final_name(name: str) -> str:
-        return name[len(tmp):]  # "maskgen.tmp-XXXX.masked-00000.rec" -> "masked-00000.rec"
+
+def _part_files(data: Path, k: int) -> list[Path]:
+    return list(data.glob(f"{_part_prefix(k)}*"))
+
+
+def _parts_fingerprint(opts: BuildOptions, data: Path, n: int) -> str:
+    """The dataset (its manifest's bytes), the settings and the number of parts: what parts must share."""
+    h = hashlib.sha256((data / "manifest.json").read_bytes())
+    h.update(json.dumps({"settings": opts.settings(), "parts": n}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _build_part(opts: BuildOptions, data: Path, manifest: dict, k: int, n: int) -> dict:
+    journal_path = data / f"{_part_prefix(k)}json"
+    fingerprint = _parts_fingerprint(opts, data, n)
+    if journal_path.is_file():
+        journal = json.loads(journal_path.read_text())
+        if journal.get("fingerprint") == fingerprint and journal.get("done"):
+            return journal
+    _unlink(_part_files(data, k))  # an unfinished or other run of this part: started over
+    plan = _plan(opts, data, manifest)
+    lo, hi = k * len(plan.chosen) // n, (k + 1) * len(plan.chosen) // n
+    sidecar = data / f"{_part_prefix(k)}{SIDECAR}"
+    try:
+        entries, counts, skipped, written = _write_range(opts, data, plan, lo, hi, _part_prefix(k), sidecar)
+    except BaseException:
+        _unlink(_part_files(data, k))
+        raise
+    journal = {"fingerprint": fingerprint, "part": k, "parts": n, "settings": opts.settings(), "entries": entries,
+               "counts": dict(counts), "skipped": dict(skipped), "written": written, "done": True}
+    atomic_write_json(journal_path, journal)
+    return journal
+
+
+def _merge_parts(opts: BuildOptions, data: Path, manifest: dict) -> dict:
+    journals = sorted(data.glob(f"{PART_PREFIX}*.json"))
+    if not journals:
+        raise BuildError(f"{data} holds no maskgen parts to merge; run `maskgen build --part K/N` first")
+    first = json.loads(journals[0].read_text())
+    n = int(first["parts"])
+    settings = dict(first["settings"], types=tuple(first["settings"]["types"]))
+    opts = BuildOptions(data=data, workers=opts.workers, progress=opts.progress, **settings)
+    fingerprint = _parts_fingerprint(opts, data, n)
+    parts = []
+    for k in range(n):
+        path = data / f"{_part_prefix(k)}json"
+        j = json.loads(path.read_text()) if path.is_file() else None
+        if j is None or j.get("fingerprint") != fingerprint or not j.get("done"):
+            missing = [k2 for k2 in range(n) if not (data / f"{_part_prefix(k2)}json").is_file()]
+            raise BuildError(f"maskgen part {k} of {n} is not finished or was built from another dataset or "
+                             f"settings (parts without a journal: {missing or 'none'}); run it again")
+        parts.append(j)
+    _unlink(_stale_files(data, manifest))
+    plan = _plan(opts, data, manifest)
+    tmp = f"{TMP_PREFIX}{secrets.token_hex(4)}."
+    sidecar_tmp = data / f"{tmp}{SIDECAR}"
+    entries: list[dict] = []
+    counts: Counter = Counter()
+    skipped: Counter = Counter(plan.skipped)
+    written = 0
+    try:
+        with open(sidecar_tmp, "w", encoding="utf-8") as out:
+            for k, j in enumerate(parts):
+                with open(data / f"{_part_prefix(k)}{SIDECAR}", encoding="utf-8") as side:
+                    for line in side:  # shard indexes become indexes among all parts' shards
+                        row = json.loads(line)
+                        row["shard"] += len(entries)
+                        out.write(json.dumps(row, separators=(",", ":")) + "\n")
+                entries += j["entries"]
+                counts.update(j["counts"])
+                skipped.update(j["skipped"])
+                written += j["written"]
+            out.flush()
+            os.fsync(out.fileno())
+        if written == 0:
+            raise BuildError(f"no image could be masked ({dict(skipped)})")
+        _commit(data, manifest, plan, entries, sidecar_tmp, opts, written, counts, skipped)
+    except BaseException:
+        _unlink([sidecar_tmp])
+        raise
+    for k in range(n):
+        _unlink(_part_files(data, k))
+    return load_manifest(data)
+
+
+def _commit(data: Path, manifest: dict, plan: _Plan, entries: list, sidecar_tmp: Path, opts: BuildOptions,
+            written: int, counts: Counter, skipped: Counter) -> None:
+    base, old, fields, first_id = plan.base, plan.old, plan.fields, plan.first_id
 
     def manifest_with(shards: list, sidecar: str) -> dict:
         m = dict(manifest)
         m["shards"] = base + shards
         m["num_images"] = sum(s["count"] for s in m["shards"])
         m["label_fields"] = fields
-        m["next_id"] = first_id + written
+        m["next_id"] = first_id + len(plan.chosen)
         m["maskgen"] = {
             "settings": opts.settings(),
             "count": written,
-            "ratio_achieved": round(written / num_sources, 6),
+            "ratio_achieved": round(written / len(plan.scan), 6),
             "base_next_id": first_id,
             "sidecar": sidecar,
             "sidecar_sha256": sha256_file(data / sidecar),
@@ -383,10 +560,9 @@ def _commit(data: Path, manifest: dict, base: list, old: list, entries: list, tm
         _unlink([data / manifest["maskgen"]["sidecar"]])
     # 3. Final names as hard links beside the temporary ones, then a manifest that uses them.
     final = []
-    for e in entries:
-        e2 = dict(e)
+    for i, e in enumerate(entries):
+        e2 = dict(e, rec=f"{PREFIX}-{i:05d}.rec", idx=f"{PREFIX}-{i:05d}.idx")
         for k in ("rec", "idx"):
-            e2[k] = final_name(e[k])
             _link(data / e[k], data / e2[k])
         final.append(e2)
     _link(sidecar_tmp, data / SIDECAR)

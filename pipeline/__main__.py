@@ -1,4 +1,4 @@
-"""`python -m pipeline pack|verify` (also `facetrain pack|verify`): the offline stage of the data path.
+"""`python -m pipeline pack|merge|verify` (also `facetrain pack|merge|verify`): the offline stage of the data path.
 The packed dataset layout and the commands' contracts: docs/design.md, sections 1 and 2."""
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli_args import int_at_least, positive_float
+from .cli_args import part as part_arg
 from .help_format import HelpFormatter
 
 SRC_HELP = """\
@@ -31,8 +33,22 @@ def _size(text: str) -> tuple[int, int]:
     return dims[0], dims[1]
 
 
+def _quality(text: str) -> int:
+    value = int_at_least(1)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality is 1..100, got {value}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get one line (the usage is one `--help` away), as every error of these commands."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
+    parser = OneLineParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="pack face images into shuffled RecordIO shards plus a manifest",
@@ -42,10 +58,11 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SRC", help="input(s); see above")
     p.add_argument("--out", required=True, type=Path, metavar="DATA", help="output folder")
     p.add_argument("--size", type=_size, default="112", help="image size, N or WxH")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality")
-    p.add_argument("--shard-size", type=float, default=1024.0, metavar="MB", help="cut shards at this size")
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG quality, 1..100")
+    p.add_argument("--shard-size", type=positive_float, default=1024.0, metavar="MB", help="cut shards at this size")
     p.add_argument("--seed", type=int, default=0, help="shuffle and hold-out seed")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoder processes (default: the CPU count, %(default)s here)")
+    p.add_argument("--workers", type=int_at_least(1), default=os.cpu_count() or 1,
+                   help="encoder processes (default: the CPU count, %(default)s here)")
     p.add_argument("--align", action="store_true",
                    help="detect the face and warp it to the ArcFace 112x112 template (raw photos)")
     p.add_argument("--label-regex", help="identity from a flat folder's file names: the first group "
@@ -55,9 +72,10 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
                    help="identities of the same name in different sources are one identity")
     p.add_argument("--keep-labels", action="store_true",
                    help="keep the integer labels of list files / .rec sources as class ids")
-    p.add_argument("--holdout", type=int, default=0, metavar="K",
+    p.add_argument("--holdout", type=int_at_least(0), default=0, metavar="K",
                    help="keep K images per identity out of training for verification pairs")
-    p.add_argument("--holdout-pairs", type=int, default=0, metavar="N", help="cap the number of pairs (0: no cap)")
+    p.add_argument("--holdout-pairs", type=int_at_least(0), default=0, metavar="N",
+                   help="cap the number of pairs (0: no cap)")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"],
                    help="how a non-square image meets --size: centre crop, stretch, or pad with black")
     p.add_argument("--attributes", metavar="FILE", help="per-image binary attributes to store in the label "
@@ -65,7 +83,17 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
                                                        "or CelebA's list_attr_celeba.txt as it is")
     p.add_argument("--strict", action="store_true", help="fail on the first skipped input")
     p.add_argument("--overwrite", action="store_true", help="replace a finished dataset in --out")
+    p.add_argument("--part", type=part_arg, default=(0, 1), metavar="K/N",
+                   help="pack only the K-th (0-based) of N shares, e.g. one Slurm array task each; "
+                        "then run `merge DATA` once")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("merge", help="check the parts of a `pack --part K/N` run and write the manifest",
+                       formatter_class=HelpFormatter,
+                       description="Check the parts of a `pack --part K/N` run and write the one manifest: the "
+                                   "same records, order and class ids as a single pack of the same input.")
+    g.add_argument("data", type=Path, metavar="DATA", help="the --out folder of the parts")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     v = sub.add_parser("verify", help="check every frame, index entry, count, label and checksum",
                        formatter_class=HelpFormatter,
@@ -89,12 +117,24 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pipeline")
                 align=args.align, label_regex=args.label_regex, list_root=args.list_root,
                 merge_classes=args.merge_classes, keep_labels=args.keep_labels, holdout=args.holdout,
                 holdout_pairs=args.holdout_pairs, resize_mode=args.resize_mode, overwrite=args.overwrite,
-                attributes=args.attributes,
+                attributes=args.attributes, part=args.part,
                 progress=not args.no_progress)
             m = pack(opts)
+            if "done" in m:  # one part of several: its journal
+                k, n = args.part
+                print(f"part {k}/{n} done: {sum(e['count'] for e in m['shards'])} images in {len(m['shards'])} "
+                      f"shards; when all {n} parts are done: {prog} merge {args.out}")
+                return 0
             print(f"packed {m['num_images']} images of {m['num_classes']} identities into "
                   f"{len(m['shards'])} shards in {args.out}; skipped {m['skipped']['count']} "
                   f"(see {args.out / m['skipped']['file']})")
+            return 0
+        if args.command == "merge":
+            from .merge import merge
+
+            m = merge(args.data, progress=not args.no_progress)
+            print(f"merged {m['num_images']} images of {m['num_classes']} identities in {len(m['shards'])} "
+                  f"shards in {args.data}; skipped {m['skipped']['count']}")
             return 0
         from .verify import verify
 
@@ -106,12 +146,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pipeline")
         return 130
     except Exception as e:
         known = type(e).__name__ in ("PackError", "VerifyError", "ManifestError", "SourceError", "RecordIOError")
-        if args.command == "verify" and not known:
-            # verify's answer is exit 1 and one line, even for a fault it has no name for (a bug to report)
-            print(f"pipeline verify: error: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
         if not known and not isinstance(e, (OSError, ValueError)):
-            raise
+            e = f"{type(e).__name__}: {e}"  # a fault with no name of ours (a bug to report): still one line
         print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -94,9 +94,9 @@ def read_attribute_file(path: str | os.PathLike) -> tuple[list[str], dict[str, t
 
 
 def load_attributes(path: str | os.PathLike, listings: Iterable) -> tuple[list[str], Callable]:
-    """(attribute names, lookup(image) -> values) for the images of the pack's source `listings`; `image` is
-    a file path, or a `pipeline.sources.Item` (a record of a .rec source, which has no path of its own,
-    gets unknowns)."""
+    """(attribute names, lookup(path, offset=-1) -> values) for the images of the pack's source `listings`
+    (`pipeline.sources.SourceListing`); a record of a .rec source (offset >= 0), which has no file of its
+    own, gets unknowns."""
     names, table = read_attribute_file(path)
     base = Path(path).parent
     roots = [Path(lst.root) if Path(lst.root).is_dir() else Path(lst.root).parent for lst in listings]
@@ -104,10 +104,10 @@ def load_attributes(path: str | os.PathLike, listings: Iterable) -> tuple[list[s
     matched_by_name: dict[str, str] = {}
     unknown = tuple([UNKNOWN] * len(names))
 
-    def lookup(image) -> tuple:
-        if getattr(image, "offset", -1) >= 0:
+    def lookup(image: str | os.PathLike, offset: int = -1) -> tuple:
+        if offset >= 0:
             return unknown
-        p = Path(getattr(image, "path", image))
+        p = Path(image)
         candidates = [str(p), os.path.relpath(p, base)] + [os.path.relpath(p, r) for r in roots]
         for c in candidates:
             if c in table:

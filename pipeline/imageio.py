@@ -49,6 +49,7 @@ def decode_rgb(data: bytes, notes: Optional[list] = None) -> np.ndarray:
     notes = notes if notes is not None else []
     if not data:
         raise ImageRejected("empty file")
+    check_pixels(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -191,9 +192,52 @@ def encode_image(rgb: np.ndarray, suffix: str, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
+def header_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) from the file's header alone (PNG IHDR, JPEG SOF, else PIL's header parse),
+    or None when the header does not tell."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        return struct.unpack_from(">II", data, 16)
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        while pos + 9 <= len(data) and data[pos] == 0xFF:
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+                continue
+            if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+                pos += 2
+                continue
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                h, w = struct.unpack_from(">HH", data, pos + 5)
+                return w, h
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError:
+        return (Image.MAX_IMAGE_PIXELS + 1, 1)
+    except Exception:
+        return None
+
+
+def check_pixels(data: bytes) -> None:
+    """Refuse a decompression bomb from its header, before any decoder allocates its pixels: every decode
+    path (libspng, libjpeg-turbo, OpenCV, PIL) goes through here, with PIL's limit as the one limit."""
+    size = header_size(data)
+    if size is not None and size[0] * size[1] > Image.MAX_IMAGE_PIXELS:
+        raise ImageRejected("too large", f"{size[0]}x{size[1]} pixels exceed the limit of "
+                                         f"{Image.MAX_IMAGE_PIXELS}")
+
+
 def decode_any(data: bytes) -> Optional[np.ndarray]:
     """Any image OpenCV reads as upright HxWx3 RGB uint8 (libspng for plain 8-bit RGB PNG, which gives
-    the same pixels at half the cost), or None when it does not decode."""
+    the same pixels at half the cost), or None when it does not decode or is over the pixel limit."""
+    try:
+        check_pixels(data)
+    except ImageRejected:
+        return None
     if _plain_png(data):
         rgb = decode_fast(data, "PNG")
         if rgb is not None:
@@ -265,6 +309,7 @@ def prepare_image(
     notes: list[str] = []
     if not data:
         raise ImageRejected("empty file")
+    check_pixels(data)
     rgb = decode_fast(data, "PNG") if _plain_png(data) else None
     if rgb is None:
         probe = _probe(data)
@@ -289,6 +334,7 @@ def prepare_image(
 
 def decode_jpeg_rgb(data: bytes) -> np.ndarray:
     """Decode a stored training image (our own JPEG) to RGB uint8; raises ImageRejected on corruption."""
+    check_pixels(data)
     try:
         # strict: libjpeg-turbo's warnings (a truncated stream) are errors, not a half-grey image
         return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)

@@ -4,12 +4,27 @@ Order of work, and why:
 1. Enumerate every source (no pixels read) and give each identity a contiguous class id.
 2. Hold out `--holdout` images per identity (for verification pairs of people seen in training).
 3. Shuffle the rest across identities with the seed: DALI shuffles only inside a buffer and hands each
-   rank a contiguous block, so the order on disk is the order that matters.
+   rank a contiguous block, so the order on disk is the order that matters. Holdout images come first
+   in this write order, then the shuffled training images; each gets its record id from its position.
 4. Decode/convert/encode in worker processes, in that order; the main process writes records and cuts
    shards at `--shard-size`. The same input and seed therefore give byte-identical shards.
-5. Each finished shard is renamed into place and recorded in a journal under `.pack-state/`; an
-   interrupted pack resumes from the last finished shard. `manifest.json` is written last, so a folder
-   without it never looks complete.
+5. Each finished shard is renamed into place and recorded in a journal under `.pack-state/part-K/`; an
+   interrupted pack resumes from the last finished shard. `manifest.json` is written last (by
+   `pipeline.merge`), so a folder without it never looks complete.
+
+Packing across machines (issue N): `--part K/N` packs the K-th of N contiguous ranges of the write order.
+Every part enumerates the sources and computes the same plan (class ids, holdout, shuffle: they depend on
+the listing and the seed alone), writes `train-pKKKKK-*` shards and its journal, and `python -m pipeline
+merge DATA` then checks the parts and writes the one manifest. A single-machine pack is part 0 of 1
+followed by the same merge. Byte-identical duplicates are skipped inside a part as it goes (the first in
+write order is kept); a duplicate of an image of an earlier part can only be seen by the merge, which
+drops it and rewrites that one shard, so the records are the same as a single pack's. Memory: the plan is
+numpy arrays and byte buffers (`pipeline.sources`), the content hashes are `pipeline.digests` runs.
+
+A pack deletes only files it wrote itself: the shards its journals list, and the files a manifest names
+when `--overwrite` replaces a finished dataset. Any other file in `--out` that looks like pack output
+stops the pack with the files named. In `classes.tsv` (`id<TAB>name` lines) a tab, newline or backslash
+in a name is written as `\\t`, `\\n`, `\\\\`.
 """
 from __future__ import annotations
 
@@ -17,9 +32,11 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import pickle
+import re
 import shutil
-from collections import Counter, defaultdict
+import threading
+from array import array
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -27,28 +44,24 @@ from typing import Iterable, Optional
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_json, atomic_write_with
 from .attributes import load_attributes
+from .digests import RECORD, DigestSet, split
 from .imageio import RESIZE_MODES, ImageRejected, prepare_image
-from .manifest import MANIFEST, VERSION, identity_label_fields, identity_label_vector, load_manifest
-from .recordio import (
-    IndexedRecordIO,
-    IRHeader,
-    RecordIO,
-    RecordIOError,
-    first_label,
-    frame_record,
-    pack_record,
-    unpack_record,
-)
-from .shards import ShardWriter
-from .sources import Item, Skip, SourceError, list_source
+from .manifest import MANIFEST, identity_label_vector, load_manifest
+from .recordio import IRHeader, RecordIOError, frame_record, pack_record
+from .shards import ShardWriter, read_record_image
+from .sources import SourceError, SourceListing, list_source
 
 STATE_DIR = ".pack-state"
+PLAN = "plan.json"
 JOURNAL = "journal.json"
 SKIPPED = "skipped.tsv"
 CLASSES = "classes.tsv"
 HOLDOUT_PAIRS = "holdout_pairs.bin"
+# Names a pack (or maskgen) writes: a file of such a name that no journal or manifest lists is not ours.
+OUTPUT_PATTERNS = ("train-*", "holdout-*", "masked-*", "maskgen*", MANIFEST, SKIPPED, CLASSES, HOLDOUT_PAIRS)
+_PARTIAL = re.compile(r"^(?:train|holdout)-(?:p(\d{5})-)?\d{5}d?\.rec\.partial$")
 
 
 class PackError(RuntimeError):
@@ -76,26 +89,27 @@ class PackOptions:
     attributes: Optional[str] = None  # TSV or CelebA list_attr_celeba.txt (pipeline/attributes.py)
     overwrite: bool = False
     progress: bool = True
+    part: tuple[int, int] = (0, 1)  # (K, N): this process packs the K-th of N ranges
 
     def fingerprint_fields(self) -> dict:
         d = asdict(self)
-        for k in ("out", "workers", "overwrite", "progress", "strict"):
+        for k in ("out", "workers", "overwrite", "progress", "strict", "part"):
             d.pop(k)
         d["sources"] = [os.path.abspath(s) for s in self.sources]
         if self.attributes:
             d["attributes_sha256"] = hashlib.sha256(Path(self.attributes).read_bytes()).hexdigest()
         return d
 
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["sources"] = [os.path.abspath(s) for s in self.sources]
+        return d
 
-@dataclass(frozen=True)
-class Task:
-    """One image to process, in write order."""
-
-    item: Item
-    class_id: int
-    rec_id: int
-    stream: str  # "holdout" or "train"
-    attributes: tuple = ()  # values of the attribute fields, -1 where unknown
+    @classmethod
+    def from_json(cls, d: dict, out: Path, progress: bool = True) -> "PackOptions":
+        d = dict(d, out=out, progress=progress, part=(0, 1), size=tuple(d["size"]))
+        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -103,7 +117,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(size, quality, resize_mode, align, num_classes) -> None:
-    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None, recs={},
+    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None,
                    num_classes=num_classes)
     if align:
         from .align import align_face  # imported in the worker: mediapipe state is per process
@@ -111,20 +125,18 @@ def _init_worker(size, quality, resize_mode, align, num_classes) -> None:
         _WORKER["transform"] = align_face
 
 
-def _read_input(item: Item) -> bytes:
-    if item.offset < 0:
-        with open(item.path, "rb") as f:
+def _read_input(path: str, offset: int) -> bytes:
+    if offset < 0:
+        with open(path, "rb") as f:
             return f.read()
-    recs = _WORKER["recs"]
-    if item.path not in recs:  # kept open (mapped) for the worker's life: a source .rec is read throughout
-        recs[item.path] = RecordIO(item.path, "r")
-    return unpack_record(recs[item.path].read_at(item.offset))[1]
+    return read_record_image(path, offset)
 
 
-def _process(task: Task):
+def _process(task: tuple):
     """(status, data, content hash, notes): 'ok' with the framed record, or 'skip' with (reason, detail)."""
+    path, offset, class_id, rec_id, attributes = task
     try:
-        raw = _read_input(task.item)
+        raw = _read_input(path, offset)
     except FileNotFoundError:
         return "skip", ("missing file", ""), b"", []
     except (OSError, RecordIOError) as e:
@@ -138,123 +150,263 @@ def _process(task: Task):
     except Exception as e:  # a decoder bug on one file must not end a multi-hour pack
         return "skip", ("corrupt image", f"{type(e).__name__}: {e}"), digest, []
     # Framing here keeps the single writer process down to I/O and checksums.
-    label = identity_label_vector(task.class_id, _WORKER["num_classes"])
-    if task.attributes:
-        label = (label or [float(task.class_id)]) + list(task.attributes)
-    header = IRHeader(0, float(task.class_id) if label is None else label, task.rec_id, 0)
+    label = identity_label_vector(class_id, _WORKER["num_classes"])
+    if attributes:
+        label = (label or [float(class_id)]) + list(attributes)
+    header = IRHeader(0, float(class_id) if label is None else label, rec_id, 0)
     return "ok", frame_record(pack_record(header, jpeg)), digest, notes
+
+
+def _process_chunk(tasks: list) -> list:
+    return [_process(t) for t in tasks]
 
 
 # ---------------------------------------------------------------------------------------------- planning
 @dataclass
 class Plan:
-    tasks: list[Task]
-    class_names: list[str]
+    """The write order of a pack as arrays: position p holds global item `order[p]`; the first
+    `num_holdout` positions are the holdout stream, the rest the shuffled training stream."""
+
+    listings: list[SourceListing]
+    starts: np.ndarray  # global index of each listing's first item, then the total
+    item_cid: np.ndarray  # class id of each global item
+    order: np.ndarray
     num_classes: int
     num_train: int
     num_holdout: int
-    enum_skips: list[Skip]
-    empty_classes: list[str]
-    sources: list[dict]
+    class_src: np.ndarray  # per class id: its source (-1: no identity has this id) ...
+    class_local: np.ndarray  # ... and its index in that source's class names
     fingerprint: str
+    merge_classes: bool = False
     attribute_fields: list[str] = field(default_factory=list)
+    attrs_of: Optional[object] = None
+
+    @property
+    def total(self) -> int:
+        return len(self.order)
+
+    def item(self, pos: int) -> tuple[SourceListing, int, int]:
+        g = int(self.order[pos])
+        s = int(np.searchsorted(self.starts, g, side="right")) - 1
+        return self.listings[s], g - int(self.starts[s]), g
+
+    def stream(self, pos: int) -> str:
+        return "holdout" if pos < self.num_holdout else "train"
+
+    def rec_id(self, pos: int) -> int:
+        return self.num_train + pos if pos < self.num_holdout else pos - self.num_holdout
+
+    def task(self, pos: int) -> tuple:
+        listing, i, g = self.item(pos)
+        path = listing.path(i)
+        offset = listing.offset(i)
+        attrs = self.attrs_of(path, offset) if self.attrs_of else ()
+        return path, offset, int(self.item_cid[g]), self.rec_id(pos), attrs
+
+    def display(self, pos: int) -> str:
+        listing, i, _ = self.item(pos)
+        return listing.display(i)
+
+    def class_name(self, cid: int) -> str:
+        s = int(self.class_src[cid])
+        if s < 0:
+            return ""
+        name = self.listings[s].class_names[int(self.class_local[cid])]
+        return name if (self.merge_classes or len(self.listings) == 1) else f"{s}/{name}"
+
+    @property
+    def enum_skips(self) -> list:
+        return [s for listing in self.listings for s in listing.skips]
+
+    @property
+    def empty_classes(self) -> list[str]:
+        return [f"{lst.root}/{c}" for lst in self.listings for c in lst.empty_classes]
+
+    @property
+    def sources(self) -> list[dict]:
+        return [{"path": os.path.abspath(lst.root), "kind": lst.kind, "candidates": len(lst)}
+                for lst in self.listings]
+
+
+def _check_out_outside_sources(opts: PackOptions) -> None:
+    out = Path(os.path.abspath(opts.out))
+    for src in opts.sources:
+        s = Path(os.path.abspath(src))
+        if s.is_dir() and (out == s or s in out.parents):
+            raise PackError(f"--out {opts.out} is inside the source {src}: a rerun would pack the output "
+                            f"as a new identity; choose a folder outside it")
 
 
 def plan_pack(opts: PackOptions) -> Plan:
-    listings = []
-    for i, src in enumerate(opts.sources):
-        listing = list_source(src, i, opts.label_regex, Path(opts.list_root) if opts.list_root else None,
-                              opts.progress)
-        listings.append(listing)
-    items_by_class: dict = defaultdict(list)
-    class_order: list = []
-    for listing in listings:
-        names = sorted({it.class_name for it in listing.items},
-                       key=(lambda n: int(n)) if listing.numeric_classes else (lambda n: n))
-        for name in names:
-            key = name if opts.merge_classes else (listing.items[0].source, name)
-            if key not in items_by_class:
-                class_order.append(key)
-                items_by_class[key]  # noqa: B018 - creates the entry in first-seen order
-        for it in listing.items:
-            items_by_class[it.class_name if opts.merge_classes else (it.source, it.class_name)].append(it)
+    _check_out_outside_sources(opts)
+    listings = [list_source(src, opts.label_regex, Path(opts.list_root) if opts.list_root else None,
+                            opts.progress) for src in opts.sources]
+    # Per source: each local identity's rank (first-seen order over the sources) and class id.
+    ranks, cids = [], []
+    key_rank: dict = {}
+    key_first: list = []  # per rank: (source, local index)
+    for s, lst in enumerate(listings):
+        n = len(lst.class_names)
+        if opts.merge_classes:
+            r = np.empty(n, np.int64)
+            for j in range(n):
+                key = lst.class_names.raw(j)
+                if key not in key_rank:
+                    key_rank[key] = len(key_first)
+                    key_first.append((s, j))
+                r[j] = key_rank[key]
+        else:
+            r = np.arange(len(key_first), len(key_first) + n, dtype=np.int64)
+            key_first += [(s, j) for j in range(n)]
+        ranks.append(r)
+    num_ranks = len(key_first)
     if opts.keep_labels:
-        bad = [k for k in class_order if not str(k if opts.merge_classes else k[1]).lstrip("-").isdigit()]
-        if bad:
-            raise PackError(f"--keep-labels needs integer labels; {len(bad)} are not (first: {bad[0]!r})")
-        class_ids = {k: int(k if opts.merge_classes else k[1]) for k in class_order}
-        if class_ids and min(class_ids.values()) < 0:
-            raise PackError("--keep-labels needs labels >= 0")
-        num_classes = max(class_ids.values()) + 1 if class_ids else 0
+        for s, lst in enumerate(listings):
+            names = [lst.class_names[j] for j in range(len(lst.class_names))]
+            bad = [n for n in names if not n.lstrip("-").isdigit()]
+            if bad:
+                raise PackError(f"--keep-labels needs integer labels; {len(bad)} are not (first: {bad[0]!r})")
+            c = np.array([int(n) for n in names], np.int64)
+            if len(c) and c.min() < 0:
+                raise PackError("--keep-labels needs labels >= 0")
+            cids.append(c)
+        num_classes = max((int(c.max()) + 1 for c in cids if len(c)), default=0)
     else:
-        class_ids = {k: i for i, k in enumerate(class_order)}
-        num_classes = len(class_order)
-    class_names = [""] * num_classes
-    for k, cid in class_ids.items():
-        label = k if opts.merge_classes else f"{k[1]}"
-        class_names[cid] = label if (opts.merge_classes or len(opts.sources) == 1) else f"{k[0]}/{k[1]}"
+        cids = ranks
+        num_classes = num_ranks
+    class_src = np.full(num_classes, -1, np.int32)
+    class_local = np.full(num_classes, -1, np.int64)
+    for r_, (s, j) in enumerate(key_first):
+        cid = int(cids[s][j])
+        class_src[cid], class_local[cid] = s, j
+    starts = np.cumsum([0] + [len(lst) for lst in listings]).astype(np.int64)
+    item_cid = np.concatenate([c[lst.item_class].astype(np.int32) for c, lst in zip(cids, listings)]) \
+        if listings else np.zeros(0, np.int32)
+    item_rank = np.concatenate([r[lst.item_class] for r, lst in zip(ranks, listings)])
+    # Items grouped by identity (first-seen order), each identity's items in listing order.
+    if len(item_rank) and np.any(np.diff(item_rank) < 0):
+        grouped = np.argsort(item_rank, kind="stable")
+    else:
+        grouped = np.arange(len(item_rank), dtype=np.int64)
+    counts = np.bincount(item_rank, minlength=num_ranks) if len(item_rank) else np.zeros(0, np.int64)
+    del item_rank
 
-    rng = np.random.default_rng([opts.seed, 0])
-    holdout: list[tuple[Item, int]] = []
-    train: list[tuple[Item, int]] = []
-    for key in class_order:
-        items = items_by_class[key]
-        k = min(opts.holdout, len(items) - 1) if opts.holdout > 0 else 0
-        chosen = set(rng.choice(len(items), size=k, replace=False).tolist()) if k > 0 else set()
-        for j, it in enumerate(items):
-            (holdout if j in chosen else train).append((it, class_ids[key]))
-    order = np.random.default_rng([opts.seed, 1]).permutation(len(train))
+    held = np.zeros(len(grouped), bool)
+    if opts.holdout > 0:
+        rng = np.random.default_rng([opts.seed, 0])
+        start = 0
+        for n in counts.tolist():
+            k = min(opts.holdout, n - 1)
+            if k > 0:
+                held[start + rng.choice(n, size=k, replace=False)] = True
+            start += n
+    holdout = grouped[held]
+    train = grouped[~held]
+    del grouped, held
+    perm = np.random.default_rng([opts.seed, 1]).permutation(len(train))
+    order = np.concatenate([holdout, train[perm]]).astype(np.int64)
+    num_holdout, num_train = len(holdout), len(train)
+    del holdout, train, perm
     attr_names, attrs_of = load_attributes(opts.attributes, listings) if opts.attributes else ([], None)
 
-    def attrs(it: Item) -> tuple:
-        return attrs_of(it) if attrs_of else ()
-
-    tasks = [Task(train[j][0], train[j][1], pos, "train", attrs(train[j][0])) for pos, j in enumerate(order.tolist())]
-    tasks = [Task(it, cid, len(train) + j, "holdout", attrs(it)) for j, (it, cid) in enumerate(holdout)] + tasks
-
     fp = hashlib.sha256(json.dumps(opts.fingerprint_fields(), sort_keys=True).encode())
-    for t in tasks:
-        fp.update(f"{t.item.display}\t{t.item.size}\t{t.class_id}\t{t.rec_id}\t{t.stream}\t{t.attributes}\n".encode())
-    return Plan(
-        tasks=tasks, class_names=class_names, num_classes=num_classes, num_train=len(train),
-        num_holdout=len(holdout),
-        enum_skips=[s for listing in listings for s in listing.skips],
-        empty_classes=[f"{lst.root}/{c}" for lst in listings for c in lst.empty_classes],
-        sources=[{"path": os.path.abspath(lst.root), "kind": lst.kind, "candidates": len(lst.items)}
-                 for lst in listings],
-        fingerprint=fp.hexdigest(),
-        attribute_fields=attr_names,
-    )
+    for lst in listings:
+        fp.update(lst.content_digest)
+    fp.update(item_cid.tobytes())
+    fp.update(order.tobytes())
+    fp.update(f"{num_holdout}\t{num_classes}".encode())
+    return Plan(listings=listings, starts=starts, item_cid=item_cid, order=order, num_classes=num_classes,
+                num_train=num_train, num_holdout=num_holdout, class_src=class_src, class_local=class_local,
+                fingerprint=fp.hexdigest(), merge_classes=opts.merge_classes, attribute_fields=attr_names,
+                attrs_of=attrs_of)
 
 
-# ---------------------------------------------------------------------------------------------- the pack
-def _dataset_files(out: Path) -> list[Path]:
-    pats = ("train-*", "masked-*", "holdout-*", MANIFEST, SKIPPED, CLASSES, HOLDOUT_PAIRS, "maskgen*")
-    return [p for pat in pats for p in out.glob(pat)]
+# ---------------------------------------------------------------------------------------------- ownership
+def part_range(total: int, k: int, n: int) -> tuple[int, int]:
+    """Write positions [lo, hi) of part k of n: contiguous, sizes differing by at most one."""
+    return k * total // n, (k + 1) * total // n
 
 
-def _prepare_out(opts: PackOptions, plan: Plan) -> Optional[dict]:
-    """Make `out` ready; return the journal to resume from, or None for a fresh start."""
-    out = opts.out
-    out.mkdir(parents=True, exist_ok=True)
+def shard_prefix(kind: str, k: int, n: int) -> str:
+    return kind if n == 1 else f"{kind}-p{k:05d}"
+
+
+def part_dir(out: Path, k: int) -> Path:
+    return out / STATE_DIR / f"part-{k:05d}"
+
+
+def load_journal(out: Path, k: int) -> Optional[dict]:
+    path = part_dir(out, k) / JOURNAL
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _journals(out: Path) -> list[tuple[int, dict]]:
     state = out / STATE_DIR
-    if (out / MANIFEST).exists():
-        if not opts.overwrite:
-            raise PackError(f"{out} already holds a finished dataset; pass --overwrite to replace it")
-        for p in _dataset_files(out):
+    found = []
+    if state.is_dir():
+        for d in sorted(state.glob("part-*")):
+            if d.name[5:].isdigit():
+                j = load_journal(out, int(d.name[5:]))
+                if j is not None:
+                    found.append((int(d.name[5:]), j))
+    return found
+
+
+def manifest_files(manifest: dict) -> list[str]:
+    """Every file a finished dataset's manifest names (pack's and maskgen's)."""
+    names = [s[k] for s in manifest.get("shards", []) for k in ("rec", "idx")]
+    names += [s[k] for s in manifest.get("holdout", {}).get("shards", []) for k in ("rec", "idx")]
+    names += [manifest.get("classes_file") or "", manifest.get("skipped", {}).get("file") or "",
+              manifest.get("holdout", {}).get("pairs") or "", manifest.get("maskgen", {}).get("sidecar") or ""]
+    return [n for n in names if n]
+
+
+def journal_files(journal: dict) -> list[str]:
+    return [e[k] for e in journal.get("shards", []) for k in ("rec", "idx")]
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files in `out` named like pack output that no manifest or journal of ours lists."""
+    owned = {MANIFEST}
+    if (out / MANIFEST).is_file():
+        try:
+            owned.update(manifest_files(load_manifest(out)))
+        except ValueError:
+            pass
+    for _, j in _journals(out):
+        owned.update(journal_files(j))
+    found = set()
+    for pat in OUTPUT_PATTERNS:
+        for p in out.glob(pat):
+            if p.name in owned:
+                continue
+            m = _PARTIAL.match(p.name)
+            if m and part_dir(out, int(m.group(1) or 0)).is_dir():
+                continue  # a shard being written by a part of ours
+            found.add(p.name)
+    if (out / MANIFEST).is_file() and not owned - {MANIFEST}:
+        found.add(MANIFEST)  # a manifest.json that is not a dataset's
+    return sorted(found)
+
+
+def _unlink(paths: Iterable[Path]) -> None:
+    for p in paths:
+        try:
             p.unlink()
-        shutil.rmtree(state, ignore_errors=True)
-    journal_path = state / JOURNAL
-    if journal_path.is_file():
-        journal = json.loads(journal_path.read_text())
-        if journal.get("fingerprint") == plan.fingerprint and _journal_intact(out, journal):
-            return journal
-        print(f"pack: {out} holds an unfinished pack of other input or options; starting over", flush=True)
-    shutil.rmtree(state, ignore_errors=True)
-    for p in _dataset_files(out):
-        p.unlink()
-    state.mkdir()
-    return None
+        except FileNotFoundError:
+            pass
+
+
+def remove_dataset(out: Path) -> None:
+    """Delete a finished dataset's files: the manifest first (the folder stops looking complete), then
+    every file it names, then the pack state."""
+    manifest = load_manifest(out)
+    (out / MANIFEST).unlink()
+    _unlink(out / n for n in manifest_files(manifest))
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
 def _journal_intact(out: Path, journal: dict) -> bool:
@@ -265,12 +417,77 @@ def _journal_intact(out: Path, journal: dict) -> bool:
     return True
 
 
-def pack(opts: PackOptions) -> dict:
-    """Run a pack (or finish an interrupted one); return the manifest."""
+def _drop_part(out: Path, k: int, journal: Optional[dict]) -> None:
+    """Remove what part k wrote: the shards its journal lists, its unfinished shard, its state."""
+    if journal:
+        _unlink(out / n for n in journal_files(journal))
+    for p in out.glob("*.rec.partial"):
+        m = _PARTIAL.match(p.name)
+        if m and int(m.group(1) or 0) == k:
+            p.unlink()
+    shutil.rmtree(part_dir(out, k), ignore_errors=True)
+
+
+def _prepare_part(opts: PackOptions, plan: Plan) -> Optional[dict]:
+    """Make `out` ready for this part; return its journal to resume from, or None for a fresh start."""
+    out = opts.out
+    k, n = opts.part
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        if not opts.overwrite:
+            raise PackError(f"{out} already holds a finished dataset; pass --overwrite to replace it")
+        foreign = foreign_files(out)
+        if foreign:
+            raise PackError(f"{out} holds files that are not this dataset's: {_names(foreign)}; move them away")
+        remove_dataset(out)
+    journal = load_journal(out, k)
+    if journal is not None:
+        if (journal.get("fingerprint") == plan.fingerprint and journal.get("parts") == n
+                and _journal_intact(out, journal)):
+            return journal
+        print(f"pack: {out} holds an unfinished part {k} of other input or options; starting it over", flush=True)
+        _drop_part(out, k, journal)
+    foreign = foreign_files(out)
+    if foreign:
+        raise PackError(f"{out} holds files that pack did not write: {_names(foreign)}; move them away or "
+                        f"choose another --out")
+    _drop_part(out, k, None)
+    part_dir(out, k).mkdir(parents=True)
+    info = {"fingerprint": plan.fingerprint, "parts": n, "options": opts.to_json()}
+    plan_path = out / STATE_DIR / PLAN
+    try:
+        current = json.loads(plan_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        current = None
+    if current is None or (current["fingerprint"], current["parts"]) != (plan.fingerprint, n):
+        atomic_write_json(plan_path, info)
+    return None
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+# ---------------------------------------------------------------------------------------------- the pack
+def _validate(opts: PackOptions) -> None:
     if opts.resize_mode not in RESIZE_MODES:
         raise PackError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}")
     if not 1 <= opts.quality <= 100:
         raise PackError("--quality must be in 1..100")
+    if not (opts.shard_size_mb > 0 and np.isfinite(opts.shard_size_mb)):
+        raise PackError(f"--shard-size must be a positive number of MB, not {opts.shard_size_mb}")
+    if opts.holdout < 0 or opts.holdout_pairs < 0:
+        raise PackError("--holdout and --holdout-pairs must be >= 0")
+    k, n = opts.part
+    if not 0 <= k < n:
+        raise PackError(f"--part K/N needs 0 <= K < N, not {k}/{n}")
+
+
+def pack(opts: PackOptions) -> dict:
+    """Run a pack (or finish an interrupted one). A whole pack returns the manifest; a part of several
+    (`opts.part`) returns its journal, and `pipeline.merge.merge` makes the dataset once all are done."""
+    _validate(opts)
     out = opts.out
     try:
         plan = plan_pack(opts)
@@ -286,183 +503,164 @@ def pack(opts: PackOptions) -> dict:
     if opts.strict and plan.enum_skips:
         s = plan.enum_skips[0]
         raise PackError(f"--strict: {len(plan.enum_skips)} inputs skipped, first {s.display}: {s.reason}")
-    if plan.num_classes > (1 << 24):
+    if plan.num_classes > (1 << 24) and opts.part[0] == 0:
         print(f"pack: {plan.num_classes} identities exceed float32's exact range (2^24); labels are also "
               f"stored as exact (hi, lo) pieces, see label_fields", flush=True)
+    journal = run_part(opts, plan)
+    if opts.part[1] > 1:
+        return journal
+    from .merge import merge
 
-    journal = _prepare_out(opts, plan)
-    state = out / STATE_DIR
+    return merge(out, opts.progress, plan=plan, opts=opts)
+
+
+def run_part(opts: PackOptions, plan: Plan) -> dict:
+    out = opts.out
+    k, n = opts.part
+    lo, hi = part_range(plan.total, k, n)
+    journal = _prepare_part(opts, plan)
+    state = part_dir(out, k)
     if journal is None:
-        journal = {"fingerprint": plan.fingerprint, "shards": [], "next_task": 0, "skipped_bytes": 0,
-                   "counters": {}, "hash_files": []}
-    seen: dict[bytes, str] = {}
+        journal = {"fingerprint": plan.fingerprint, "part": k, "parts": n, "range": [lo, hi], "shards": [],
+                   "hash_files": [], "next": lo, "skipped_bytes": 0, "counters": {}, "done": False}
+    if journal["done"]:
+        return journal
+    seen = DigestSet()
     for name in journal["hash_files"]:
-        for digest, disp in pickle.loads((state / name).read_bytes()):
-            seen[digest] = disp
+        seen.extend(np.load(state / name))
     counters = Counter(journal["counters"])
     with open(state / "skipped.partial", "ab") as f:
         f.truncate(journal["skipped_bytes"])
-    skipped_log = open(state / "skipped.partial", "a", encoding="utf-8")
-    if journal["next_task"] == 0 and journal["skipped_bytes"] == 0:
+    # File names are kept as the bytes the file system gave: surrogateescape writes them back as such.
+    skipped_log = open(state / "skipped.partial", "a", encoding="utf-8", errors="surrogateescape")
+    if journal["next"] == 0 and journal["skipped_bytes"] == 0:
         for s in plan.enum_skips:
             _log_skip(skipped_log, counters, s.display, s.reason, s.detail)
 
     max_bytes = int(opts.shard_size_mb * (1 << 20))
     done_by_kind = Counter(e["kind"] for e in journal["shards"])
-    writers = {"train": ShardWriter(out, "train", max_bytes, done_by_kind["train"]),
-               "holdout": ShardWriter(out, "holdout", max_bytes, done_by_kind["holdout"])}
-    pending_hashes: dict[str, list[tuple[bytes, str]]] = {"train": [], "holdout": []}
+    writers = {kind: ShardWriter(out, shard_prefix(kind, k, n), max_bytes, done_by_kind[kind])
+               for kind in ("train", "holdout")}
+    # Per stream, the hashes of the shard being written (hi, lo, position): 24 bytes a record.
+    pending = {kind: (array("Q"), array("Q"), array("q")) for kind in ("train", "holdout")}
 
-    def finish_shard(kind: str, next_task: int) -> None:
-        entry, _ = writers[kind].finish(kind)
-        name = f"{entry['rec']}.hashes"
-        atomic_write_bytes(state / name, pickle.dumps(pending_hashes[kind]))
-        pending_hashes[kind] = []
+    def finish_shard(kind: str, next_pos: int) -> None:
+        entry = writers[kind].finish(kind)
+        name = f"{entry['rec']}.hashes.npy"
+        hi_words, lo_words, positions = pending[kind]
+        rows = np.empty(len(positions), RECORD)
+        rows["hi"], rows["lo"], rows["pos"] = hi_words, lo_words, positions
+        atomic_write_with(state / name, lambda f: np.save(f, rows))
+        pending[kind] = (array("Q"), array("Q"), array("q"))
         skipped_log.flush()
         journal["shards"].append(entry)
         journal["hash_files"].append(name)
-        journal["next_task"] = next_task
+        journal["next"] = next_pos
         journal["skipped_bytes"] = os.path.getsize(state / "skipped.partial")
         journal["counters"] = dict(counters)
         atomic_write_json(state / JOURNAL, journal)
 
-    start = journal["next_task"]
-    tasks = plan.tasks
     try:
-        for pos, task, result in _run_workers(opts, tasks, start, plan.num_classes):
+        for pos, result in _run_workers(opts, plan, journal["next"], hi):
             status, data, digest, notes = result
-            display = task.item.display
-            if status == "ok" and digest in seen:
-                status, data = "skip", ("duplicate", f"same bytes as {seen[digest]}")
+            stream = plan.stream(pos)
+            if status == "ok":
+                first = seen.get(digest)
+                if first >= 0:
+                    status, data = "skip", ("duplicate", f"same bytes as {plan.display(first)}")
             if status == "skip":
+                display = plan.display(pos)
                 if opts.strict:
                     raise PackError(f"--strict: {display}: {data[0]}" + (f" ({data[1]})" if data[1] else ""))
                 _log_skip(skipped_log, counters, display, *data)
             else:
-                seen[digest] = display
+                seen.add(digest, pos)
                 counters.update(notes)
-                counters["images:" + task.stream] += 1
-                pending_hashes[task.stream].append((digest, display))
-                if writers[task.stream].add(task.rec_id, data, digest):
-                    finish_shard(task.stream, pos + 1)
+                counters["images:" + stream] += 1
+                hi_word, lo_word = split(digest)
+                pending[stream][0].append(hi_word)
+                pending[stream][1].append(lo_word)
+                pending[stream][2].append(pos)
+                if writers[stream].add(plan.rec_id(pos), data):
+                    finish_shard(stream, pos + 1)
             # A stream ends: close its last shard so that shard boundaries depend on the input alone.
-            nxt = tasks[pos + 1].stream if pos + 1 < len(tasks) else None
-            if nxt != task.stream and writers[task.stream].pending:
-                finish_shard(task.stream, pos + 1)
+            nxt = plan.stream(pos + 1) if pos + 1 < hi else None
+            if nxt != stream and writers[stream].pending:
+                finish_shard(stream, pos + 1)
     except BaseException:
         for w in writers.values():
             w.abandon()
         skipped_log.close()
         raise
+    skipped_log.flush()
+    journal["next"] = hi
+    journal["skipped_bytes"] = os.path.getsize(state / "skipped.partial")
+    journal["counters"] = dict(counters)
+    journal["done"] = True
     skipped_log.close()
-    return _finalise(opts, plan, journal, counters)
+    atomic_write_json(state / JOURNAL, journal)
+    return journal
 
 
 def _log_skip(log, counters: Counter, display: str, reason: str, detail: str = "") -> None:
-    clean = lambda s: s.replace("\t", " ").replace("\n", " ")  # noqa: E731
-    log.write(f"{clean(display)}\t{reason}\t{clean(detail)}\n")
+    log.write(skip_line(display, reason, detail))
     counters["skipped:" + reason] += 1
 
 
-def _run_workers(opts: PackOptions, tasks: list[Task], start: int,
-                 num_classes: int) -> Iterable[tuple[int, Task, tuple]]:
-    todo = tasks[start:]
-    bar = tqdm(total=len(tasks), initial=start, desc="pack", unit="img", disable=not opts.progress,
-               smoothing=0.05)
-    init = (opts.size, opts.quality, opts.resize_mode, opts.align, num_classes)
+def skip_line(display: str, reason: str, detail: str = "") -> str:
+    clean = lambda s: s.replace("\t", " ").replace("\n", " ")  # noqa: E731
+    return f"{clean(display)}\t{reason}\t{clean(detail)}\n"
+
+
+def tsv_field(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+CHUNK = 32  # images per worker task
+IN_FLIGHT = 4  # chunks per worker between the task maker and the writer
+
+
+def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterable[tuple[int, tuple]]:
+    """(position, result) in write order for positions [start, end); tasks are made as the workers
+    take them, never held for the whole range."""
+    lo, hi = part_range(plan.total, *opts.part)
+    bar = tqdm(total=hi - lo, initial=start - lo, desc="pack" if opts.part[1] == 1 else f"pack part {opts.part[0]}",
+               unit="img", disable=not opts.progress, smoothing=0.05)
+    init = (opts.size, opts.quality, opts.resize_mode, opts.align, plan.num_classes)
+
+    # Pool.imap takes tasks as fast as it can and keeps results until they are read: a semaphore keeps
+    # at most IN_FLIGHT chunks between the task maker and this loop, whichever side is slower.
+    in_flight = threading.Semaphore(IN_FLIGHT * max(1, opts.workers))
+    stop = threading.Event()
+
+    def chunks():
+        for c in range(start, end, CHUNK):
+            in_flight.acquire()
+            if stop.is_set():  # the loop below ended early: let the pool's task thread finish
+                return
+            yield [plan.task(p) for p in range(c, min(c + CHUNK, end))]
+
     try:
         if opts.workers <= 1:
             _init_worker(*init)
-            results = map(_process, todo)
-            for pos, (task, res) in enumerate(zip(todo, results), start):
-                bar.update()
-                yield pos, task, res
-            return
-        ctx = mp.get_context("fork" if not opts.align else "spawn")
-        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=init) as pool:
-            results = pool.imap(_process, todo, chunksize=32)
-            for pos, (task, res) in enumerate(zip(todo, results), start):
-                bar.update()
-                yield pos, task, res
+            results = map(_process_chunk, chunks())
+        else:
+            ctx = mp.get_context("fork" if not opts.align else "spawn")
+            pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=init)
+            results = pool.imap(_process_chunk, chunks())
+        try:
+            pos = start
+            for res in results:
+                in_flight.release()
+                for r in res:
+                    bar.update()
+                    yield pos, r
+                    pos += 1
+        finally:
+            stop.set()
+            in_flight.release()
+            if opts.workers > 1:
+                pool.terminate()
+                pool.join()
     finally:
         bar.close()
-
-
-def _finalise(opts: PackOptions, plan: Plan, journal: dict, counters: Counter) -> dict:
-    out, state = opts.out, opts.out / STATE_DIR
-    train_shards = [e for e in journal["shards"] if e["kind"] == "train"]
-    holdout_shards = [e for e in journal["shards"] if e["kind"] == "holdout"]
-    skipped = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("skipped:")}
-    conversions = {k: v for k, v in counters.items() if ":" not in k}
-    written_train = sum(e["count"] for e in train_shards)
-    if written_train == 0:
-        os.replace(state / "skipped.partial", out / SKIPPED)
-        raise PackError(f"every input was skipped ({sum(skipped.values())}); the reasons are in {out / SKIPPED}")
-    lines = "".join(f"{i}\t{name}\n" for i, name in enumerate(plan.class_names))
-    atomic_write_bytes(out / CLASSES, lines.encode())
-    os.replace(state / "skipped.partial", out / SKIPPED)
-    manifest = {
-        "version": VERSION,
-        "image_size": list(opts.size),
-        "num_images": written_train,
-        "num_classes": plan.num_classes,
-        "label_fields": identity_label_fields(plan.num_classes) + plan.attribute_fields,
-        "shards": train_shards,
-        "next_id": plan.num_train + plan.num_holdout,
-        "classes_file": CLASSES,
-        "sources": plan.sources,
-        "seed": opts.seed,
-        "quality": opts.quality,
-        "resize_mode": opts.resize_mode,
-        "aligned": opts.align,
-        "skipped": {"count": sum(skipped.values()), "by_reason": dict(sorted(skipped.items())), "file": SKIPPED},
-        "empty_classes": plan.empty_classes,
-        "conversions": dict(sorted(conversions.items())),
-        "fingerprint": plan.fingerprint,
-        "created_by": "python -m pipeline pack",
-    }
-    if holdout_shards:
-        pairs = _write_holdout_pairs(out, holdout_shards, opts)
-        manifest["holdout"] = {"shards": holdout_shards, "num_images": sum(e["count"] for e in holdout_shards),
-                               "pairs": HOLDOUT_PAIRS, "num_pairs": pairs}
-    atomic_write_json(out / MANIFEST, manifest)
-    shutil.rmtree(state, ignore_errors=True)
-    return manifest
-
-
-def _write_holdout_pairs(out: Path, shards: list[dict], opts: PackOptions) -> int:
-    """An insightface verification pack over the held-out images: every genuine pair, as many impostors."""
-    images: list[bytes] = []
-    labels: list[int] = []
-    for e in shards:
-        with IndexedRecordIO(out / e["idx"], out / e["rec"], "r") as r:
-            for key in r.keys:
-                header, img = unpack_record(r.read_idx(key))
-                images.append(img)
-                labels.append(int(first_label(header)))
-    by_class: dict[int, list[int]] = defaultdict(list)
-    for i, lab in enumerate(labels):
-        by_class[lab].append(i)
-    genuine = [(a, b) for members in by_class.values() for x, a in enumerate(members) for b in members[x + 1:]]
-    rng = np.random.default_rng([opts.seed, 2])
-    impostor: set[tuple[int, int]] = set()
-    n = len(labels)
-    max_impostors = n * (n - 1) // 2 - len(genuine)
-    target = min(len(genuine), max_impostors)
-    while len(impostor) < target:
-        a, b = sorted(rng.integers(0, n, size=2).tolist())
-        if a != b and labels[a] != labels[b]:
-            impostor.add((a, b))
-    pairs = [(a, b, True) for a, b in genuine] + [(a, b, False) for a, b in sorted(impostor)]
-    if opts.holdout_pairs and len(pairs) > opts.holdout_pairs:
-        keep = rng.choice(len(pairs), size=opts.holdout_pairs, replace=False)
-        pairs = [pairs[i] for i in sorted(keep.tolist())]
-    order = rng.permutation(len(pairs))
-    bins: list[bytes] = []
-    issame: list[bool] = []
-    for i in order.tolist():
-        a, b, same = pairs[i]
-        bins += [images[a], images[b]]
-        issame.append(same)
-    atomic_write_bytes(out / HOLDOUT_PAIRS, pickle.dumps((bins, issame), protocol=4))
-    return len(issame)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
+from array import array
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, fsync_dir
-from .recordio import format_index
+from .recordio import MAGIC, MAX_RECORD, RecordIO, format_index, unpack_record
 
 
 class ShardWriter:
@@ -26,12 +28,12 @@ class ShardWriter:
         rec, _ = self._names()
         self._rec = open(self.out / (rec + ".partial"), "wb")
         self._sha = hashlib.sha256()
-        self._keys: list[int] = []
-        self._offsets: list[int] = []
-        self._hashes: list[bytes] = []
+        # 16 bytes a record (a Python list of ints would be 72): a 1 GB shard holds ~200k small JPEGs.
+        self._keys = array("q")
+        self._offsets = array("q")
         self._pos = 0
 
-    def add(self, key: int, framed: bytes, content_hash: bytes) -> bool:
+    def add(self, key: int, framed: bytes) -> bool:
         """Append a framed record; True when the shard reached its size and should be finished."""
         if self._rec is None:
             self._open()
@@ -39,7 +41,6 @@ class ShardWriter:
         self._sha.update(framed)
         self._keys.append(key)
         self._offsets.append(self._pos)
-        self._hashes.append(content_hash)
         self._pos += len(framed)
         return self._pos >= self.max_bytes
 
@@ -47,7 +48,8 @@ class ShardWriter:
     def pending(self) -> bool:
         return self._rec is not None
 
-    def finish(self, kind: str) -> tuple[dict, list[bytes]]:
+    def finish(self, kind: str) -> dict:
+        """Close the shard, put it in place, and return its manifest entry."""
         rec, idx = self._names()
         self._rec.flush()
         os.fsync(self._rec.fileno())
@@ -58,12 +60,24 @@ class ShardWriter:
         fsync_dir(self.out)
         entry = {"rec": rec, "idx": idx, "count": len(self._keys), "kind": kind, "bytes": self._pos,
                  "sha256": self._sha.hexdigest(), "idx_sha256": hashlib.sha256(idx_bytes).hexdigest()}
-        hashes = self._hashes
         self._rec = None
         self.index += 1
-        return entry, hashes
+        return entry
 
     def abandon(self) -> None:
         if self._rec is not None:
             self._rec.close()
             self._rec = None
+
+
+def read_record_image(path: str | os.PathLike, offset: int) -> bytes:
+    """The image bytes of the record at `offset` of a `.rec`, read with pread: a map of the file kept for a
+    worker's life would hold every page it touched in the worker's RSS (the whole file, by the end)."""
+    with open(path, "rb") as f:
+        head = os.pread(f.fileno(), 8, offset)
+        if len(head) == 8:
+            magic, lrec = struct.unpack("<II", head)
+            if magic == MAGIC and lrec >> 29 == 0:  # a record in one part: its length is all we need
+                return unpack_record(os.pread(f.fileno(), lrec & (MAX_RECORD - 1), offset + 8))[1]
+    with RecordIO(path, "r") as r:  # split at a magic word (or malformed): the framing code says
+        return unpack_record(r.read_at(offset))[1]

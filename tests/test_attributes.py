@@ -70,9 +70,9 @@ def test_pack_with_celeba_attributes(glint24, tmp_path):
     assert proc.returncode == 1 and "matches both" in proc.stderr and "000101.png" in proc.stderr
 
 
-def test_lookup_by_path_or_item(tmp_path):
+def test_lookup_by_path_and_offset(tmp_path):
     from pipeline.attributes import load_attributes
-    from pipeline.sources import Item, SourceListing
+    from pipeline.sources import SourceListing
 
     (tmp_path / "img" / "a").mkdir(parents=True)
     (tmp_path / "list_attr_celeba.txt").write_text(CELEBA)
@@ -80,8 +80,8 @@ def test_lookup_by_path_or_item(tmp_path):
                                                                                        str(tmp_path / "img"))])
     path = str(tmp_path / "img" / "a" / "000003.jpg")
     assert names == ["Male", "Big_Nose", "Chubby"]
-    assert lookup(path) == lookup(Item(0, "a", path)) == (1.0, 1.0, 1.0)
+    assert lookup(path) == (1.0, 1.0, 1.0)
     assert lookup(str(tmp_path / "img" / "a" / "999.jpg")) == (-1.0, -1.0, -1.0)  # not in the file
-    assert lookup(Item(0, "a", path, offset=0)) == (-1.0, -1.0, -1.0)  # a record of a .rec file
+    assert lookup(path, offset=0) == (-1.0, -1.0, -1.0)  # a record of a .rec file
     with pytest.raises(AttributeFileError, match="cannot read"):
         read_attribute_file(tmp_path / "missing.txt")

@@ -3,6 +3,8 @@ by every decoder the project and its users have."""
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -70,3 +72,51 @@ def test_encode_image_writes_the_type_its_suffix_names(glint24):
     assert np.abs(decode_any(jpg).astype(int) - rgb).mean() < 4
     bmp = encode_image(rgb, ".bmp")
     assert bmp[:2] == b"BM" and np.array_equal(decode_any(bmp), rgb)
+
+
+def _count_decoders(monkeypatch) -> list:
+    import pipeline.imageio as imageio
+
+    calls = []
+    real_png, real_jpeg = imageio.pyspng.load, imageio.simplejpeg.decode_jpeg
+    monkeypatch.setattr(imageio.pyspng, "load", lambda *a, **k: calls.append("png") or real_png(*a, **k))
+    monkeypatch.setattr(imageio.simplejpeg, "decode_jpeg",
+                        lambda *a, **k: calls.append("jpeg") or real_jpeg(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["rgb png", "grey png", "rgb jpeg", "grey jpeg"])
+def test_pixel_limit_is_checked_from_the_header_on_every_decode_path(kind, monkeypatch):
+    """Issue O.8: an 8-bit RGB PNG (and an RGB JPEG) used to reach libspng / libjpeg-turbo whatever its size."""
+    from pipeline import imageio
+
+    rgb = np.random.default_rng(0).integers(0, 255, (120, 100, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb if "rgb" in kind else rgb[:, :, 0])
+    buf = io.BytesIO()
+    img.save(buf, "PNG" if "png" in kind else "JPEG")
+    data = buf.getvalue()
+    assert imageio.header_size(data) == (100, 120)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 120 - 1)
+    calls = _count_decoders(monkeypatch)
+    with pytest.raises(imageio.ImageRejected) as e:
+        imageio.prepare_image(data)
+    assert e.value.reason == "too large" and "100x120" in e.value.detail
+    with pytest.raises(imageio.ImageRejected):
+        imageio.decode_jpeg_rgb(data)
+    with pytest.raises(imageio.ImageRejected):
+        imageio.decode_rgb(data)
+    assert decode_any(data) is None
+    assert calls == []  # no decoder was handed the pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 120)
+    jpeg, _ = imageio.prepare_image(data)
+    assert imageio.header_size(jpeg) == (112, 112)
+
+
+def test_header_of_a_huge_png_is_read_without_its_pixels():
+    from pipeline import imageio
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + imageio._png_chunk(b"IHDR", ihdr)
+            + imageio._png_chunk(b"IDAT", zlib.compress(b"\0" * 60001)) + imageio._png_chunk(b"IEND", b""))
+    with pytest.raises(imageio.ImageRejected, match="20000x20000"):
+        imageio.prepare_image(data)

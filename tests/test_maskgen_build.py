@@ -319,3 +319,48 @@ def test_a_bad_image_costs_only_itself_in_its_batch(glint24, monkeypatch):
         assert got[3][0] == out[3][0] and got[0][0] == out[0][0] and got[4][0] == out[4][0]
     finally:
         masker.close()
+
+
+def test_a_record_labelled_out_of_range_is_skipped_and_counted(data):
+    """Issue O.9: a record labelled 999 in a 4-identity dataset used to be copied into the masked shards."""
+    import struct
+
+    from pipeline.recordio import read_index
+
+    m = load_manifest(data)
+    shard = m["shards"][0]
+    _, offsets = read_index(data / shard["idx"])
+    with open(data / shard["rec"], "r+b") as f:  # the scalar label of the shard's first record
+        f.seek(offsets[0] + 8 + 4)
+        f.write(struct.pack("<f", 999.0))
+    out = build(BuildOptions(data, ratio=1.0, workers=1, progress=False))
+    assert out["maskgen"]["skipped"].get("label out of range") == 1
+    assert out["maskgen"]["count"] == IDENTITIES * PER_IDENTITY - 1 - sum(
+        v for k, v in out["maskgen"]["skipped"].items() if k != "label out of range")
+    labels = {int(h.label[0]) for _, h, _ in _records(data, "masked")}
+    assert labels <= set(range(IDENTITIES))
+
+
+def test_parts_merged_equal_one_build(data, tmp_path):
+    """Issue N: `--part K/N` on N machines, then `--merge`: the same masked records and ids as one build."""
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    build(BuildOptions(data, ratio=0.5, seed=2, workers=1, progress=False))
+    opts = BuildOptions(other, ratio=0.5, seed=2, workers=1, progress=False, shard_size_mb=0.01)
+    build(opts, part=(1, 3))
+    proc = run_cli("maskgen", "build", "--data", str(other), "--merge", "--no-progress", check=False)
+    assert proc.returncode == 1 and "part 0 of 3" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    for k in (2, 0):
+        journal = build(opts, part=(k, 3))
+        assert journal["done"] and "maskgen" not in load_manifest(other)
+    m = build(BuildOptions(other, workers=1, progress=False), merge=True)
+    one = load_manifest(data)
+    assert [(k, h.id, h.id2, h.label.tolist(), img) for k, h, img in _records(data, "masked")] == \
+        [(k, h.id, h.id2, h.label.tolist(), img) for k, h, img in _records(other, "masked")]
+    assert m["maskgen"]["count"] == one["maskgen"]["count"] and m["next_id"] == one["next_id"]
+    assert dict(m["maskgen"]["settings"], shard_size_mb=0) == dict(one["maskgen"]["settings"], shard_size_mb=0)
+    side = lambda d: [{k: v for k, v in json.loads(line).items() if k != "shard"}  # noqa: E731
+                      for line in (d / "maskgen-meta.jsonl").read_text().splitlines()]
+    assert side(data) == side(other)
+    assert not list(other.glob("maskgen.part-*")) and len([s for s in m["shards"] if s["kind"] == "masked"]) > 1
+    verify(other, progress=False)

@@ -225,7 +225,7 @@ def test_interrupted_pack_resumes_to_identical_result(glint24, tmp_path):
     out = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "pack", *args, "--out", str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = out / ".pack-state" / "journal.json"
+    journal = out / ".pack-state" / "part-00000" / "journal.json"
     deadline = time.time() + 60
     while time.time() < deadline and not (journal.exists() and '"train-00001' in journal.read_text()):
         time.sleep(0.02)

@@ -119,9 +119,9 @@ def check_data(cfg: Config, world_size: int) -> dict:
                           f"packed dataset, or its pack did not finish)")
     try:
         manifest = load_manifest(data)
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{data / MANIFEST} is not UTF-8 text (byte {e.start}: {e.reason}); it is not a "
-                          f"manifest written by `python -m pipeline pack`: pack the dataset again") from None
+    except ManifestError as e:  # not UTF-8, not JSON, or outside the schema of docs/design.md section 1
+        raise ConfigError(f"{e}: not a manifest as `python -m pipeline pack` writes it; pack the dataset "
+                          f"again") from None
     per_step = cfg.batch_size * cfg.gradient_acc * world_size
     if manifest["num_images"] < per_step:
         raise ConfigError(f"{data} holds {manifest['num_images']} images, less than one optimizer step of "
