@@ -290,6 +290,10 @@ def _check_compatible(saved: dict, backbone: torch.nn.Module, partial_fc: Option
             f"embeddings; this run has {partial_fc.num_classes} x {partial_fc.embedding_size} "
             f"(another dataset or config?)")
     current = backbone.state_dict()
+    # a backbone whose parameter names changed maps an older state dict itself (ViT: trainer/backbones/vit.py)
+    upgrade = getattr(backbone, "upgrade_state_dict", None)
+    if upgrade is not None:
+        saved["backbone"] = upgrade(saved["backbone"])
     saved_keys, keys = set(saved["backbone"]), set(current)
     if saved_keys != keys:
         raise CheckpointError(f"{path} holds a {saved['network']} backbone whose weights do not fit this "

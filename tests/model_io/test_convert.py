@@ -263,3 +263,14 @@ def test_converter_reads_a_training_checkpoint_too(tmp_path):
     theirs = torch.load(tmp_path / "theirs.pt", weights_only=True)
     assert set(theirs) == set(model.state_dict())
     assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_training_checkpoint_saved_under_the_old_vit_names_passes_the_resume_check(tmp_path):
+    """The resume check compares key sets before loading: an old ViT train_state must be upgraded first."""
+    from trainer.checkpoint import _check_compatible
+
+    model = build_backbone("vit_t", **SMALL)
+    saved = {"num_classes": None, "embedding_size": None, "network": "vit_t",
+             "backbone": _old_names(model.state_dict()), "replicated": {}}
+    _check_compatible(saved, model, None, {}, tmp_path)
+    model.load_state_dict(saved["backbone"])

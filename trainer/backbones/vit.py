@@ -137,13 +137,17 @@ class FaceViT(nn.Module):
                     nn.init.zeros_(m.bias)
         self.register_load_state_dict_pre_hook(self._upgrade_on_load)
 
+    def upgrade_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state dict saved before the rename, or insightface's, in this model's key set."""
+        upgraded = upgrade_state_dict(state_dict)
+        if self.mask_token is None:
+            upgraded.pop("mask_token", None)
+        return upgraded
+
     def _upgrade_on_load(self, module, state_dict, prefix, *args) -> None:
         # In place: load_state_dict hands the hook its own copy, read after this for every submodule.
         mine = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
-        upgraded = upgrade_state_dict(mine)
-        if self.mask_token is None:
-            upgraded.pop("mask_token", None)
-        state_dict.update({prefix + k: v for k, v in upgraded.items()})
+        state_dict.update({prefix + k: v for k, v in self.upgrade_state_dict(mine).items()})
 
     def _mask(self, x: torch.Tensor):
         """Keep a random subset of tokens per sample; return them and the permutation that undoes it."""

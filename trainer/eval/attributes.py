@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_write_json, json_safe
 from pipeline.imageio import ImageRejected, decode_jpeg_rgb
 from pipeline.recordio import RecordIOError
-from trainer.eval.common import EvalError, resolve_device
+from trainer.eval.common import EvalError, packed_set_only, resolve_device
 from trainer.eval.embedding import to_input
 from trainer.eval.images import IMAGE_SIZE
 
@@ -112,10 +112,7 @@ def run_attributes(args: argparse.Namespace) -> list[dict]:
     """`python -m trainer.eval --attributes`: one result per checkpoint, printed as a JSON line."""
     from trainer.model_io.load import load_backbone
 
-    if args.data is None:
-        raise EvalError("--attributes needs --data DATA (a packed set with attribute label fields)")
-    if args.cmc or args.masked_probe or args.table or args.distractors:
-        raise EvalError("--attributes does not go with --cmc, --masked-probe, --distractors or --table")
+    packed_set_only(args, "--attributes", "a packed set with attribute label fields")
     device = resolve_device(args.device)
     results = []
     for ckpt in args.checkpoint:

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.atomic import atomic_write_json, json_safe
 from trainer import checkpoint as ckpt
-from trainer.eval.common import EvalError, l2_normalize, resolve_device
+from trainer.eval.common import EvalError, l2_normalize, packed_set_only, resolve_device
 
 
 def closed_set_accuracy(embeddings: np.ndarray, identity: np.ndarray, weight: np.ndarray) -> dict:
@@ -63,10 +63,7 @@ def run_closed_set(args: argparse.Namespace) -> list[dict]:
     from trainer.eval.packed import embed_packed
     from trainer.model_io.load import load_backbone
 
-    if args.data is None:
-        raise EvalError("--closed-set needs --data DATA (a packed set of the training data's identities)")
-    if args.cmc or args.masked_probe or args.table or args.distractors:
-        raise EvalError("--closed-set does not go with --cmc, --masked-probe, --distractors or --table")
+    packed_set_only(args, "--closed-set", "a packed set of the training data's identities")
     device = resolve_device(args.device)
     results = []
     for path in args.checkpoint:

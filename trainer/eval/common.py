@@ -38,3 +38,10 @@ def resolve_device(device=None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
+
+def packed_set_only(args, option: str, what: str) -> None:
+    """A protocol of one packed set (`--attributes`, `--closed-set`): refuse what it cannot honour."""
+    if args.data is None:
+        raise EvalError(f"{option} needs --data DATA ({what})")
+    if args.cmc or args.masked_probe or args.table or args.distractors:
+        raise EvalError(f"{option} does not go with --cmc, --masked-probe, --distractors or --table")

@@ -37,8 +37,40 @@ def kfold_splits(n: int, n_folds: int) -> list[np.ndarray]:
     return [np.arange(bounds[i], bounds[i + 1]) for i in range(n_folds)]
 
 
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if len(x) else float("nan")
+
+
+def _std(x: np.ndarray) -> float:
+    return float(np.std(x)) if len(x) else float("nan")
+
+
+class FoldScores:
+    """Mean and spread of per-fold `accuracies` and `balanced_accuracies` (NaN without folds), shared by
+    the pair protocol's and the all-pairs protocol's results."""
+
+    accuracies: np.ndarray
+    balanced_accuracies: np.ndarray
+
+    @property
+    def acc(self) -> float:
+        return _mean(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        return _std(self.accuracies)
+
+    @property
+    def balanced_acc(self) -> float:
+        return _mean(self.balanced_accuracies)
+
+    @property
+    def balanced_std(self) -> float:
+        return _std(self.balanced_accuracies)
+
+
 @dataclass
-class KFoldResult:
+class KFoldResult(FoldScores):
     accuracies: np.ndarray  # test accuracy of each fold
     thresholds: np.ndarray  # the threshold chosen for each fold (on its 9 training folds)
     tpr: np.ndarray  # ROC over the threshold grid: true-positive rate averaged over the test folds
@@ -47,23 +79,6 @@ class KFoldResult:
     # for the best balanced accuracy: the accuracy that an imbalanced set cannot inflate.
     balanced_accuracies: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
-    @property
-    def acc(self) -> float:
-        return float(np.mean(self.accuracies))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.accuracies))
-
-    @property
-    def balanced_acc(self) -> float:
-        b = self.balanced_accuracies
-        return float(np.mean(b)) if len(b) else float("nan")
-
-    @property
-    def balanced_std(self) -> float:
-        b = self.balanced_accuracies
-        return float(np.std(b)) if len(b) else float("nan")
 
 
 def balanced_rates(tp, fp, tn, fn) -> np.ndarray:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from trainer.eval.common import FARS, as_tensor, resolve_device
+from trainer.eval.kfold import FoldScores
 
 # The radix split of a score's 32-bit key: pass 1 histograms the top 20 bits (sign, exponent, 11 mantissa
 # bits: steps of 1/2048 relative, fine enough for the ROC and the k-fold thresholds), pass 2 the low 12.
@@ -106,7 +107,7 @@ def _key_to_float(key: int) -> float:
 
 
 @dataclass
-class AllPairsResult:
+class AllPairsResult(FoldScores):
     n_genuine: int
     n_impostor: int
     tar_at_far: dict[float, TarAtFar]
@@ -119,24 +120,6 @@ class AllPairsResult:
     @property
     def pairs(self) -> int:
         return self.n_genuine + self.n_impostor
-
-    @property
-    def acc(self) -> float:
-        return float(np.mean(self.accuracies)) if len(self.accuracies) else float("nan")
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.accuracies)) if len(self.accuracies) else float("nan")
-
-    @property
-    def balanced_acc(self) -> float:
-        b = self.balanced_accuracies
-        return float(np.mean(b)) if len(b) else float("nan")
-
-    @property
-    def balanced_std(self) -> float:
-        b = self.balanced_accuracies
-        return float(np.std(b)) if len(b) else float("nan")
 
 
 @dataclass
