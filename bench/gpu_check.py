@@ -293,8 +293,8 @@ def check_partial_fc(device: torch.device, sizes: Sizes, cfg) -> list[Row]:
 def _partial_fc_row(device: torch.device, sizes: Sizes, cfg, rate: float, settings: str) -> Row:
     from trainer.heads import build_margin_loss
     from trainer.optim import build_optimizer
-    from trainer.step import AMP_DTYPES
     from trainer.partial_fc import PartialFC
+    from trainer.step import AMP_DTYPES
 
     classes, batch, dim = sizes.pfc_classes, sizes.pfc_batch, cfg.embedding_size
     amp = AMP_DTYPES[sizes.amp]

@@ -30,12 +30,11 @@ from tqdm import tqdm
 
 from trainer.config import apply_overrides, base_config
 from trainer.cuda_flags import apply_cuda_flags
-from trainer.distributed import barrier, get_rank, get_world_size
+from trainer.distributed import barrier, get_rank, get_world_size, init_distributed, wrap_ddp
 from trainer.losses import ArcFace
-from trainer.distributed import init_distributed, wrap_ddp
 from trainer.optim import build_optimizer
-from trainer.step import AMP_DTYPES, train_step
 from trainer.partial_fc import PartialFC
+from trainer.step import AMP_DTYPES, train_step
 
 
 def parse_args() -> argparse.Namespace:

@@ -9,8 +9,14 @@ import pytest
 from PIL import Image
 
 from pipeline.align import align_face
-from pipeline.landmarks import (ARCFACE_112, FaceMeshDetector, five_points, similarity_transform, template_rms,
-                                warp_to_template)
+from pipeline.landmarks import (
+    ARCFACE_112,
+    FaceMeshDetector,
+    five_points,
+    similarity_transform,
+    template_rms,
+    warp_to_template,
+)
 from pipeline.manifest import load_manifest
 
 from .conftest import run_cli

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from trainer.backbones import available_backbones, build_backbone
-from trainer.backbones.ressanet import ResSaNet, RelPosSelfAttention
+from trainer.backbones.ressanet import RelPosSelfAttention, ResSaNet
 from trainer.backbones.timm_adapter import FACEX_ZOO_TIMM, TimmUnavailable, import_timm, timm_available
 from trainer.backbones.vit import FaceViT
 from trainer.model_io.flops import count_flops, count_gmacs, count_params

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._trainer_helpers import (REPO, child_pids, free_port, pack_glint24, torchrun_cmd, train_records,
-                                    trainer_env)
+from tests._trainer_helpers import REPO, child_pids, free_port, pack_glint24, torchrun_cmd, train_records, trainer_env
 from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.manifest import load_manifest
-from pipeline.recordio import IndexedRecordIO, IRHeader, MAGIC_BYTES, pack_record, unpack_record
+from pipeline.recordio import MAGIC_BYTES, IndexedRecordIO, IRHeader, pack_record, unpack_record
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.mxnet

@@ -11,10 +11,10 @@ from tests._trainer_helpers import FakeLoader, TinyNet
 from trainer import checkpoint as ckpt
 from trainer.config import Config
 from trainer.losses import CombinedMarginLoss
-from trainer.optim import build_optimizer
-from trainer.step import train_step
 from trainer.model_io.load import load_backbone
+from trainer.optim import build_optimizer
 from trainer.partial_fc import PartialFC
+from trainer.step import train_step
 
 CFG = Config(network="tiny", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999),
              eps=1e-8)

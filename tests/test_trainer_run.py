@@ -16,8 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._trainer_helpers import (REPO, child_pids, free_port, pack_glint24, read_jsonl, run_trainer,
-                                    torchrun_cmd, train_records, trainer_env)
+from tests._trainer_helpers import (
+    REPO,
+    child_pids,
+    free_port,
+    pack_glint24,
+    read_jsonl,
+    run_trainer,
+    torchrun_cmd,
+    train_records,
+    trainer_env,
+)
 from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow

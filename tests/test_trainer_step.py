@@ -19,8 +19,8 @@ from trainer.config import Config
 from trainer.distributed import gather_to
 from trainer.losses import CombinedMarginLoss
 from trainer.optim import build_optimizer
-from trainer.step import train_step
 from trainer.partial_fc import PartialFC
+from trainer.step import train_step
 
 NUM_CLASSES = 10
 GLOBAL_BATCH = 12

@@ -21,8 +21,14 @@ from PIL import Image
 
 from trainer.config import Config, ConfigError
 from trainer.eval.images import IMAGE_SIZE, VerificationError
-from trainer.eval.targets import (aligned_cache, cache_candidates, cached_target, load_pairs_txt,
-                                  parse_pairs_txt, write_bin)
+from trainer.eval.targets import (
+    aligned_cache,
+    cache_candidates,
+    cached_target,
+    load_pairs_txt,
+    parse_pairs_txt,
+    write_bin,
+)
 
 logger = logging.getLogger("trainer")
 

@@ -8,7 +8,6 @@ import torch
 
 from trainer.eval import identification as ident
 
-
 # -------------------------------------------------------------------------------------- identification
 
 def test_chunked_topk_equals_full_topk_on_a_memmap(tmp_path):
