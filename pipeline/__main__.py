@@ -47,6 +47,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _data_command(sub, name: str, summary: str, description: str, data_help: str) -> argparse.ArgumentParser:
+    """A subcommand on one packed dataset folder (merge, verify)."""
+    c = sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+    c.add_argument("data", type=Path, metavar="DATA", help=data_help)
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return c
+
+
 def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
     parser = OneLineParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,20 +96,13 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
                         "then run `merge DATA` once")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    g = sub.add_parser("merge", help="check the parts of a `pack --part K/N` run and write the manifest",
-                       formatter_class=HelpFormatter,
-                       description="Check the parts of a `pack --part K/N` run and write the one manifest: the "
-                                   "same records, order and class ids as a single pack of the same input.")
-    g.add_argument("data", type=Path, metavar="DATA", help="the --out folder of the parts")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    v = sub.add_parser("verify", help="check every frame, index entry, count, label and checksum",
-                       formatter_class=HelpFormatter,
-                       description="Check every frame, index entry, count, label and checksum of a packed dataset; "
-                                   "exit 0 when all hold.")
-    v.add_argument("data", type=Path, metavar="DATA", help="a folder written by pack")
+    _data_command(sub, "merge", "check the parts of a `pack --part K/N` run and write the manifest",
+                  "Check the parts of a `pack --part K/N` run and write the one manifest: the same records, "
+                  "order and class ids as a single pack of the same input.", "the --out folder of the parts")
+    v = _data_command(sub, "verify", "check every frame, index entry, count, label and checksum",
+                      "Check every frame, index entry, count, label and checksum of a packed dataset; exit 0 "
+                      "when all hold.", "a folder written by pack")
     v.add_argument("--decode", action="store_true", help="also decode every image")
-    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

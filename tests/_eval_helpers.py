@@ -134,3 +134,21 @@ class SmallConv(nn.Module):
 
     def forward(self, x):
         return self.body(x)
+
+
+def with_extra_record(src: Path, dst: Path, label: float, image: bytes) -> Path:
+    """A copy of the packed set `src` at `dst` with one more record (identity `label`, image bytes `image`)
+    in a shard of its own, listed first: record 0 of the readers."""
+    import shutil
+
+    from pipeline.manifest import load_manifest, shard_entry, write_manifest
+    from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
+
+    shutil.copytree(src, dst)
+    m = load_manifest(dst)
+    with IndexedRecordIO(dst / "extra-00000.idx", dst / "extra-00000.rec", "w") as w:
+        w.write_idx(10**6, pack_record(IRHeader(0, float(label), 10**6, 0), image))
+    m["shards"].insert(0, shard_entry(dst, "extra-00000.rec", "extra-00000.idx", 1))
+    m["num_images"] += 1
+    write_manifest(dst, m)
+    return dst

@@ -561,22 +561,13 @@ def test_sst_runs_on_real_pairs(packed_glint):
 
 def test_sst_index_leaves_out_a_record_with_an_out_of_range_label(packed_glint, tmp_path):
     """SST's identity index used to stop at start on one bad label; the record is left out and counted."""
-    import shutil
-
     from pipeline.dataset import PackedDataset
-    from pipeline.manifest import load_manifest, shard_entry, write_manifest
-    from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
+    from tests._eval_helpers import with_extra_record
     from trainer.modes.sst import IdentityPairLoader, identity_index
 
-    data = tmp_path / "d"
-    shutil.copytree(packed_glint, data)
-    _, jpeg = PackedDataset(data).read_record(0)
-    m = load_manifest(data)
-    with IndexedRecordIO(data / "bad-00000.idx", data / "bad-00000.rec", "w") as w:
-        w.write_idx(10**6, pack_record(IRHeader(0, 999.0, 10**6, 0), jpeg))
-    m["shards"].insert(0, shard_entry(data, "bad-00000.rec", "bad-00000.idx", 1))
-    m["num_images"] += 1
-    write_manifest(data, m)
+    _, jpeg = PackedDataset(packed_glint).read_record(0)
+    data = with_extra_record(packed_glint, tmp_path / "d", 999, jpeg)
+    m = {"num_images": len(PackedDataset(data))}
     by_identity, bad = identity_index(PackedDataset(data), progress=False)
     assert bad == 1 and 0 not in [i for ids in by_identity for i in ids]
     assert sum(map(len, by_identity)) == m["num_images"] - 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ from PIL import Image
 
 from pipeline.dataset import PackedDataset, TorchTrainLoader
 from pipeline.loader import build_train_loader
-from pipeline.manifest import load_manifest, shard_entry, write_manifest
+from pipeline.manifest import load_manifest
 from pipeline.nvjpeg_reader import DecoderUnavailable, NvjpegTrainLoader
-from pipeline.recordio import IndexedRecordIO, IRHeader, pack_record
+from tests._eval_helpers import with_extra_record
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 AUGMENT = {"flip": True, "erase_p": 0.5, "crop_area": 0.8, "brightness": 0.2, "contrast": 0.2,
@@ -131,21 +130,20 @@ def test_label_vectors_and_the_backend_registration(packed_glint):
         build_train_loader(packed_glint, batch_size=8, backend="nvjpg")
 
 
-def test_an_undecodable_record_is_replaced_and_counted(packed_glint, tmp_path):
-    data = tmp_path / "d"
-    shutil.copytree(packed_glint, data)
-    m = load_manifest(data)
-    with IndexedRecordIO(data / "bad-00000.idx", data / "bad-00000.rec", "w") as w:
-        w.write_idx(10**6, pack_record(IRHeader(0, 3.0, 10**6, 0), b"\xff\xd8\xff\xe0 broken jpeg"))
-    m["shards"].insert(0, shard_entry(data, "bad-00000.rec", "bad-00000.idx", 1))
-    m["num_images"] += 1
-    write_manifest(data, m)
+def _both_readers_agree(data, num_classes: int) -> None:
+    """The nvjpeg and torch readers give the same batches and the same count of replaced records (1)."""
     ours = nvjpeg(data, 32, shuffle=False, drop_last=False, augment={"flip": False})
     theirs = TorchTrainLoader(data, 32, shuffle=False, drop_last=False, augment={"flip": False},
                               num_workers=0)
     for (oi, ol), (ti, tl) in zip(ours, theirs):
         assert torch.equal(ol, tl) and torch.equal(oi, ti)
+        assert int(ol.max()) < num_classes
     assert ours.skipped_records == theirs.skipped_records == 1
+
+
+def test_an_undecodable_record_is_replaced_and_counted(packed_glint, tmp_path):
+    data = with_extra_record(packed_glint, tmp_path / "d", 3, b"\xff\xd8\xff\xe0 broken jpeg")
+    _both_readers_agree(data, load_manifest(data)["num_classes"])
 
 
 def test_default_decoder_names_what_is_missing(unique_label_data):
@@ -161,19 +159,6 @@ def test_default_decoder_names_what_is_missing(unique_label_data):
 
 def test_an_out_of_range_label_is_skipped_and_counted_as_in_the_torch_reader(packed_glint, tmp_path):
     """A record labelled 999 in a 24-class set: both readers replace it with the next usable record."""
-    data = tmp_path / "d"
-    shutil.copytree(packed_glint, data)
-    m = load_manifest(data)
-    _, jpeg = PackedDataset(packed_glint).read_record(0)  # a real face, relabelled 999 below
-    with IndexedRecordIO(data / "bad-00000.idx", data / "bad-00000.rec", "w") as w:
-        w.write_idx(10**6, pack_record(IRHeader(0, 999.0, 10**6, 0), jpeg))
-    m["shards"].insert(0, shard_entry(data, "bad-00000.rec", "bad-00000.idx", 1))
-    m["num_images"] += 1
-    write_manifest(data, m)
-    ours = nvjpeg(data, 32, shuffle=False, drop_last=False, augment={"flip": False})
-    theirs = TorchTrainLoader(data, 32, shuffle=False, drop_last=False, augment={"flip": False},
-                              num_workers=0)
-    for (oi, ol), (ti, tl) in zip(ours, theirs):
-        assert torch.equal(ol, tl) and torch.equal(oi, ti)
-        assert int(ol.max()) < m["num_classes"]
-    assert ours.skipped_records == theirs.skipped_records == 1
+    _, jpeg = PackedDataset(packed_glint).read_record(0)  # a real face, relabelled 999
+    data = with_extra_record(packed_glint, tmp_path / "d", 999, jpeg)
+    _both_readers_agree(data, load_manifest(data)["num_classes"])
