@@ -29,16 +29,15 @@ from .atomic import atomic_write_with
 from .manifest import MANIFEST, SPLIT_BITS, SPLIT_IDENTITY_FIELDS
 from .recordio import (
     IR_SIZE,
-    MAGIC,
     Buffer,
     RecordIOError,
     close_map,
+    frame_header,
     open_map,
     read_frame,
     read_index_arrays,
 )
 
-_LEN_MASK = (1 << 29) - 1
 _JPEG_SOI = b"\xff\xd8\xff"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xae\x42\x60\x82"
@@ -171,10 +170,10 @@ def check_record(buf: Buffer, offset: int, rules: RecordRules, limit: int | None
     limit = size if limit is None else limit
     if offset & 3 or not 0 <= offset <= size - 8 - IR_SIZE:
         raise BadRecord(f"offset {offset} is not a 4-byte aligned record position inside the file ({size} bytes)")
-    magic, lrec = struct.unpack_from("<II", buf, offset)
-    if magic != MAGIC:
-        raise BadRecord(f"bad magic 0x{magic:08x} at byte {offset}")
-    cflag, length = lrec >> 29, lrec & _LEN_MASK
+    try:
+        cflag, length = frame_header(buf, offset)
+    except RecordIOError as e:
+        raise BadRecord(str(e)) from None
     if cflag == 0:
         end = offset + 8 + length
         if end > limit:

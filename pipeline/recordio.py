@@ -111,6 +111,14 @@ def _aligned_magic_positions(view: memoryview, limit: int) -> list[int]:
     return (np.flatnonzero(words == MAGIC) * 4).tolist()
 
 
+def frame_header(buf: Buffer, offset: int) -> tuple[int, int]:
+    """(continuation flag, part length) of the frame header at `offset`; RecordIOError on a bad magic word."""
+    magic, lrec = struct.unpack_from("<II", buf, offset)
+    if magic != MAGIC:
+        raise RecordIOError(f"bad magic 0x{magic:08x} at byte {offset}")
+    return lrec >> 29, lrec & _LEN_MASK
+
+
 def read_frame(buf: Buffer, offset: int) -> tuple[bytes, int]:
     """Read the (possibly multi-part) record starting at `offset`; return (payload, offset after it)."""
     total = len(buf)
@@ -120,10 +128,7 @@ def read_frame(buf: Buffer, offset: int) -> tuple[bytes, int]:
     while True:
         if pos + 8 > total:
             raise RecordIOError(f"truncated record header at byte {pos} (file has {total} bytes)")
-        magic, lrec = struct.unpack_from("<II", buf, pos)
-        if magic != MAGIC:
-            raise RecordIOError(f"bad magic 0x{magic:08x} at byte {pos}")
-        cflag, length = lrec >> 29, lrec & _LEN_MASK
+        cflag, length = frame_header(buf, pos)
         if cflag > 3:
             raise RecordIOError(f"bad continuation flag {cflag} at byte {pos}")
         if expect_continuation and cflag not in (2, 3):

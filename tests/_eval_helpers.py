@@ -1,5 +1,5 @@
 """Small real inputs for the evaluation/export tests: face folders cut from glint24, .bin packs, model.pt
-files of a real backbone, a packed set with masked copies laid out as DESIGN.md section 1 says, and a
+files of a real backbone, a packed set with masked copies laid out as docs/design.md section 1 says, and a
 small random conv net."""
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def cover_lower_face(rgb: np.ndarray, colour: tuple[int, int, int]) -> np.ndarra
 
 def add_masked_shard(data_dir: Path, every: int = 2) -> list[dict]:
     """Masked copies of every `every`-th train record, in a `masked-00000` shard listed in the manifest:
-    label vector [identity, masked=1, mask_type], a new id, the source id in id2 (DESIGN.md section 1).
+    label vector [identity, masked=1, mask_type], a new id, the source id in id2 (docs/design.md section 1).
     Mask types 1 and 2 alternate. Returns one dict per copy (identity, id, id2, mask_type)."""
     from pipeline.manifest import load_manifest, shard_entry, write_manifest
     from pipeline.recordio import IndexedRecordIO, IRHeader, first_label, pack_record, unpack_record

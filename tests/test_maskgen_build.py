@@ -1,4 +1,4 @@
-"""`maskgen build` on real packed data: the contract of DESIGN.md section 1 (masked shards, label vector,
+"""`maskgen build` on real packed data: the contract of docs/design.md section 1 (masked shards, label vector,
 ids and id2, manifest), stratified seeded choice, re-runs that replace, interruptions that leave the
 dataset as it was, and the preview and folder commands."""
 from __future__ import annotations

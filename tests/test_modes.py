@@ -285,7 +285,7 @@ def test_weighted_bce_by_hand():
 
 @pytest.fixture(scope="module")
 def grey_attribute_data(glint24, tmp_path_factory):
-    """A packed dataset (DESIGN.md section 1) of 10 glint24 identities x 12 faces whose label vectors
+    """A packed dataset (docs/design.md section 1) of 10 glint24 identities x 12 faces whose label vectors
     carry a binary attribute "grey": every other image is stored in grey."""
     from PIL import Image
 

@@ -73,7 +73,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Distributed face-recognition training (backbone under DDP, Partial FC head).",
         epilog="Any config key can be overridden as key=value, e.g. lr=0.05 max_steps=100 amp=bf16.")
     parser.add_argument("--config", required=True, help="config module: a path or a name in trainer/configs/")
-    parser.add_argument("--data", help="packed dataset folder (DESIGN.md section 1); overrides config.data")
+    parser.add_argument("--data", help="packed dataset folder (docs/design.md section 1); overrides config.data")
     parser.add_argument("--output", help="run folder for checkpoints, model.pt, metrics.jsonl; "
                                          "default runs/<config name>")
     parser.add_argument("--resume", help="checkpoint folder or file, or a run folder (its last checkpoint)")

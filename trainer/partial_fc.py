@@ -199,7 +199,7 @@ class DistSoftmaxCrossEntropy(nn.Module):
 
 
 class PartialFC(nn.Module):
-    """Model-parallel classifier + margin softmax loss (DESIGN.md section 4).
+    """Model-parallel classifier + margin softmax loss (docs/design.md section 4).
 
     Build it after `torch.distributed.init_process_group` (or without a process group: one rank).
     `margin_loss` is a callable from `trainer.losses` / `trainer.heads`. If it has a true

@@ -20,7 +20,7 @@ config.init_weights = ""
 # that is not selected is an error.
 config.mode = "standard"
 
-# Data (DESIGN.md section 1); --data sets `data`
+# Data (docs/design.md section 1); --data sets `data`
 config.data = ""
 config.loader_backend = "auto"  # "dali" on CUDA, "torch" on CPU; "nvjpeg": torchvision's nvJPEG on the GPU
 config.num_threads = 2  # decoding threads (torch reader: workers; nvjpeg: host threads) per rank

@@ -6,7 +6,7 @@
 FaceX-Zoo's heads with AdaFace (heads/facex_zoo.py). A new head is a class decorated with
 `@register_head("name")` in a module imported here.
 
-Calling convention (the same as `trainer.losses`, DESIGN.md section 4): a head maps this rank's cosine
+Calling convention (the same as `trainer.losses`, docs/design.md section 4): a head maps this rank's cosine
 logits `[B, C_local]` (rows: the batch gathered over all ranks; columns: this rank's classes) and
 `labels [B]` (the column of the sample's class, or -1 when the class lives on another rank) to the
 logits that go into Partial FC's distributed softmax cross-entropy.
