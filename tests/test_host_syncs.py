@@ -4,7 +4,8 @@ masked_select, boolean-mask indexing, coalesce) inside `train_step`, the optimiz
 
 Budget: one per optimizer step at sample_rate 1.0, two below it (the accumulated sparse gradient's
 coalesce), for the trainer's GPU recipes' loss (ArcFace / CosFace through CombinedMarginLoss), fp16's
-GradScaler included."""
+GradScaler included; for every registered head (trainer.heads) and for LVFace's Partial FC in both of
+its stages."""
 from __future__ import annotations
 
 import collections
@@ -15,7 +16,9 @@ import torch
 
 from tests._trainer_helpers import TinyNet
 from trainer.config import Config
+from trainer.heads import available_heads, build_head
 from trainer.losses import ArcFace, CosFace
+from trainer.modes.lvface import LVFaceCurriculum, build_lvface_partial_fc
 from trainer.optim import build_optimizer
 from trainer.partial_fc import PartialFC
 from trainer.step import train_step
@@ -63,10 +66,10 @@ def count_host_reads(host_tensors=()):
             setattr(owner, name, fn)
 
 
-def _setup(rate: float, loss, optimizer: str):
+def _setup(rate: float, loss, optimizer: str, pfc=None):
     torch.manual_seed(0)
     net = TinyNet()
-    pfc = PartialFC(loss, 16, 200, sample_rate=rate, seed=1)
+    pfc = PartialFC(loss, 16, 200, sample_rate=rate, seed=1) if pfc is None else pfc
     cfg = Config(optimizer=optimizer, lr=0.1, momentum=0.9, weight_decay=5e-4, betas=(0.9, 0.999), eps=1e-8)
     opts = [build_optimizer(cfg, net.parameters()), build_optimizer(cfg, pfc.parameters(), row_sparse=True)]
     return net, pfc, opts
@@ -77,20 +80,55 @@ def _batches(n: int, step: int):
     return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 200, (8,), generator=g)) for _ in range(n)]
 
 
+def _assert_steps_within_budget(net, pfc, opts, accumulation: int, budget, scaler=None,
+                                 before_step=lambda step: None) -> None:
+    """`budget`: an int, or a function of the step's Partial FC (its sample rate may change)."""
+    before_step(0)
+    train_step(net, pfc, _batches(accumulation, 0), opts, scaler, None, 5.0)  # lazy state made here
+    host = [s["step"] for opt in opts if type(opt).__module__.startswith("torch.optim")
+            for s in opt.state.values() if "step" in s]
+    for step in range(1, 3):
+        before_step(step)
+        with count_host_reads(host) as counts:
+            result = train_step(net, pfc, _batches(accumulation, step), opts, scaler, None, 5.0)
+        assert not result.skipped
+        limit = budget(pfc) if callable(budget) else budget
+        assert sum(counts.values()) <= limit, (step, dict(counts))
+
+
 @pytest.mark.parametrize("rate, accumulation, budget", [(1.0, 1, 1), (1.0, 2, 1), (0.5, 1, 1), (0.5, 2, 2)])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("fp16", [False, True])
 def test_one_step_reads_the_device_at_most_budget_times(rate, accumulation, budget, optimizer, fp16):
     net, pfc, opts = _setup(rate, ArcFace(), optimizer)
     scaler = torch.amp.GradScaler("cpu", growth_interval=1) if fp16 else None
-    train_step(net, pfc, _batches(accumulation, 0), opts, scaler, None, 5.0)  # lazy state made here
-    host = [s["step"] for opt in opts if type(opt).__module__.startswith("torch.optim")
-            for s in opt.state.values() if "step" in s]
-    for step in range(1, 3):
-        with count_host_reads(host) as counts:
-            result = train_step(net, pfc, _batches(accumulation, step), opts, scaler, None, 5.0)
-        assert not result.skipped
-        assert sum(counts.values()) <= budget, dict(counts)
+    _assert_steps_within_budget(net, pfc, opts, accumulation, budget, scaler)
+
+
+@pytest.mark.parametrize("rate, accumulation, budget", [(1.0, 2, 1), (0.5, 2, 2)])
+@pytest.mark.parametrize("name", available_heads())
+def test_every_head_reads_the_device_at_most_budget_times(name, rate, accumulation, budget):
+    net, pfc, opts = _setup(rate, build_head(name, num_classes=200), "sgd")
+    _assert_steps_within_budget(net, pfc, opts, accumulation, budget)
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.5])
+@pytest.mark.parametrize("switch_epoch", [0.0, 2.0])
+def test_lvface_reads_the_device_at_most_budget_times(switch_epoch, rate):
+    """Both stages: NCS (negatives sampled at `rate`) before `switch_epoch`, then EPL (every class, centres
+    mixed with the class means); switch_epoch 2.0 counts an NCS step, then the first EPL step."""
+    pfc = build_lvface_partial_fc(16, 200, ncs_sample_rate=rate, seed=1)
+    net, pfc, opts = _setup(rate, None, "adamw", pfc)
+    curriculum = LVFaceCurriculum(switch_epoch, rate)
+    stages = []
+
+    def before_step(step: int) -> None:
+        stages.append(curriculum.apply(pfc, float(step)))
+
+    _assert_steps_within_budget(net, pfc, opts, 2, lambda p: 1 if p.sample_rate == 1.0 else 2,
+                                before_step=before_step)
+    assert stages == (["epl"] * 3 if switch_epoch == 0 else ["ncs", "ncs", "epl"])
+    assert pfc.margin_loss.class_seen.any()
 
 
 def test_cosface_and_the_counter_itself():

@@ -4,8 +4,8 @@ A margin loss is a callable `(cosine_logits [B, C_local], labels [B]) -> logits 
 `labels[i]` is the column of sample i's own class in this shard, or -1 when that class lives on
 another rank (or was not sampled); only those target entries receive a margin, every other entry is
 just scaled by `s`. The same convention serves Partial FC on any number of ranks and the heads of
-`trainer.heads` (which registers these margins too), which reuse `prepare_logits`, `positive_index` and
-`replace_target` from here.
+`trainer.heads` (which registers these margins too), which reuse `prepare_logits`, `target_columns`,
+`gather_target` and `scatter_target` from here.
 
 CombinedMarginLoss is the general form of insightface's combined margin, for a target angle theta:
 
@@ -25,8 +25,9 @@ __all__ = [
     "ArcFace",
     "CosFace",
     "CombinedMarginLoss",
-    "positive_index",
-    "replace_target",
+    "target_columns",
+    "gather_target",
+    "scatter_target",
     "prepare_logits",
     "at_least_fp32",
 ]
@@ -40,23 +41,37 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def positive_index(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows whose class is in this shard, and the column of that class in each such row."""
+def target_columns(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`mine` [B] (the row's class is in this shard) and `cols` [B] (that class's column; 0 in the other
+    rows, a placeholder). Every row takes part and the mask says which count: selecting the rows instead
+    (nonzero, a boolean index) would read their number back to the host on every step (issue I item 10)."""
     labels = labels.reshape(-1)
-    rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-    return rows, labels[rows]
+    return labels != -1, labels.clamp_min(0)
 
 
-def replace_target(
-    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, target: torch.Tensor
-) -> torch.Tensor:
-    """`logits` with the entries (rows[i], cols[i]) set to target[i]; differentiable in both.
+def gather_target(values: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """values[i, cols[i]] for every row `[B]` (zeros when the shard has no column)."""
+    if values.shape[1] == 0:
+        return values.new_zeros(values.shape[0])
+    return values.gather(1, cols[:, None]).squeeze(1)
 
-    Writes into `logits` (which must be a fresh intermediate, e.g. `cos * s`) to avoid another
-    [B, C] copy; the overwritten entries get zero gradient and `target` gets theirs.
+
+def scatter_target(logits: torch.Tensor, mine: torch.Tensor, cols: torch.Tensor, target) -> torch.Tensor:
+    """`logits` with the entries (i, cols[i]) of the rows `mine` set to target[i] (a tensor [B] or a
+    scalar); differentiable in both. The other rows get their own entry written back, value and gradient
+    unchanged.
+
+    Writes into `logits` (which must be a fresh intermediate, e.g. `cos * s`) to avoid another [B, C] copy;
+    the overwritten entries get zero gradient and `target` gets theirs.
     """
-    logits[rows, cols] = target.to(logits.dtype)
-    return logits
+    if logits.shape[1] == 0:
+        return logits
+    if torch.is_tensor(target):
+        target = target.to(logits.dtype)
+    # Indices rather than gather / scatter_: gather keeps its input for backward, which the in-place
+    # write would then invalidate; indexing keeps only the indices.
+    index = (torch.arange(logits.shape[0], device=logits.device), cols)
+    return logits.index_put_(index, torch.where(mine, target, logits[index]))
 
 
 def prepare_logits(cosine: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -141,21 +156,12 @@ class CombinedMarginLoss(nn.Module):
 
     def forward(self, cosine_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos, labels = prepare_logits(cosine_logits, labels)
-        # Every row takes part, a mask says whose class is in this shard: unlike positive_index (nonzero)
-        # nothing is read back to the host on the trainer's hot path. Rows of other shards get their
-        # column-0 cosine written back unchanged.
-        mine = (labels != -1)[:, None]
-        cols = labels.clamp_min(0)[:, None]
-        if cos.shape[1] == 0:
-            return cos * self.s
-        if self.interclass_filtering_threshold > 0:
+        mine, cols = target_columns(labels)
+        if self.interclass_filtering_threshold > 0 and cos.shape[1] > 0:
             with torch.no_grad():
-                dirty = cos > self.interclass_filtering_threshold
-                dirty.scatter_(1, cols, dirty.gather(1, cols) & ~mine)
+                dirty = scatter_target(cos > self.interclass_filtering_threshold, mine, cols, False)
             cos = cos.masked_fill(dirty, 0.0)
-        cos_t = cos.gather(1, cols)
-        target = torch.where(mine, self.target_logit(cos_t), cos_t)
-        return (cos * self.s).scatter(1, cols, target * self.s)
+        return scatter_target(cos * self.s, mine, cols, self.target_logit(gather_target(cos, cols)) * self.s)
 
 
 class ArcFace(CombinedMarginLoss):

@@ -19,25 +19,23 @@ import torch.nn as nn
 
 from trainer import distributed
 from trainer.heads.registry import Head, register_head
-from trainer.losses import ArcFace, at_least_fp32, positive_index, prepare_logits, replace_target
+from trainer.losses import ArcFace, at_least_fp32, gather_target, prepare_logits, scatter_target, target_columns
 
 
 def _global_target_cosine(cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The target cosine of every sample `[B]` (no gradient), whichever rank holds its class."""
-    rows, cols = positive_index(labels)
-    packed = cosine.new_zeros((2, cosine.shape[0]))
-    packed[0, rows] = cosine.detach()[rows, cols]
-    packed[1, rows] = 1.0
+    mine, cols = target_columns(labels)
+    packed = torch.stack([torch.where(mine, gather_target(cosine.detach(), cols), 0.0), mine.to(cosine.dtype)])
     distributed.all_reduce_(packed, "sum")
     owners = packed[1]
-    if owners.is_cuda:  # no host sync on the hot path
+    try:  # on a GPU the check runs on the device, without a host sync; on the CPU it raises here
         torch._assert_async(torch.all(owners == 1), "a sample's class is not held by exactly one rank")
-    elif not torch.all(owners == 1):
+    except RuntimeError:
         bad = int(torch.nonzero(owners != 1)[0])
         raise ValueError(
             f"sample {bad}'s class is held by {int(owners[bad])} ranks (expected exactly 1): labels must "
             "be local columns on the owning rank and -1 elsewhere"
-        )
+        ) from None
     return packed[0]
 
 
@@ -72,10 +70,10 @@ class FaceXArcFace(Head):
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cosine, labels = prepare_logits(cosine, labels)
         cosine = cosine.clamp(-1.0, 1.0)
-        rows, cols = positive_index(labels)
-        target = cosine[rows, cols]
+        mine, cols = target_columns(labels)
+        target = gather_target(cosine, cols)
         target = torch.where(target > self.threshold, _cos_theta_plus(target, self.m_arc), target - self.m_am)
-        return replace_target(cosine * self.s, rows, cols, target * self.s)
+        return scatter_target(cosine * self.s, mine, cols, target * self.s)
 
 
 @register_head("adacos")
@@ -97,8 +95,8 @@ class AdaCos(Head):
             theta_med = torch.median(torch.acos(target.clamp(-1.0 + 1e-7, 1.0 - 1e-7)))
             # log of the sum of exp over every negative of every rank, stably: global max first.
             scaled = cosine * self.scale
-            rows, cols = positive_index(labels)
-            scaled[rows, cols] = -math.inf
+            mine, cols = target_columns(labels)
+            scatter_target(scaled, mine, cols, -math.inf)
             peak = scaled.amax().reshape(1) if scaled.numel() else scaled.new_full((1,), -math.inf)
             distributed.all_reduce_(peak, "max")
             total = torch.exp(scaled - peak).sum().reshape(1)
@@ -140,13 +138,14 @@ class AdaMSoftmax(Head):
             )
         with torch.no_grad():
             self.margins.clamp_(0.0, 1.0)
-        rows, cols = positive_index(labels)
-        classes = cols if class_index is None else class_index[cols]
+        mine, cols = target_columns(labels)
         cosine = cosine.clamp(-1.0, 1.0)
-        target = cosine[rows, cols] - self.margins[classes]
+        target = gather_target(cosine, cols)
+        if cosine.shape[1] > 0:  # else no row is this shard's and there is no margin to index
+            target = target - self.margins[cols if class_index is None else class_index[cols]]
         total = _all_reduce_sum_with_grad(self.margins.sum().reshape(1))[0]
         extra = self.lamda * (1.0 - total / self.num_classes)
-        return replace_target(cosine * self.s, rows, cols, target * self.s), extra
+        return scatter_target(cosine * self.s, mine, cols, target * self.s), extra
 
 
 @register_head("circleloss")
@@ -162,10 +161,10 @@ class CircleLoss(Head):
         cosine, labels = prepare_logits(cosine, labels)
         cosine = cosine.clamp(-1.0, 1.0)
         logits = torch.clamp_min(cosine.detach() + self.m, 0.0) * (cosine - self.m) * self.gamma
-        rows, cols = positive_index(labels)
-        target = cosine[rows, cols]
+        mine, cols = target_columns(labels)
+        target = gather_target(cosine, cols)
         alpha_p = torch.clamp_min(1.0 + self.m - target.detach(), 0.0)
-        return replace_target(logits, rows, cols, alpha_p * (target - (1.0 - self.m)) * self.gamma)
+        return scatter_target(logits, mine, cols, alpha_p * (target - (1.0 - self.m)) * self.gamma)
 
 
 @register_head("curricularface")
@@ -189,8 +188,8 @@ class CurricularFace(Head):
             self.t.mul_(1.0 - self.momentum).add_(self.momentum * target_all.mean())
             hard = cosine > _cos_theta_plus(target_all, self.m).unsqueeze(1)
         logits = torch.where(hard, cosine * (self.t + cosine), cosine) * self.s
-        rows, cols = positive_index(labels)
-        return replace_target(logits, rows, cols, self.arc.target_logit(cosine[rows, cols]) * self.s)
+        mine, cols = target_columns(labels)
+        return scatter_target(logits, mine, cols, self.arc.target_logit(gather_target(cosine, cols)) * self.s)
 
 
 @register_head("mv_softmax")
@@ -212,13 +211,13 @@ class MVSoftmax(Head):
             bar = target_all - self.m if self.is_am else _cos_theta_plus(target_all, self.m)
             misclassified = cosine > bar.unsqueeze(1)
         logits = torch.where(misclassified, self.t * cosine + (self.t - 1.0), cosine) * self.s
-        rows, cols = positive_index(labels)
-        target = cosine[rows, cols]
+        mine, cols = target_columns(labels)
+        target = gather_target(cosine, cols)
         if self.is_am:
             target = torch.where(target > self.m, target - self.m, target)
         else:
             target = self.arc.target_logit(target)
-        return replace_target(logits, rows, cols, target * self.s)
+        return scatter_target(logits, mine, cols, target * self.s)
 
 
 @register_head("npcface")
@@ -235,18 +234,17 @@ class NPCFace(Head):
     def forward(self, cosine: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cosine, labels = prepare_logits(cosine, labels)
         cosine = cosine.clamp(-1.0, 1.0)
-        rows, cols = positive_index(labels)
+        mine, cols = target_columns(labels)
         target_all = _global_target_cosine(cosine, labels)
         with torch.no_grad():
-            hard = cosine > _cos_theta_plus(target_all, self.m).unsqueeze(1)
-            hard[rows, cols] = False
+            hard = scatter_target(cosine > _cos_theta_plus(target_all, self.m).unsqueeze(1), mine, cols, False)
             stats = torch.stack([(cosine * hard).sum(1), hard.to(cosine.dtype).sum(1)])
             distributed.all_reduce_(stats, "sum")
             new_margin = self.m0 + self.m1 * stats[0] / stats[1].clamp_min(1.0)
         logits = torch.where(hard, self.t * cosine + self.a, cosine) * self.s
-        target = cosine[rows, cols]
-        target = torch.where(target > 0, _cos_theta_plus(target, new_margin[rows]), target)
-        return replace_target(logits, rows, cols, target * self.s)
+        target = gather_target(cosine, cols)
+        target = torch.where(target > 0, _cos_theta_plus(target, new_margin), target)
+        return scatter_target(logits, mine, cols, target * self.s)
 
 
 @register_head("magface")
@@ -276,12 +274,12 @@ class MagFace(Head):
         a = at_least_fp32(norms.reshape(-1)).clamp(self.l_a, self.u_a)
         extra = self.lamda * (a / self.u_a ** 2 + 1.0 / a).mean()
         cosine = cosine.clamp(-1.0, 1.0)
-        rows, cols = positive_index(labels)
-        margin = self.margin(a[rows])
-        target = cosine[rows, cols]
+        mine, cols = target_columns(labels)
+        margin = self.margin(a)
+        target = gather_target(cosine, cols)
         target = torch.where(target > torch.cos(math.pi - margin), _cos_theta_plus(target, margin),
                              target - self.m_am)
-        return replace_target(cosine * self.s, rows, cols, target * self.s), extra
+        return scatter_target(cosine * self.s, mine, cols, target * self.s), extra
 
 
 @register_head("adaface")
@@ -311,8 +309,7 @@ class AdaFace(Head):
                 self.batch_std.mul_(1.0 - self.t_alpha).add_(self.t_alpha * safe.std())
         z = ((safe - self.batch_mean) / (self.batch_std + self.eps) * self.h).clamp(-1.0, 1.0)
         cosine = cosine.clamp(-1.0 + self.eps, 1.0 - self.eps)
-        rows, cols = positive_index(labels)
-        zr = z[rows]
-        theta = torch.acos(cosine[rows, cols])
-        target = torch.cos((theta - self.m * zr).clamp(self.eps, math.pi - self.eps)) - (self.m + self.m * zr)
-        return replace_target(cosine * self.s, rows, cols, target * self.s)
+        mine, cols = target_columns(labels)
+        theta = torch.acos(gather_target(cosine, cols))
+        target = torch.cos((theta - self.m * z).clamp(self.eps, math.pi - self.eps)) - (self.m + self.m * z)
+        return scatter_target(cosine * self.s, mine, cols, target * self.s)

@@ -87,21 +87,27 @@ class EPLHead(Head):
 
     @torch.no_grad()
     def update_means(self, embeddings: torch.Tensor, local_labels: torch.Tensor) -> None:
-        """EMA of each local class's mean normalised embedding over the gathered batch."""
-        rows = torch.nonzero(local_labels != -1, as_tuple=True)[0]
-        if rows.numel() == 0:
-            return
-        classes = local_labels[rows]
-        feats = F.normalize(embeddings.detach()[rows].to(self.class_mean.dtype), dim=1)
+        """EMA of each local class's mean normalised embedding over the gathered batch.
+
+        Without a host sync (issue I item 10): every row takes part, weighted by whether its class is in
+        this shard, and only the batch's classes are written. A row of another shard points at the class
+        of this shard's first row, so that every write to a class row carries the same value."""
+        mine = local_labels != -1
+        first = local_labels.index_select(0, torch.argmax(mine.to(torch.uint8)).reshape(1))  # -1 if none
+        classes = torch.where(mine, local_labels, first).clamp_min(0)
+        weight = mine.to(self.class_mean.dtype)
+        feats = F.normalize(embeddings.detach().to(self.class_mean.dtype), dim=1) * weight[:, None]
         sums = torch.zeros_like(self.class_mean).index_add_(0, classes, feats)
         counts = torch.zeros(self.class_mean.shape[0], dtype=sums.dtype, device=sums.device)
-        counts.index_add_(0, classes, torch.ones_like(classes, dtype=sums.dtype))
-        present = counts > 0
-        batch_mean = sums[present] / counts[present, None]
+        counts.index_add_(0, classes, weight)
+        present = counts[classes] > 0  # every row unless no row is this shard's
+        batch_mean = sums[classes] / counts[classes].clamp_min(1.0)[:, None]
+        old = self.class_mean[classes]
         # A class seen for the first time starts at its batch mean rather than decaying from zero.
-        keep = torch.where(self.class_seen[present], self.momentum, 0.0).to(sums.dtype)[:, None]
-        self.class_mean[present] = keep * self.class_mean[present] + (1.0 - keep) * batch_mean
-        self.class_seen |= present
+        keep = torch.where(self.class_seen[classes], self.momentum, 0.0).to(sums.dtype)[:, None]
+        new = torch.where(present[:, None], keep * old + (1.0 - keep) * batch_mean, old)
+        self.class_mean.index_put_((classes,), new)
+        self.class_seen.index_put_((classes,), present | self.class_seen[classes])
 
 
 class LVFacePartialFC(PartialFC):
