@@ -11,9 +11,11 @@ identities:
         --config trainer/configs/crossscan_r50.py --data DATA verbose=STEPS_PER_EPOCH
     python -m trainer.eval --checkpoint runs/crossscan_r50/model.pt --data DATA --holdout --closed-set
 
-Where this differs from the report: the classifier is Partial FC's cosine classifier without a margin
-(margin_list (1, 0, 0), scale 32: normalised softmax cross-entropy, every class weighted 1) rather than a
-biased linear layer; inputs are 112x112 in [-1, 1] (the report: 224x224 with ImageNet's mean and std, which
+The classifier is the report's: a linear layer with bias, W x + b on the raw embedding (`loss="linear"`,
+trainer/heads/linear.py; Partial FC holds W, sharded by rows, with sample_rate 1), trained by softmax
+cross-entropy with every class weighted 1, as the report sets nn.CrossEntropyLoss's weights
+(`class_weighted_ce=True` weights them by inverse class frequency instead). Where this differs from the
+report: inputs are 112x112 in [-1, 1] (the report: 224x224 with ImageNet's mean and std, which
 `input_norm="imagenet"` of trainer/backbones/input_norm.py gives a backbone that takes that argument;
 crossscan_r50 does not yet); the validation split is `--holdout K` images per identity (stratified by
 identity, by count rather than by fraction), and early stopping watches their pair verification accuracy
@@ -24,8 +26,8 @@ from trainer.config import Config
 config = Config()
 config.network = "crossscan_r50"
 config.embedding_size = 512
-config.margin_list = (1.0, 0.0, 0.0)
-config.scale = 32.0
+config.loss = "linear"
+config.class_weighted_ce = False  # the report's weights are all 1
 config.optimizer = "adamw"
 config.lr = 2e-4
 config.weight_decay = 1e-4
