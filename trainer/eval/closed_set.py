@@ -48,6 +48,24 @@ def closed_set_accuracy(embeddings: np.ndarray, identity: np.ndarray, weight: np
             "classes": int(len(classes))}
 
 
+def embedded_closed_set_accuracy(model: torch.nn.Module, weight: np.ndarray, bias: Optional[np.ndarray],
+                                 data_dir: str, device: torch.device, batch_size: int, holdout: bool = False,
+                                 val: bool = False, flip: bool = True, workers: int = 2,
+                                 progress: bool = False) -> dict:
+    """`closed_set_accuracy` of `model`'s embeddings of a packed set's records (masked copies left out):
+    its training shards, or with `holdout` / `val` its held-out / validation shards."""
+    from trainer.eval.packed import embed_packed
+
+    emb, info = embed_packed(model, data_dir, device, batch_size, flip, holdout, workers, progress, val=val,
+                             normalize=False)
+    if flip:
+        emb = emb / 2  # the sum of the two views: their mean is on the scale a linear classifier knows
+    if emb.shape[1] != weight.shape[1]:
+        raise EvalError(f"the model gives {emb.shape[1]}-d embeddings, the classifier has {weight.shape[1]}-d rows")
+    keep = ~info.masked
+    return {"skipped_records": info.skipped, **closed_set_accuracy(emb[keep], info.identity[keep], weight, bias)}
+
+
 def load_classifier(model_path: str, classifier: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The class rows [C, D] of a run's Partial FC and the linear head's bias [C] (None for another head);
     the module docstring says where they are looked for."""
@@ -70,7 +88,6 @@ def load_classifier(model_path: str, classifier: Optional[str] = None) -> tuple[
 
 def run_closed_set(args: argparse.Namespace) -> list[dict]:
     """`python -m trainer.eval --closed-set`: one result per checkpoint, printed as a JSON line."""
-    from trainer.eval.packed import embed_packed
     from trainer.model_io.load import load_backbone
 
     packed_set_only(args, "--closed-set", "a packed set of the training data's identities")
@@ -79,23 +96,19 @@ def run_closed_set(args: argparse.Namespace) -> list[dict]:
     for path in args.checkpoint:
         weight, bias = load_classifier(path, args.classifier)
         model = load_backbone(path, device, network=args.network)
-        emb, info = embed_packed(model, args.data, device, args.batch_size, not args.no_flip, args.holdout,
-                                 args.workers, not args.no_progress)
-        keep = ~info.masked
-        if bias is not None and not args.no_flip:
-            emb = emb / 2  # the sum of the two views: their mean is on the scale the classifier was trained on
-        if emb.shape[1] != weight.shape[1]:
-            raise EvalError(f"{path} gives {emb.shape[1]}-d embeddings, its classifier has "
-                            f"{weight.shape[1]}-d rows")
+        try:
+            scores = embedded_closed_set_accuracy(model, weight, bias, args.data, device, args.batch_size,
+                                                  args.holdout, flip=not args.no_flip, workers=args.workers,
+                                                  progress=not args.no_progress)
+        except EvalError as e:
+            raise EvalError(f"{path}: {e}") from None
         result = json_safe({"checkpoint": path, "network": model.network, "data": args.data,
-                            "holdout": bool(args.holdout), "flip": not args.no_flip,
-                            "skipped_records": info.skipped,
-                            **closed_set_accuracy(emb[keep], info.identity[keep], weight, bias)})
-        results.append(result)
+                            "holdout": bool(args.holdout), "flip": not args.no_flip, **scores})
         print(json.dumps(result), flush=True)
+        results.append(result)
     if args.output:
         atomic_write_json(Path(args.output), {"results": results})
     return results
 
 
-__all__ = ["closed_set_accuracy", "load_classifier", "run_closed_set"]
+__all__ = ["closed_set_accuracy", "embedded_closed_set_accuracy", "load_classifier", "run_closed_set"]
