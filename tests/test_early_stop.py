@@ -1,6 +1,8 @@
 """trainer/early_stop.py: the run stops after `early_stop_patience` evaluations without a better accuracy."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from trainer import checkpoint as ckpt
 from trainer import main as trainer_main
 from trainer.config import ConfigError, load_config
 from trainer.early_stop import EarlyStopping, build_early_stopping
+from trainer.eval import __main__ as eval_cli
 
 
 def test_patience_counts_evaluations_without_a_better_mean_accuracy():
@@ -67,13 +70,18 @@ def _closed_set_run(glint24, tmp_path, *overrides):
     return code, out
 
 
-def test_closed_set_stopping_evaluates_the_val_shards(glint24, tmp_path):
+def test_closed_set_stopping_evaluates_the_val_shards(glint24, tmp_path, capsys):
     code, out = _closed_set_run(glint24, tmp_path, "max_steps=3", "early_stop_patience=5")
     assert code == 0
     log = (out / "training.log").read_text()
     # steps 1 and 2 are evaluated (the last step is not: the run ends there); 2 val images per identity
     assert log.count("validation split: closed-set acc=") == 2 and "6 images)" in log
     assert "early stop" not in log
+    # the same split from the command line, with the run's linear classifier (its bias included)
+    assert eval_cli.main(["--checkpoint", str(out / ckpt.MODEL_FILE), "--data", str(tmp_path / "data"), "--val",
+                          "--closed-set", "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (res["val"], res["n"], res["classes"]) == (True, 6, 3) and 0.0 <= res["acc"] <= 1.0
 
 
 def test_closed_set_stopping_keeps_the_best_weights(glint24, tmp_path, monkeypatch):

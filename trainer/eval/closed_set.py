@@ -7,6 +7,8 @@ embedding instead (with the flip test, x is the mean of the two views' embedding
 
     python -m trainer.eval --checkpoint runs/x/model.pt --data DATA --holdout --closed-set [--classifier C]
 
+(`--val` instead of `--holdout`: the validation split of `pack --val-split`, what early stopping watched.)
+
 The classifier is the run's Partial FC (`fc_full.pt`): of `--classifier` (the file, a checkpoint folder or a
 run folder), else of the last checkpoint of the run folder model.pt is in. Reported: "acc" over the
 records, and "balanced_acc", the mean of the per-class accuracies (what a class-weighted loss aims at).
@@ -91,6 +93,8 @@ def run_closed_set(args: argparse.Namespace) -> list[dict]:
     from trainer.model_io.load import load_backbone
 
     packed_set_only(args, "--closed-set", "a packed set of the training data's identities")
+    if args.holdout and args.val:
+        raise EvalError("--closed-set reads the --holdout or the --val shards, not both")
     device = resolve_device(args.device)
     results = []
     for path in args.checkpoint:
@@ -98,12 +102,14 @@ def run_closed_set(args: argparse.Namespace) -> list[dict]:
         model = load_backbone(path, device, network=args.network)
         try:
             scores = embedded_closed_set_accuracy(model, weight, bias, args.data, device, args.batch_size,
-                                                  args.holdout, flip=not args.no_flip, workers=args.workers,
+                                                  args.holdout, val=args.val, flip=not args.no_flip,
+                                                  workers=args.workers,
                                                   progress=not args.no_progress)
         except EvalError as e:
             raise EvalError(f"{path}: {e}") from None
         result = json_safe({"checkpoint": path, "network": model.network, "data": args.data,
-                            "holdout": bool(args.holdout), "flip": not args.no_flip, **scores})
+                            "holdout": bool(args.holdout), "val": bool(args.val), "flip": not args.no_flip,
+                            **scores})
         print(json.dumps(result), flush=True)
         results.append(result)
     if args.output:
