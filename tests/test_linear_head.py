@@ -102,3 +102,11 @@ def test_a_class_weighted_linear_run(glint24, tmp_path):
     assert [r["step"] for r in train_records(out)] == [1, 2, 3]
     weight, bias = load_classifier(str(out / "model.pt"))
     assert weight.shape[0] == 3 and bias is not None and bias.shape == (3,) and np.any(bias != 0)
+    # a resume puts the bias (a per-class head state) back: with lr 0 the next step leaves it as saved
+    assert trainer_main.main(["--config", "cpu_demo", "--data", str(data), "--output", str(out),
+                              "--allow-config-change", "batch_size=4", "max_steps=4", "frequent=1", "loss=linear",
+                              "class_weighted_ce=true", "progress_bar=false", "tensorboard=false",
+                              "num_threads=0", "val_targets=[]", "lr=0"]) == 0
+    assert "resumed from" in (out / "training.log").read_text()
+    _, resumed_bias = load_classifier(str(out / "model.pt"))
+    assert np.array_equal(resumed_bias, bias)

@@ -110,6 +110,9 @@ def build_early_stopping(cfg) -> Optional[EarlyStopping]:
     if cfg.early_stop_metric == "closed_set":
         from pipeline.manifest import load_manifest
 
+        if cfg.mode == "sst":
+            raise ConfigError("early_stop_metric 'closed_set' scores the run's classifier: mode 'sst' has none")
+
         if not load_manifest(cfg.data).get("val", {}).get("shards"):
             raise ConfigError(f"early_stop_metric 'closed_set' evaluates the validation split: {cfg.data} has "
                               f"none; pack it with `python -m pipeline pack ... --val-split 0.1`")
