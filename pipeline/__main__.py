@@ -40,6 +40,16 @@ def _quality(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text!r}")
+    return value
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad arguments get one line (the usage is one `--help` away), as every error of these commands."""
 
@@ -84,6 +94,10 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
                    help="keep K images per identity out of training for verification pairs")
     p.add_argument("--holdout-pairs", type=int_at_least(0), default=0, metavar="N",
                    help="cap the number of pairs (0: no cap)")
+    p.add_argument("--val-split", type=_share, default=0.0, metavar="F",
+                   help="keep this share of each identity's images (after --holdout; at least 1 where it has "
+                        "2 or more, never its last) out of training, in \"val\" shards: a stratified "
+                        "validation split (e.g. 0.1)")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "stretch", "pad"],
                    help="how a non-square image meets --size: centre crop, stretch, or pad with black")
     p.add_argument("--attributes", metavar="FILE", help="per-image binary attributes to store in the label "
@@ -117,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pipeline")
                 shard_size_mb=args.shard_size, seed=args.seed, workers=args.workers, strict=args.strict,
                 align=args.align, label_regex=args.label_regex, list_root=args.list_root,
                 merge_classes=args.merge_classes, keep_labels=args.keep_labels, holdout=args.holdout,
-                holdout_pairs=args.holdout_pairs, resize_mode=args.resize_mode, overwrite=args.overwrite,
+                holdout_pairs=args.holdout_pairs, val_split=args.val_split, resize_mode=args.resize_mode, overwrite=args.overwrite,
                 attributes=args.attributes, part=args.part,
                 progress=not args.no_progress)
             m = pack(opts)

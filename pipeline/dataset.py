@@ -26,7 +26,8 @@ from .recordio import RecordIO, RecordIOError, unpack_record
 class PackedDataset(Dataset):
     """Records of a packed dataset by global index (manifest shard order, then index order).
 
-    `kinds` picks the shards ("train", "masked", ...); `holdout=True` reads the held-out images instead.
+    `kinds` picks the shards ("train", "masked", ...); `holdout=True` reads the held-out images instead,
+    `val=True` the validation split's (`pack --val-split`).
     Items are `(image, identity)`; with `return_label_vector`, `(image, identity, label_vector)`.
     `image` is float32 CHW normalised to [-1, 1]; with `raw=True` uint8 HWC RGB without augmentation;
     with `uint8_chw=True` augmented uint8 CHW (the train loader normalises whole batches).
@@ -34,13 +35,17 @@ class PackedDataset(Dataset):
 
     def __init__(self, data_dir: str | os.PathLike, augment: Optional[AugmentConfig | dict] = None,
                  kinds: tuple[str, ...] = ("train", "masked"), holdout: bool = False, raw: bool = False,
-                 return_label_vector: bool = False, seed: int = 0, uint8_chw: bool = False) -> None:
+                 return_label_vector: bool = False, seed: int = 0, uint8_chw: bool = False,
+                 val: bool = False) -> None:
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         self.label_fields = list(self.manifest["label_fields"])
         self.num_classes = int(self.manifest["num_classes"])
         self.rules = RecordRules.from_manifest(self.manifest)
-        shards = self.manifest.get("holdout", {}).get("shards", []) if holdout else [
+        if holdout and val:
+            raise ValueError("PackedDataset reads the holdout or the val shards, not both")
+        split = "holdout" if holdout else "val" if val else None
+        shards = self.manifest.get(split, {}).get("shards", []) if split else [
             s for s in self.manifest["shards"] if s["kind"] in kinds]
         self.shards = shards
         self.augment = AugmentConfig.from_dict(augment) if augment is not None else AugmentConfig.none()

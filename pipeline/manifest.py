@@ -95,13 +95,15 @@ def validate_manifest(manifest, path: str | os.PathLike = MANIFEST) -> None:
     total = _check_shards(manifest["shards"], "shards", TRAIN_KINDS, names, fail)
     if total != manifest["num_images"]:
         fail(f"num_images is {manifest['num_images']} but the shards' counts sum to {total}")
-    if "holdout" in manifest:
-        holdout = manifest["holdout"]
-        if not isinstance(holdout, dict):
-            fail("holdout is not an object")
-        held = _check_shards(holdout.get("shards"), "holdout.shards", (HOLDOUT_KIND,), names, fail)
-        if holdout.get("num_images", held) != held:
-            fail(f"holdout.num_images is {holdout['num_images']!r} but its shards' counts sum to {held}")
+    for split, kind in (("holdout", HOLDOUT_KIND), ("val", VAL_KIND)):
+        if split not in manifest:
+            continue
+        part = manifest[split]
+        if not isinstance(part, dict):
+            fail(f"{split} is not an object")
+        held = _check_shards(part.get("shards"), f"{split}.shards", (kind,), names, fail)
+        if part.get("num_images", held) != held:
+            fail(f"{split}.num_images is {part['num_images']!r} but its shards' counts sum to {held}")
     if "next_id" in manifest:
         _int_field(manifest, "next_id", 0, fail)
     skipped = manifest.get("skipped")
@@ -113,9 +115,11 @@ def validate_manifest(manifest, path: str | os.PathLike = MANIFEST) -> None:
             fail(f"skipped.file {skipped['file']!r} is not a file name in the dataset folder")
 
 
-# Shard kinds: what the readers pick by ("train" and maskgen's "masked"); held-out shards are "holdout".
+# Shard kinds: what the readers pick by ("train" and maskgen's "masked"); held-out shards are "holdout",
+# the validation split's (`pack --val-split`) "val": both listed apart from `shards`, never trained on.
 TRAIN_KINDS = ("train", "masked")
 HOLDOUT_KIND = "holdout"
+VAL_KIND = "val"
 _HEX = frozenset("0123456789abcdef")
 
 

@@ -5,7 +5,8 @@ checks that every part finished the same plan, drops the images that repeat the 
 earlier part (a part sees only its own duplicates; the first in write order is kept, as in one process),
 rewriting only the shards that hold such an image, and writes `classes.tsv`, `skipped.tsv`, the holdout
 pairs and, last, `manifest.json` (docs/design.md section 1). The manifest lists the shards in write
-order: the parts' holdout shards, then their training shards, part by part.
+order: the parts' holdout shards, then their validation shards (`--val-split`), then their training
+shards, part by part.
 
 The merge does not hold the parts' plan: it enumerates the sources again with the options the parts
 recorded (`.pack-state/plan.json`) and refuses when the fingerprint differs (the sources changed).
@@ -32,6 +33,7 @@ from .pack import (
     PLAN,
     SKIPPED,
     STATE_DIR,
+    STREAMS,
     PackError,
     PackOptions,
     Plan,
@@ -88,6 +90,7 @@ def merge(out: Path, progress: bool = True, plan: Optional[Plan] = None,
     shards, replaced = _final_shards(out, journals, dups, plan, progress)
     train = [e for e in shards if e["kind"] == "train"]
     holdout = [e for e in shards if e["kind"] == "holdout"]
+    val = [e for e in shards if e["kind"] == "val"]
     skipped = {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("skipped:")}
     conversions = {k: v for k, v in counters.items() if ":" not in k}
 
@@ -119,7 +122,7 @@ def merge(out: Path, progress: bool = True, plan: Optional[Plan] = None,
         "num_classes": plan.num_classes,
         "label_fields": identity_label_fields(plan.num_classes) + plan.attribute_fields,
         "shards": train,
-        "next_id": plan.num_train + plan.num_holdout,
+        "next_id": plan.num_train + plan.num_holdout + plan.num_val,
         "classes_file": CLASSES,
         "sources": plan.sources,
         "seed": opts.seed,
@@ -138,6 +141,8 @@ def merge(out: Path, progress: bool = True, plan: Optional[Plan] = None,
         pairs = _write_holdout_pairs(out, holdout, opts)
         manifest["holdout"] = {"shards": holdout, "num_images": sum(e["count"] for e in holdout),
                                "pairs": HOLDOUT_PAIRS, "num_pairs": pairs}
+    if val:
+        manifest["val"] = {"shards": val, "num_images": sum(e["count"] for e in val), "share": opts.val_split}
     atomic_write_json(out / MANIFEST, manifest)
     for name in replaced:
         try:
@@ -198,8 +203,7 @@ def _final_shards(out: Path, journals: list[dict], dups: dict, plan: Plan,
             if writer.pending:
                 shards.append(writer.finish(entry["kind"]))
             replaced += [entry["rec"], entry["idx"]]
-    holdout = [e for e in shards if e["kind"] == "holdout"]
-    return holdout + [e for e in shards if e["kind"] == "train"], replaced
+    return [e for kind in STREAMS for e in shards if e["kind"] == kind], replaced
 
 
 def _write_holdout_pairs(out: Path, shards: list[dict], opts: PackOptions) -> int:

@@ -2,10 +2,13 @@
 
 Order of work, and why:
 1. Enumerate every source (no pixels read) and give each identity a contiguous class id.
-2. Hold out `--holdout` images per identity (for verification pairs of people seen in training).
+2. Hold out `--holdout` images per identity (for verification pairs of people seen in training), then
+   `--val-split` of each identity's remaining images (a stratified validation split: at least one image
+   of an identity with two or more left, never its last one).
 3. Shuffle the rest across identities with the seed: DALI shuffles only inside a buffer and hands each
    rank a contiguous block, so the order on disk is the order that matters. Holdout images come first
-   in this write order, then the shuffled training images; each gets its record id from its position.
+   in this write order, then the validation images, then the shuffled training images; each gets its
+   record id from its position (training images 0..num_train-1, the others after them).
 4. Decode/convert/encode in worker processes, in that order; the main process writes records and cuts
    shards at `--shard-size`. The same input and seed therefore give byte-identical shards.
 5. Each finished shard is renamed into place and recorded in a journal under `.pack-state/part-K/`; an
@@ -60,8 +63,11 @@ SKIPPED = "skipped.tsv"
 CLASSES = "classes.tsv"
 HOLDOUT_PAIRS = "holdout_pairs.bin"
 # Names a pack (or maskgen) writes: a file of such a name that no journal or manifest lists is not ours.
-OUTPUT_PATTERNS = ("train-*", "holdout-*", "masked-*", "maskgen*", MANIFEST, SKIPPED, CLASSES, HOLDOUT_PAIRS)
-_PARTIAL = re.compile(r"^(?:train|holdout)-(?:p(\d{5})-)?\d{5}d?\.rec\.partial$")
+OUTPUT_PATTERNS = ("train-*", "holdout-*", "val-*", "masked-*", "maskgen*", MANIFEST, SKIPPED, CLASSES,
+                   HOLDOUT_PAIRS)
+_PARTIAL = re.compile(r"^(?:train|holdout|val)-(?:p(\d{5})-)?\d{5}d?\.rec\.partial$")
+# The streams of the write order, in that order (docs/design.md section 1: shard kinds).
+STREAMS = ("holdout", "val", "train")
 
 
 class PackError(RuntimeError):
@@ -85,6 +91,7 @@ class PackOptions:
     keep_labels: bool = False
     holdout: int = 0
     holdout_pairs: int = 0
+    val_split: float = 0.0  # share of each identity's images (after --holdout) in the "val" shards
     resize_mode: str = "crop"
     attributes: Optional[str] = None  # TSV or CelebA list_attr_celeba.txt (pipeline/attributes.py)
     overwrite: bool = False
@@ -95,6 +102,8 @@ class PackOptions:
         d = asdict(self)
         for k in ("out", "workers", "overwrite", "progress", "strict", "part"):
             d.pop(k)
+        if not self.val_split:
+            d.pop("val_split")  # a pack without a validation split keeps the fingerprint it had before it
         d["sources"] = [os.path.abspath(s) for s in self.sources]
         if self.attributes:
             d["attributes_sha256"] = hashlib.sha256(Path(self.attributes).read_bytes()).hexdigest()
@@ -165,7 +174,8 @@ def _process_chunk(tasks: list) -> list:
 @dataclass
 class Plan:
     """The write order of a pack as arrays: position p holds global item `order[p]`; the first
-    `num_holdout` positions are the holdout stream, the rest the shuffled training stream."""
+    `num_holdout` positions are the holdout stream, the next `num_val` the validation stream, the rest the
+    shuffled training stream."""
 
     listings: list[SourceListing]
     starts: np.ndarray  # global index of each listing's first item, then the total
@@ -180,6 +190,7 @@ class Plan:
     merge_classes: bool = False
     attribute_fields: list[str] = field(default_factory=list)
     attrs_of: Optional[object] = None
+    num_val: int = 0
 
     @property
     def total(self) -> int:
@@ -191,10 +202,13 @@ class Plan:
         return self.listings[s], g - int(self.starts[s]), g
 
     def stream(self, pos: int) -> str:
-        return "holdout" if pos < self.num_holdout else "train"
+        if pos < self.num_holdout:
+            return "holdout"
+        return "val" if pos < self.num_holdout + self.num_val else "train"
 
     def rec_id(self, pos: int) -> int:
-        return self.num_train + pos if pos < self.num_holdout else pos - self.num_holdout
+        held = self.num_holdout + self.num_val
+        return self.num_train + pos if pos < held else pos - held
 
     def task(self, pos: int) -> tuple:
         listing, i, g = self.item(pos)
@@ -292,21 +306,29 @@ def plan_pack(opts: PackOptions) -> Plan:
     del item_rank
 
     held = np.zeros(len(grouped), bool)
-    if opts.holdout > 0:
+    val = np.zeros(len(grouped), bool)
+    if opts.holdout > 0 or opts.val_split > 0:
         rng = np.random.default_rng([opts.seed, 0])
+        rng_val = np.random.default_rng([opts.seed, 2])
         start = 0
         for n in counts.tolist():
             k = min(opts.holdout, n - 1)
             if k > 0:
                 held[start + rng.choice(n, size=k, replace=False)] = True
+            if opts.val_split > 0:
+                free = start + np.flatnonzero(~held[start:start + n])
+                v = val_count(len(free), opts.val_split)
+                if v > 0:
+                    val[free[rng_val.choice(len(free), size=v, replace=False)]] = True
             start += n
     holdout = grouped[held]
-    train = grouped[~held]
-    del grouped, held
+    val_items = grouped[val]
+    train = grouped[~(held | val)]
+    del grouped, held, val
     perm = np.random.default_rng([opts.seed, 1]).permutation(len(train))
-    order = np.concatenate([holdout, train[perm]]).astype(np.int64)
-    num_holdout, num_train = len(holdout), len(train)
-    del holdout, train, perm
+    order = np.concatenate([holdout, val_items, train[perm]]).astype(np.int64)
+    num_holdout, num_val, num_train = len(holdout), len(val_items), len(train)
+    del holdout, val_items, train, perm
     attr_names, attrs_of = load_attributes(opts.attributes, listings) if opts.attributes else ([], None)
 
     fp = hashlib.sha256(json.dumps(opts.fingerprint_fields(), sort_keys=True).encode())
@@ -314,11 +336,18 @@ def plan_pack(opts: PackOptions) -> Plan:
         fp.update(lst.content_digest)
     fp.update(item_cid.tobytes())
     fp.update(order.tobytes())
-    fp.update(f"{num_holdout}\t{num_classes}".encode())
+    fp.update(f"{num_holdout}\t{num_classes}".encode() + (f"\t{num_val}".encode() if num_val else b""))
     return Plan(listings=listings, starts=starts, item_cid=item_cid, order=order, num_classes=num_classes,
                 num_train=num_train, num_holdout=num_holdout, class_src=class_src, class_local=class_local,
                 fingerprint=fp.hexdigest(), merge_classes=opts.merge_classes, attribute_fields=attr_names,
-                attrs_of=attrs_of)
+                attrs_of=attrs_of, num_val=num_val)
+
+
+
+def val_count(n: int, share: float) -> int:
+    """Validation images of an identity with `n` images left after the holdout: round(share * n), at least
+    1 where n >= 2, at most n - 1 (the identity keeps a training image)."""
+    return min(max(int(np.floor(share * n + 0.5)), 1 if n >= 2 else 0), n - 1) if n > 0 else 0
 
 
 # ---------------------------------------------------------------------------------------------- ownership
@@ -358,7 +387,8 @@ def _journals(out: Path) -> list[tuple[int, dict]]:
 def manifest_files(manifest: dict) -> list[str]:
     """Every file a finished dataset's manifest names (pack's and maskgen's)."""
     names = [s[k] for s in manifest.get("shards", []) for k in ("rec", "idx")]
-    names += [s[k] for s in manifest.get("holdout", {}).get("shards", []) for k in ("rec", "idx")]
+    names += [s[k] for split in ("holdout", "val") for s in manifest.get(split, {}).get("shards", [])
+              for k in ("rec", "idx")]
     names += [manifest.get("classes_file") or "", manifest.get("skipped", {}).get("file") or "",
               manifest.get("holdout", {}).get("pairs") or "", manifest.get("maskgen", {}).get("sidecar") or ""]
     return [n for n in names if n]
@@ -479,6 +509,8 @@ def _validate(opts: PackOptions) -> None:
         raise PackError(f"--shard-size must be a positive number of MB, not {opts.shard_size_mb}")
     if opts.holdout < 0 or opts.holdout_pairs < 0:
         raise PackError("--holdout and --holdout-pairs must be >= 0")
+    if not 0.0 <= opts.val_split < 1.0:
+        raise PackError(f"--val-split must be a share in [0, 1), not {opts.val_split}")
     k, n = opts.part
     if not 0 <= k < n:
         raise PackError(f"--part K/N needs 0 <= K < N, not {k}/{n}")
@@ -540,9 +572,9 @@ def run_part(opts: PackOptions, plan: Plan) -> dict:
     max_bytes = int(opts.shard_size_mb * (1 << 20))
     done_by_kind = Counter(e["kind"] for e in journal["shards"])
     writers = {kind: ShardWriter(out, shard_prefix(kind, k, n), max_bytes, done_by_kind[kind])
-               for kind in ("train", "holdout")}
+               for kind in STREAMS}
     # Per stream, the hashes of the shard being written (hi, lo, position): 24 bytes a record.
-    pending = {kind: (array("Q"), array("Q"), array("q")) for kind in ("train", "holdout")}
+    pending = {kind: (array("Q"), array("Q"), array("q")) for kind in STREAMS}
 
     def finish_shard(kind: str, next_pos: int) -> None:
         entry = writers[kind].finish(kind)

@@ -23,7 +23,7 @@ class VerifyError(RuntimeError):
 
 
 def _all_shards(manifest: dict) -> list[dict]:
-    return list(manifest["shards"]) + list(manifest.get("holdout", {}).get("shards", []))
+    return list(manifest["shards"]) + [s for split in ("holdout", "val") for s in manifest.get(split, {}).get("shards", [])]
 
 
 def verify(data_dir: str | Path, decode: bool = False, progress: bool = True) -> dict:

@@ -30,6 +30,7 @@ HEAD_CASES = [
     ("npcface", "npcface", {}),
     ("magface", "magface", {}),
     ("adaface", "adaface", dict(t_alpha=0.3)),
+    ("linear", "linear", {}),
 ]
 NUM_CLASSES, DIM, BATCH, STEPS = 11, 16, 12, 3
 

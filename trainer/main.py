@@ -400,7 +400,7 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
             if cfg.verbose > 0 and step % cfg.verbose == 0 and step < total_steps:
                 results = run_eval(step)
                 last_eval = results or last_eval
-                if stopper is not None and stopper.should_stop(results, device):
+                if stopper is not None and stopper.should_stop(results, device, final_backbone, head):
                     logger.info("step %d: early stop, no better validation accuracy in %d evaluations",
                                 step, stopper.patience)
                     break
@@ -413,6 +413,8 @@ def train(cfg: Config, resume: Optional[str] = None) -> dict:
         # 6. the last checkpoint, model.pt, the final eval
         if last_saved != step:
             save(step)
+        if stopper is not None:
+            stopper.restore_best(final_backbone)  # after the last checkpoint: model.pt is the best evaluation's
         if rank == 0:
             ckpt.save_model(output / ckpt.MODEL_FILE, final_backbone, cfg.network, network_kwargs,
                             extra={"step": step, "config": cfg.to_dict()})

@@ -66,7 +66,7 @@ _INIT_BLOCK_ROWS = 1 << 16
 
 class _DistSoftmaxCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, row_weight: Optional[torch.Tensor]) -> torch.Tensor:
         n = logits.shape[0]
         if logits.shape[1] > 0:
             row_max = logits.amax(dim=1)
@@ -85,10 +85,13 @@ class _DistSoftmaxCEFunction(torch.autograd.Function):
         denom = probs.sum(dim=1)
         all_reduce_(denom, "sum")
         probs.div_(denom[:, None])
-        ctx.save_for_backward(probs, labels)
+        # Each row's share of the loss: 1/N, or its class weight over the batch's sum of them (torch's
+        # F.cross_entropy(weight=...) with reduction "mean").
+        share = logits.new_full((n,), 1.0 / n) if row_weight is None else row_weight / row_weight.sum()
+        ctx.save_for_backward(probs, labels, share)
         ctx.used = False
         # log-sum-exp minus the target logit: stays finite where softmax(target) underflows.
-        return (denom.log() - target).mean()
+        return ((denom.log() - target) * share).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -97,13 +100,14 @@ class _DistSoftmaxCEFunction(torch.autograd.Function):
             raise RuntimeError("Partial FC's cross-entropy reuses its softmax buffer: backward "
                                "cannot run twice (retain_graph is not supported)")
         ctx.used = True
-        probs, labels = ctx.saved_tensors
-        # d(mean CE)/d logit = (softmax - onehot) / N, built in the saved buffer to spare a [N, C] copy.
+        probs, labels, share = ctx.saved_tensors
+        # d(CE)/d logit = (softmax - onehot) * the row's share, built in the saved buffer to spare a
+        # [N, C] copy.
         grad = probs
         if grad.shape[1] > 0:
             grad.scatter_add_(1, labels.clamp_min(0)[:, None], -(labels != -1).to(grad.dtype)[:, None])
-        grad.mul_(grad_loss / probs.shape[0])
-        return grad, None
+        grad.mul_((share * grad_loss)[:, None])
+        return grad, None, None
 
 
 def cosine_matmul_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -191,11 +195,17 @@ class DistSoftmaxCrossEntropy(nn.Module):
     """Mean softmax cross-entropy over classes sharded by columns across ranks.
 
     `logits` [N, C_local] are this rank's columns for the whole (gathered) batch, `labels` [N] the
-    local column of each row's class or -1. Computed in fp32; returns the same scalar on every rank.
+    local column of each row's class or -1, `row_weight` [N] (optional, the same on every rank) each
+    row's class weight: the mean is then weighted, sum(w_i * CE_i) / sum(w_i), as torch's
+    F.cross_entropy(weight=...). Computed in fp32; returns the same scalar on every rank.
     """
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _DistSoftmaxCEFunction.apply(at_least_fp32(logits), labels.reshape(-1).long())
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logits = at_least_fp32(logits)
+        if row_weight is not None:
+            row_weight = row_weight.reshape(-1).to(logits.dtype)
+        return _DistSoftmaxCEFunction.apply(logits, labels.reshape(-1).long(), row_weight)
 
 
 class PartialFC(nn.Module):
@@ -218,6 +228,13 @@ class PartialFC(nn.Module):
     use the known sizes, so no batch size is read back to the host (after the first forward, which checks
     them); an unequal batch later fails an on-device check. False: ranks may hold different numbers of rows (one more small collective and a
     host sync per forward).
+
+    `class_weight` ([num_classes], optional): the cross-entropy weighted by the class of each row, as
+    torch's F.cross_entropy(weight=...) (trainer/class_weights.py: inverse class frequencies). Every rank
+    holds the whole vector (4 bytes a class): the gathered labels index it directly.
+
+    A head with `needs_raw_logits` (trainer/heads/linear.py) is given `x @ W.T` of the raw embeddings
+    and rows instead of their cosines; it needs `sample_rate == 1`.
     """
 
     def __init__(
@@ -231,6 +248,7 @@ class PartialFC(nn.Module):
         seed: int = 0,
         init_std: float = 0.01,
         equal_batches: bool = True,
+        class_weight: Optional[torch.Tensor] = None,
     ):
         super().__init__()
         if not callable(margin_loss):
@@ -240,6 +258,16 @@ class PartialFC(nn.Module):
                              f"{embedding_size} and {num_classes}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.raw_logits = bool(getattr(margin_loss, "needs_raw_logits", False))
+        if self.raw_logits and sample_rate < 1.0:
+            raise ValueError(f"a head on raw logits ({type(margin_loss).__name__}) needs sample_rate 1, got "
+                             f"{sample_rate}: its per-class bias would be stepped on unsampled rows")
+        if class_weight is not None:
+            class_weight = torch.as_tensor(class_weight, dtype=torch.float32).reshape(-1)
+            if class_weight.shape[0] != num_classes or not bool(torch.isfinite(class_weight).all()) \
+                    or bool((class_weight < 0).any()):
+                raise ValueError(f"class_weight must be {num_classes} finite values >= 0, got "
+                                 f"{tuple(class_weight.shape)}")
         self.margin_loss = margin_loss
         self.embedding_size = int(embedding_size)
         self.num_classes = int(num_classes)
@@ -254,6 +282,8 @@ class PartialFC(nn.Module):
         self._fresh_grad_indices: Optional[int] = None
         self.weight.register_post_accumulate_grad_hook(self._keep_coalesced)
         self.cross_entropy = DistSoftmaxCrossEntropy()
+        # Not in state_dict: rebuilt from the data by whoever builds the classifier.
+        self.register_buffer("class_weight", class_weight, persistent=False)
         # Rows of `weight` used by the last training step (all of them when not sampling).
         self.sampled_index: Optional[torch.Tensor] = None
         self._generator: Optional[torch.Generator] = None
@@ -299,7 +329,7 @@ class PartialFC(nn.Module):
             index, weight = None, self.weight
         self.sampled_index = index
 
-        cosine = self.cosine(embeddings, weight)
+        cosine = self.linear(embeddings, weight) if self.raw_logits else self.cosine(embeddings, weight)
         device_type = cosine.device.type
         with torch.autocast(device_type=device_type, enabled=False):
             kw = {}
@@ -311,7 +341,8 @@ class PartialFC(nn.Module):
             extra = None
             if isinstance(out, tuple):
                 out, extra = out
-            loss = self.cross_entropy(out, local_labels)
+            row_weight = self.class_weight[labels] if self.class_weight is not None else None
+            loss = self.cross_entropy(out, local_labels, row_weight)
             if extra is not None:
                 w = self.world_size
                 loss = loss + extra / w + (extra * (w - 1) / w).detach()
@@ -375,6 +406,17 @@ class PartialFC(nn.Module):
         matmul_dtype = cosine_matmul_dtype(device_type)
         with torch.autocast(device_type=device_type, enabled=False):
             return _NormalizedLinear.apply(e, at_least_fp32(weight), matmul_dtype)
+
+    def linear(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ W.T of the raw embeddings and rows (a linear classifier's logits, before its bias), fp32
+        (fp64 for fp64 inputs), with the matmul in the dtype `cosine` uses."""
+        device_type = embeddings.device.type
+        matmul_dtype = cosine_matmul_dtype(device_type)
+        e, w = at_least_fp32(embeddings), at_least_fp32(weight)
+        with torch.autocast(device_type=device_type, enabled=False):
+            if matmul_dtype is not None:
+                e, w = e.to(matmul_dtype), w.to(matmul_dtype)
+            return at_least_fp32(F.linear(e, w))
 
     def sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows to use this step (sorted) and the labels renumbered into them.

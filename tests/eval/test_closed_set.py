@@ -59,8 +59,9 @@ def test_crossscan_recipe_config():
     check_config(cfg)
     assert (cfg.network, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lr_schedule, cfg.min_lr, cfg.num_epoch,
             cfg.batch_size) == ("crossscan_r50", "adamw", 2e-4, 1e-4, "cosine", 1e-6, 60, 32)
-    assert tuple(cfg.margin_list) == (1.0, 0.0, 0.0)  # plain (normalised) softmax cross-entropy
-    assert cfg.early_stop_patience == 20 and cfg.val_targets == ["holdout_pairs"]
+    # a linear classifier W x + b, cross-entropy with every class weighted 1
+    assert (cfg.loss, cfg.class_weighted_ce, cfg.sample_rate) == ("linear", False, 1.0)
+    assert (cfg.early_stop_patience, cfg.early_stop_metric) == (20, "closed_set")
     from pipeline.augment import AugmentConfig
 
     assert AugmentConfig.from_dict(cfg.augment).crop_area == 0.8

@@ -98,8 +98,11 @@ config.val_targets = []
 config.val_align = False
 config.verbose = 2000
 config.val_batch_size = 64
-# > 0: stop when that many evaluations in a row have not raised the mean val accuracy (trainer/early_stop.py)
+# > 0: stop when that many evaluations in a row have not raised the validation accuracy; model.pt is then
+# the best evaluation's weights (trainer/early_stop.py). The metric: "val_targets" (mean pair verification
+# accuracy) or "closed_set" (top-1 accuracy of the run's classifier on `pack --val-split`'s val shards)
 config.early_stop_patience = 0
+config.early_stop_metric = "val_targets"
 
 # Checkpoints in OUTPUT/checkpoints/step_XXXXXXXX/, atomically; 0 = at the end of every epoch only
 config.save_every = 0

@@ -89,6 +89,8 @@ def build_parser(prog: str = "python -m trainer.eval") -> argparse.ArgumentParse
     ap.add_argument("--name", help="the set's name in results and tables (default: the file's stem, or for "
                                    "pairs.txt its folder's name; --data: the folder's name)")
     ap.add_argument("--holdout", action="store_true", help="--data: use the held-out shards of the pack")
+    ap.add_argument("--val", action="store_true", help="--closed-set: use the validation shards of the pack "
+                                                       "(pack --val-split)")
     ap.add_argument("--masked-probe", action="store_true",
                     help="masked probes against the unmasked gallery: with --data, maskgen's masked copies "
                          "(per mask type); with --pairs, the first image of each pair is masked here")
@@ -173,6 +175,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         return run_attributes(args)
     if args.closed_set:
         return run_closed_set(args)
+    if args.val:
+        raise EvalError("--val is for --closed-set")
     if args.data is None and (args.cmc or args.holdout):
         raise EvalError("--cmc and --holdout need --data DATA (a packed labelled set)")
     if args.distractors and not args.cmc:

@@ -41,10 +41,10 @@ class PackedSetInfo:
 class _Records(Dataset):
     """(uint8 crop, identity, masked, mask_type, id, id2, ok) per record of a PackedDataset."""
 
-    def __init__(self, data_dir: str, holdout: bool) -> None:
+    def __init__(self, data_dir: str, holdout: bool, val: bool = False) -> None:
         from pipeline.dataset import PackedDataset
 
-        self.ds = PackedDataset(data_dir, kinds=("train", "masked"), holdout=holdout, raw=True)
+        self.ds = PackedDataset(data_dir, kinds=("train", "masked"), holdout=holdout, val=val, raw=True)
         fields = self.ds.label_fields
         self.masked_at = fields.index("masked") if "masked" in fields else None
         self.type_at = fields.index("mask_type") if "mask_type" in fields else None
@@ -69,14 +69,17 @@ class _Records(Dataset):
 
 
 def embed_packed(model: torch.nn.Module, data_dir: str, device: torch.device, batch_size: int, flip: bool,
-                 holdout: bool = False, workers: int = 2,
-                 progress: bool = True) -> tuple[np.ndarray, PackedSetInfo]:
-    """L2-normalised flip-test embeddings of every record of a packed set, and what each record is."""
-    records = _Records(data_dir, holdout)
+                 holdout: bool = False, workers: int = 2, progress: bool = True, val: bool = False,
+                 normalize: bool = True) -> tuple[np.ndarray, PackedSetInfo]:
+    """Flip-test embeddings (L2-normalised unless `normalize` is False: then the sum of the two views) of
+    every record of a packed set (its held-out shards with `holdout`, its validation shards with `val`),
+    and what each record is."""
+    records = _Records(data_dir, holdout, val)
     if len(records) == 0:
-        raise EvalError(f"{data_dir}: no records in the {'held-out' if holdout else 'train/masked'} shards")
-    emb, cols = embed_dataset(model, records, device, batch_size, flip, workers=workers, progress=progress,
-                              desc=f"embed {Path(data_dir).name}")
+        which = "held-out" if holdout else "val" if val else "train/masked"
+        raise EvalError(f"{data_dir}: no records in the {which} shards")
+    emb, cols = embed_dataset(model, records, device, batch_size, flip, normalize=normalize, workers=workers,
+                              progress=progress, desc=f"embed {Path(data_dir).name}")
     identity, masked, mask_type, ids, id2, ok = cols
     ok = ok.astype(bool)
     names = records.ds.manifest.get("maskgen", {}).get("mask_types", {})

@@ -3,7 +3,8 @@
 `build_head(name, **kwargs)` builds any registered head; the trainer builds `config.loss` with
 `build_margin_loss(cfg, num_classes)`. Registered: insightface's margins ("combined", the default, from
 `margin_list`; "arcface", "cosface"; defined in trainer.losses, registered in heads/margins.py), and
-FaceX-Zoo's heads with AdaFace (heads/facex_zoo.py). A new head is a class decorated with
+FaceX-Zoo's heads with AdaFace (heads/facex_zoo.py), and a plain linear classifier W x + b ("linear",
+heads/linear.py). A new head is a class decorated with
 `@register_head("name")` in a module imported here.
 
 Calling convention (the same as `trainer.losses`, docs/design.md section 4): a head maps this rank's cosine
@@ -21,6 +22,8 @@ Extra interface for Partial FC (optional attributes, read with getattr and a def
   loss term with the same value on every rank, built from gathered (or differentiably all-reduced)
   quantities; Partial FC adds it once and divides its gradient by the world size, since every rank
   back-propagates its own copy.
+- `needs_raw_logits = True`: Partial FC passes `x @ W.T` (the raw embedding against the raw rows) in place
+  of the cosines (the linear head).
 - `per_class_state`: names of parameters/buffers whose dim 0 is this rank's classes; a checkpoint
   gathers and re-shards them exactly like Partial FC's weight.
 """
@@ -28,7 +31,7 @@ import importlib
 
 from trainer.heads.registry import Head, available_heads, build_head, build_margin_loss, register_head
 
-for _module in ("margins", "facex_zoo"):  # importing a module runs its @register_head decorators
+for _module in ("margins", "facex_zoo", "linear"):  # importing a module runs its @register_head decorators
     importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["Head", "available_heads", "build_head", "build_margin_loss", "register_head"]

@@ -32,6 +32,9 @@ CONFIG = {
     "interclass_filtering_threshold": 0.0,
     "loss_kwargs": {},  # extra arguments for the head (a head other than "combined" takes only these)
     "sample_rate": 1.0,  # Partial FC's share of negative classes sampled per step (1.0: all)
+    # The cross-entropy weighted by inverse class frequency (trainer/class_weights.py), as torch's
+    # F.cross_entropy(weight=...); "linear" (loss) with it is the CrossScan hybrid's classifier.
+    "class_weighted_ce": False,
 }
 
 
@@ -60,8 +63,17 @@ class StandardMode:
         cfg = self.cfg
         # DDP averages the backbone's gradients over ranks; scaling the embeddings' gradient by the world
         # size makes that average the gradient of the global mean loss, whatever the number of ranks.
-        return PartialFC(build_margin_loss(cfg, num_classes), cfg.embedding_size, num_classes,
-                         sample_rate=cfg.sample_rate, embedding_grad_scale=float(world_size), seed=cfg.seed)
+        head = build_margin_loss(cfg, num_classes)
+        if getattr(head, "needs_raw_logits", False) and cfg.sample_rate < 1.0:
+            raise ConfigError(f"loss {cfg.loss!r} (a classifier on raw logits) needs sample_rate 1, got "
+                              f"{cfg.sample_rate}")
+        class_weight = None
+        if cfg.class_weighted_ce:
+            from trainer.class_weights import class_counts, inverse_frequency_weights
+
+            class_weight = inverse_frequency_weights(class_counts(cfg.data))
+        return PartialFC(head, cfg.embedding_size, num_classes, sample_rate=cfg.sample_rate,
+                         embedding_grad_scale=float(world_size), seed=cfg.seed, class_weight=class_weight)
 
     def begin_step(self, backbone: nn.Module, head: nn.Module, epoch: float) -> Optional[str]:
         """Sets up the step at `epoch` (fractional); returns the stage name when it changed, else None."""
