@@ -108,7 +108,10 @@ def test_one_step_reads_the_device_at_most_budget_times(rate, accumulation, budg
 @pytest.mark.parametrize("rate, accumulation, budget", [(1.0, 2, 1), (0.5, 2, 2)])
 @pytest.mark.parametrize("name", available_heads())
 def test_every_head_reads_the_device_at_most_budget_times(name, rate, accumulation, budget):
-    net, pfc, opts = _setup(rate, build_head(name, num_classes=200), "sgd")
+    head = build_head(name, num_classes=200)
+    if getattr(head, "needs_raw_logits", False) and rate < 1:
+        pytest.skip(f"{name} trains every class row (its bias), so only at sample_rate 1")
+    net, pfc, opts = _setup(rate, head, "sgd")
     _assert_steps_within_budget(net, pfc, opts, accumulation, budget)
 
 
