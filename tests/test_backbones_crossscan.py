@@ -136,3 +136,20 @@ def test_trains():
     y.square().sum().backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+def test_imagenet_input_norm_is_the_reports_normalisation_inside_the_network():
+    """crossscan_r50 (input_norm="imagenet", as its config sets it) on the readers' [-1, 1] pixels equals
+    the same weights on ImageNet mean/std-normalised pixels, the report's input."""
+    from trainer.backbones.input_norm import build_input_norm
+
+    torch.manual_seed(0)
+    normed = small(input_norm="imagenet").eval()
+    plain = small().eval()
+    plain.load_state_dict(normed.state_dict())
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(normed(x), plain(((x + 1) / 2 - mean) / std), atol=1e-5)
+        assert torch.allclose(build_input_norm("imagenet")(x), ((x + 1) / 2 - mean) / std, atol=1e-6)

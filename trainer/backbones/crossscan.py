@@ -26,12 +26,14 @@ reduction is 16 in the fusion (the report's code) and in the bottlenecks (SENet'
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import register_backbone
+from .input_norm import build_input_norm
 from .vit import Block, PatchEmbed
 
 SE_REDUCTION = 16
@@ -177,8 +179,11 @@ class CrossScanViT(nn.Module):
 
 class CrossScanResNet50(nn.Module):
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, vit_dim: int = 256, vit_depth: int = 4,
-                 vit_heads: int = 8, patch_size: int = 2, aspp_channels: int = 256, drop_path_rate: float = 0.0):
+                 vit_heads: int = 8, patch_size: int = 2, aspp_channels: int = 256, drop_path_rate: float = 0.0,
+                 input_norm: Optional[str] = None):
         super().__init__()
+        # the report feeds ImageNet-normalised pixels: input_norm="imagenet" re-normalises the readers' [-1, 1]
+        self.input_norm = build_input_norm(input_norm)
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64),
                                   nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
         self.layer1 = _layer(64, 64, 3, stride=1, dilation=1, first_dilation=1)
@@ -197,7 +202,7 @@ class CrossScanResNet50(nn.Module):
                 nn.init.zeros_(m.bn3.weight)  # each residual block starts as the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(self.input_norm(x))))))
         x = self.cross_scan(self.aspp(x))
         return self.features(self.fc(self.dropout(x)))
 

@@ -15,9 +15,10 @@ The classifier is the report's: a linear layer with bias, W x + b on the raw emb
 trainer/heads/linear.py; Partial FC holds W, sharded by rows, with sample_rate 1), trained by softmax
 cross-entropy with every class weighted 1, as the report sets nn.CrossEntropyLoss's weights
 (`class_weighted_ce=True` weights them by inverse class frequency instead). Where this differs from the
-report: inputs are 112x112 in [-1, 1] (the report: 224x224 with ImageNet's mean and std, which
-`input_norm="imagenet"` of trainer/backbones/input_norm.py gives a backbone that takes that argument;
-crossscan_r50 does not yet); the report's test set is a split of its own, here the `--holdout K` images per
+report: the network sees ImageNet-normalised pixels as the report's (`input_norm="imagenet"` re-normalises
+the readers' [-1, 1] inside the network, so evaluation and export get the same); the image size is the
+pack's (`pack --size 224` for the report's 224x224; the 112x112 default runs the same network); the
+report's test set is a split of its own, here the `--holdout K` images per
 identity (by count rather than by fraction); the validation split is per identity (stratified), the
 report's split is not said to be.
 """
@@ -25,6 +26,7 @@ from trainer.config import Config
 
 config = Config()
 config.network = "crossscan_r50"
+config.network_kwargs = {"input_norm": "imagenet"}
 config.embedding_size = 512
 config.loss = "linear"
 config.class_weighted_ce = False  # the report's weights are all 1
