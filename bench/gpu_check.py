@@ -544,8 +544,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", default="ms1mv3_r50", help="trainer config for the training checks")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer config override for the training checks (repeatable)")
-    p.add_argument("--reader", choices=["dali", "torch"], default="dali",
-                   help="reader of the busy check (torch: PackedDataset + DataLoader workers)")
+    p.add_argument("--reader", choices=["dali", "nvjpeg", "torch"], default="dali",
+                   help="reader of the busy check (nvjpeg: torchvision on the GPU; torch: PackedDataset + DataLoader workers)")
     g = p.add_argument_group("sizes (defaults: the GPU or the CPU preset)")
     g.add_argument("--dali-batch", type=int)
     g.add_argument("--dali-batches", type=int, help="timed batches per reader setting")
