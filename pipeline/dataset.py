@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import AugmentConfig, apply_numpy, normalise, record_draws
 from .imageio import ImageRejected, decode_jpeg_rgb
+from .malloc_limits import fix_mmap_threshold
 from .manifest import load_manifest
 from .record_check import BadRecord, RecordRules, check_label, check_record, load_shard_index
 from .recordio import RecordIO, RecordIOError, unpack_record
@@ -222,6 +223,7 @@ class TorchTrainLoader(PermutationShards):
                  seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 2,
                  augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
                  return_label_vectors: bool = False) -> None:
+        fix_mmap_threshold()  # the batches normalised in this process are freed back at once (issue N)
         self.dataset = PackedDataset(data_dir, augment=AugmentConfig.from_dict(augment),
                                      return_label_vector=return_label_vectors, seed=seed, uint8_chw=True)
         self.label_fields = self.dataset.label_fields

@@ -45,3 +45,13 @@ def test_normalise_is_the_formula_and_leaves_a_float_input_alone():
     f = x.float()
     before = f.clone()
     assert torch.equal(normalise(f), (before - 127.5) / 127.5) and torch.equal(f, before)
+
+
+def test_the_mmap_threshold_is_fixed_where_the_c_library_is_glibc():
+    import platform
+
+    from pipeline.malloc_limits import fix_mmap_threshold
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert fix_mmap_threshold() is True
