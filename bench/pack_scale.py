@@ -2,9 +2,9 @@
 
 Generates N distinct 112x112 JPEGs (real glint24 face crops, each with its own faint noise, so that the
 bytes differ and maskgen still finds faces), 20 per identity, in an ImageFolder tree; then runs, each as
-its own process tree, `pipeline pack`, `pipeline verify`, `maskgen build --ratio 0.05` and one epoch of
-the torch reader (`PackedDataset` + `DataLoader`). For each: wall time, images/s, and the peak memory of
-the whole process tree, polled from /proc: the sum of PSS (shared pages split between the processes that
+its own process tree, `pipeline pack`, `pipeline verify`, `maskgen build --ratio 0.05`, one epoch of
+the torch reader (`PackedDataset` + `DataLoader`) and one of the trainer's torch reader
+(`TorchTrainLoader`). For each: wall time, images/s, and the peak memory of the whole process tree, polled from /proc: the sum of PSS (shared pages split between the processes that
 share them: a forked worker is not counted twice), the anonymous part of it (without the pages of shard
 files a reader maps: clean page cache the kernel takes back at will, but counted in RSS), and the largest
 single RSS. The slope of peak memory
@@ -141,7 +141,20 @@ print(n)
 """
 
 
-STAGES = ("pack", "verify", "maskgen", "reader")
+# The trainer's torch reader (TorchTrainLoader: its own permutation sampler, batches normalised in the main
+# process), one epoch, beside the plain DataLoader above.
+LOADER = """
+import sys, torch
+from pipeline.dataset import TorchTrainLoader
+torch.set_num_threads(1)
+n = 0
+for images, labels in TorchTrainLoader(sys.argv[1], batch_size=128, num_workers=int(sys.argv[2]), drop_last=False):
+    n += len(labels)
+print(n)
+"""
+
+
+STAGES = ("pack", "verify", "maskgen", "reader", "loader")
 
 
 def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...] = STAGES,
@@ -163,6 +176,8 @@ def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...]
                                   env)
     if "reader" in stages:
         res["reader"] = measured([py, "-c", READER, str(data), str(workers)], env)
+    if "loader" in stages:
+        res["loader"] = measured([py, "-c", LOADER, str(data), str(workers)], env)
     return res
 
 

@@ -34,7 +34,7 @@ from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -262,7 +262,26 @@ def _process(tasks: list[Task]) -> list[tuple]:
     return out
 
 
-def _run(opts: BuildOptions, tasks: list[Task]):
+class _Tasks:
+    """The tasks of write positions [lo, hi), made as they are read (issue N: an object per chosen image,
+    held for the whole run, was ~700 bytes each in the parent and again in every forked worker)."""
+
+    def __init__(self, plan: "_Plan", seed: int, lo: int, hi: int) -> None:
+        self.plan, self.seed, self.lo, self.hi = plan, seed, lo, hi
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __iter__(self) -> Iterator[Task]:
+        plan, step = self.plan, 4096
+        for start in range(self.lo, self.hi, step):
+            picked = plan.chosen[start:min(start + step, self.hi)]
+            for i, seed in zip(picked.tolist(), image_seeds(self.seed, plan.scan.id[picked])):
+                src = plan.scan.source(i)
+                yield Task(src, plan.shard_paths[src.shard], int(seed))
+
+
+def _run(opts: BuildOptions, tasks: "_Tasks"):
     bar = tqdm(total=len(tasks), desc="maskgen", unit="img", disable=not opts.progress, smoothing=0.05)
     try:
         with batched_map(_process, tasks, opts.workers, _init_worker, opts.masker_args()) as results:
@@ -379,11 +398,7 @@ def _write_range(opts: BuildOptions, data: Path, plan: _Plan, lo: int, hi: int, 
     """Mask the chosen images at positions [lo, hi) into `<prefix>masked-NNNNN` shards and a sidecar;
     return (shard entries, counts, skipped, records written). A masked record's id is `first_id` plus its
     position: an image that cannot be masked leaves its id unused, so that parts agree on every id."""
-    picked = plan.chosen[lo:hi]
-    seeds = image_seeds(opts.seed, plan.scan.id[picked])
-    sources = [plan.scan.source(int(i)) for i in picked]
-    tasks = [Task(src, plan.shard_paths[src.shard], int(seed)) for src, seed in zip(sources, seeds)]
-    del sources, seeds
+    tasks = _Tasks(plan, opts.seed, lo, hi)
     writer = ShardWriter(data, f"{prefix}{PREFIX}", int(opts.shard_size_mb * (1 << 20)))
     entries: list[dict] = []
     counts: Counter = Counter()

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augment import AugmentConfig, apply_numpy, normalise, record_draws
 from .imageio import ImageRejected, decode_jpeg_rgb
+from .malloc_limits import fix_mmap_threshold
 from .manifest import load_manifest
 from .record_check import BadRecord, RecordRules, check_label, check_record, load_shard_index
 from .recordio import RecordIO, RecordIOError, unpack_record
@@ -129,15 +130,23 @@ class _SkippingView(Dataset):
         raise RecordIOError(f"{self.base.data_dir}: no record of the dataset is usable (none decodes)")
 
 
+def _tagged(indices: np.ndarray, epoch: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, len(indices), 4096):
+        for i in indices[start:start + 4096].tolist():
+            yield i, epoch
+
+
 class _EpochSampler(Sampler):
     """The indices the loader deals this rank for the current epoch, tagged with the epoch."""
 
     def __init__(self) -> None:
-        self.indices: list[int] = []
+        self.indices: np.ndarray = np.zeros(0, np.int64)
         self.epoch = 0
 
     def __iter__(self):
-        return iter([(i, self.epoch) for i in self.indices])
+        # This epoch's indices and number, bound now; pairs made as the loader asks (issue N: a list of them
+        # was ~100 bytes an image for the whole epoch).
+        return _tagged(self.indices, self.epoch)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -166,13 +175,14 @@ class PermutationShards:
         self._consumed = 0  # samples of the global permutation consumed before this run's first step
         self.skipped_records = 0
 
-    def _rank_indices(self) -> list[int]:
-        """This rank's share of what is left of this epoch's global permutation."""
+    def _rank_indices(self) -> np.ndarray:
+        """This rank's share of what is left of this epoch's global permutation, int64 (issue N: 8 bytes an
+        image, not a Python int in a list)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
+            order = torch.randperm(self.num_samples, generator=g).numpy()
         else:
-            order = list(range(self.num_samples))
+            order = np.arange(self.num_samples, dtype=np.int64)
         rest = order[self._consumed:]
         mine = rest[self.rank::self.world_size]
         if self.drop_last:
@@ -218,6 +228,7 @@ class TorchTrainLoader(PermutationShards):
                  seed: int = 0, device: str | torch.device = "cpu", num_workers: int = 2,
                  augment: Optional[AugmentConfig | dict] = None, drop_last: bool = True, shuffle: bool = True,
                  return_label_vectors: bool = False) -> None:
+        fix_mmap_threshold()  # the batches normalised in this process are freed back at once (issue N)
         self.dataset = PackedDataset(data_dir, augment=AugmentConfig.from_dict(augment),
                                      return_label_vector=return_label_vectors, seed=seed, uint8_chw=True)
         self.label_fields = self.dataset.label_fields

@@ -67,8 +67,7 @@ class DigestSet:
     def _push(self, rows: np.ndarray) -> None:
         run = rows[np.lexsort((rows["lo"], rows["hi"]))]
         while self._runs and len(self._runs[-1]) <= 2 * len(run) and len(self._runs[-1]) + len(run) <= MAX_RUN:
-            run = np.concatenate([self._runs.pop(), run])
-            run = run[np.lexsort((run["lo"], run["hi"]))]
+            run = _merge(self._runs.pop(), run)
         self._runs.append(run)
 
     def find(self, records: np.ndarray) -> np.ndarray:
@@ -87,3 +86,23 @@ class DigestSet:
                         break
                     k += 1
         return found
+
+
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Two runs sorted by (hi, lo) as one, as a stable sort of a then b would give it.
+
+    Each row of b goes straight to its place (issue N: a sort of the two runs concatenated held ~4 times
+    the merged run at once, ~100 MB at 10^6 images; this holds the result and 8 bytes a row of b). Where
+    a hash's high word is in both runs (never seen: 2^-64 a pair), the low words decide: sorted then."""
+    place = np.searchsorted(a["hi"], b["hi"], side="left")
+    inside = place < len(a)
+    if np.any(a["hi"][place[inside]] == b["hi"][inside]):
+        both = np.concatenate([a, b])
+        return both[np.lexsort((both["lo"], both["hi"]))]
+    place += np.arange(len(b))
+    out = np.empty(len(a) + len(b), RECORD)
+    out[place] = b
+    rest = np.ones(len(out), bool)
+    rest[place] = False
+    out[rest] = a
+    return out

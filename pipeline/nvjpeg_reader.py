@@ -173,13 +173,18 @@ class NvjpegTrainLoader(PermutationShards):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         indices = self._rank_indices()
         total, b, epoch = self._num_batches(len(indices)), self.batch_size, self.epoch
-        chunks = [indices[k * b:(k + 1) * b] for k in range(self.step, total)]
+        first = self.step
+
+        def chunk(k: int) -> list[int]:  # batch k of what is left, made when it is submitted
+            return indices[(first + k) * b:(first + k + 1) * b].tolist()
+
+        left = total - self.step
         with ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="nvjpeg-host") as pool:
-            ahead = [pool.submit(self._host_batch, c, epoch) for c in chunks[: self.num_threads]]
-            for k in range(len(chunks)):
+            ahead = [pool.submit(self._host_batch, chunk(k), epoch) for k in range(min(self.num_threads, left))]
+            for k in range(left):
                 host = ahead.pop(0).result()
-                if k + self.num_threads < len(chunks):
-                    ahead.append(pool.submit(self._host_batch, chunks[k + self.num_threads], epoch))
+                if k + self.num_threads < left:
+                    ahead.append(pool.submit(self._host_batch, chunk(k + self.num_threads), epoch))
                 self.step += 1
                 yield self._device_batch(host, epoch)
         self._end_epoch()

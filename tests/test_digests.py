@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline import digests
-from pipeline.digests import RECORD, DigestSet, split
+from pipeline.digests import RECORD, DigestSet, _merge, split
 
 
 def test_digest_set_finds_every_first_position_across_runs(monkeypatch):
@@ -26,3 +27,16 @@ def test_digest_set_finds_every_first_position_across_runs(monkeypatch):
     for j, k in enumerate([keys[6], rng.bytes(16), keys[199]]):
         rows["hi"][j], rows["lo"][j] = split(k)
     assert s.find(rows).tolist() == [6, -1, 199]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merging_two_runs_is_a_stable_sort_of_both(tied):
+    rng = np.random.default_rng(1)
+    a, b = np.empty(500, RECORD), np.empty(300, RECORD)
+    for rows in (a, b):
+        rows["hi"] = rng.integers(0, 50 if tied else 2**63, len(rows), dtype=np.uint64)
+        rows["lo"] = rng.integers(0, 2**63, len(rows), dtype=np.uint64)
+        rows["pos"] = rng.integers(0, 10**6, len(rows))
+    a, b = (r[np.lexsort((r["lo"], r["hi"]))] for r in (a, b))
+    both = np.concatenate([a, b])
+    assert _merge(a, b).tobytes() == both[np.lexsort((both["lo"], both["hi"]))].tobytes()
