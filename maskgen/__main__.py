@@ -26,7 +26,7 @@ from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from pipeline.cli_args import part as part_arg  # noqa: E402
-from pipeline.cli_args import positive_float  # noqa: E402
+from pipeline.cli_args import positive_float, share  # noqa: E402
 from pipeline.help_format import HelpFormatter  # noqa: E402
 
 from .masker import MODE_CHOICES, NOSE_COVERED  # noqa: E402
@@ -41,30 +41,13 @@ def _types(text: str) -> tuple[str, ...]:
     return types
 
 
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio {text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1], got {value}")
-    return value
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {value}")
-    return value
-
-
 def _mask_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="mixed", choices=MODE_CHOICES,
                    help="2d: thin-plate warp to the landmark outline; 3d: rendered on the face mesh; "
                         "mixed: drawn per image")
     p.add_argument("--types", type=_types, default=MASK_TYPES, metavar="LIST",
                    help=f"mask types to draw from (default: {','.join(MASK_TYPES)})")
-    p.add_argument("--nose-covered", type=_share, default=NOSE_COVERED, metavar="P",
+    p.add_argument("--nose-covered", type=share(), default=NOSE_COVERED, metavar="P",
                    help="share of masks over the nose bridge; the rest sit below the nose")
     p.add_argument("--crops", choices=("aligned", "any"), default="aligned",
                    help="aligned: ArcFace-aligned crops, a face FaceMesh misses gets the mean mesh "
@@ -81,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Adds masked copies (same identity, masked=1, the source's id in id2) as "
                                    "new 'masked' shards; a re-run replaces them.")
     b.add_argument("--data", required=True, type=Path, metavar="DATA", help="a packed dataset folder")
-    b.add_argument("--ratio", type=_ratio, default=0.05, help="share of images to mask, per identity")
+    b.add_argument("--ratio", type=share(zero=False, what="the ratio"), default=0.05, help="share of images to mask, per identity")
     b.add_argument("--seed", type=int, default=0, help="seed of the images picked and the masks drawn")
     _mask_options(b)
     b.add_argument("--workers", type=int, default=workers, help="processes (default: the CPU count, %(default)s here)")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli_args import int_at_least, positive_float
+from .cli_args import int_at_least, positive_float, share
 from .cli_args import part as part_arg
 from .help_format import HelpFormatter
 
@@ -37,16 +37,6 @@ def _quality(text: str) -> int:
     value = int_at_least(1)(text)
     if value > 100:
         raise argparse.ArgumentTypeError(f"JPEG quality is 1..100, got {value}")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text!r}")
     return value
 
 
@@ -94,7 +84,7 @@ def build_parser(prog: str = "python -m pipeline") -> argparse.ArgumentParser:
                    help="keep K images per identity out of training for verification pairs")
     p.add_argument("--holdout-pairs", type=int_at_least(0), default=0, metavar="N",
                    help="cap the number of pairs (0: no cap)")
-    p.add_argument("--val-split", type=_share, default=0.0, metavar="F",
+    p.add_argument("--val-split", type=share(one=False), default=0.0, metavar="F",
                    help="keep this share of each identity's images (after --holdout; at least 1 where it has "
                         "2 or more, never its last) out of training, in \"val\" shards: a stratified "
                         "validation split (e.g. 0.1)")

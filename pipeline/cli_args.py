@@ -29,6 +29,22 @@ def int_at_least(low: int):
     return parse
 
 
+def share(*, zero: bool = True, one: bool = True, what: str = "a share"):
+    """A number in [0, 1], without 0 (`zero=False`) or 1 (`one=False`); NaN is refused."""
+    interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a number") from None
+        if not ((value >= 0 if zero else value > 0) and (value <= 1 if one else value < 1)):
+            raise argparse.ArgumentTypeError(f"expected {what} in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
 def part(text: str) -> tuple[int, int]:
     """`K/N`: the K-th (0-based) of N shares of a job spread over processes or machines."""
     try:
