@@ -160,7 +160,7 @@ def _cross_part_duplicates(out: Path, plan: Plan, journals: list[dict],
     dups: dict[str, dict[int, int]] = defaultdict(dict)
     if len(journals) == 1:
         return dups, []  # one part saw every image itself
-    known = DigestSet()
+    known = DigestSet(plan.total)
     lines = []
     for k, j in enumerate(journals):
         found_in_part = []

@@ -32,8 +32,10 @@ import shutil
 import threading
 from array import array
 from collections import Counter
+from contextlib import contextmanager
+from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -41,6 +43,7 @@ from tqdm import tqdm
 from .atomic import atomic_write_json, atomic_write_with
 from .digests import RECORD, DigestSet, split
 from .imageio import RESIZE_MODES, ImageRejected, prepare_image
+from .malloc_limits import fix_mmap_threshold
 from .manifest import MANIFEST, identity_label_vector, load_manifest
 from .merge import merge
 from .pack_plan import (
@@ -76,9 +79,8 @@ _PARTIAL = re.compile(r"^(?:train|holdout|val)-(?:p(\d{5})-)?\d{5}d?\.rec\.parti
 _WORKER: dict = {}
 
 
-def _init_worker(size, quality, resize_mode, align, num_classes) -> None:
-    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None,
-                   num_classes=num_classes)
+def _init_worker(size, quality, resize_mode, align) -> None:
+    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None)
     if align:
         from .align import align_face  # imported in the worker: mediapipe state is per process
 
@@ -92,7 +94,7 @@ def _read_input(path: str, offset: int) -> bytes:
     return read_record_image(path, offset)
 
 
-def _process(task: tuple):
+def _process(task: tuple, num_classes: int):
     """(status, data, content hash, notes): 'ok' with the framed record, or 'skip' with (reason, detail)."""
     path, offset, class_id, rec_id, attributes = task
     try:
@@ -110,15 +112,16 @@ def _process(task: tuple):
     except Exception as e:  # a decoder bug on one file must not end a multi-hour pack
         return "skip", ("corrupt image", f"{type(e).__name__}: {e}"), digest, []
     # Framing here keeps the single writer process down to I/O and checksums.
-    label = identity_label_vector(class_id, _WORKER["num_classes"])
+    label = identity_label_vector(class_id, num_classes)
     if attributes:
         label = (label or [float(class_id)]) + list(attributes)
     header = IRHeader(0, float(class_id) if label is None else label, rec_id, 0)
     return "ok", frame_record(pack_record(header, jpeg)), digest, notes
 
 
-def _process_chunk(tasks: list) -> list:
-    return [_process(t) for t in tasks]
+def _process_chunk(job: tuple[int, list]) -> list:
+    num_classes, tasks = job  # sent with the tasks: the workers start before the plan exists
+    return [_process(t, num_classes) for t in tasks]
 
 
 # ---------------------------------------------------------------------------------------------- ownership
@@ -262,31 +265,55 @@ def pack(opts: PackOptions) -> dict:
     """Run a pack (or finish an interrupted one). A whole pack returns the manifest; a part of several
     (`opts.part`) returns its journal, and `pipeline.merge.merge` makes the dataset once all are done."""
     _validate(opts)
+    # Large freed blocks go back to the system at once: glibc would otherwise raise its mmap threshold
+    # past the size of the workers' result chunks (~100 KB) and the writer's heap would fragment, growing
+    # ~100 bytes an image (issue N). Set before the workers fork, so theirs is the same.
+    fix_mmap_threshold(MMAP_THRESHOLD)
     out = opts.out
-    try:
-        plan = plan_pack(opts)
-    except SourceError as e:
-        raise PackError(str(e)) from None
-    if (out / MANIFEST).exists() and not opts.overwrite:
-        existing = load_manifest(out)
-        if existing.get("fingerprint") == plan.fingerprint:
-            print(f"pack: {out} is already packed from this input with these options", flush=True)
-            return existing
-    if plan.num_train == 0:
-        raise PackError("no images found in the sources")
-    if opts.strict and plan.enum_skips:
-        s = plan.enum_skips[0]
-        raise PackError(f"--strict: {len(plan.enum_skips)} inputs skipped, first {s.display}: {s.reason}")
-    if plan.num_classes > (1 << 24) and opts.part[0] == 0:
-        print(f"pack: {plan.num_classes} identities exceed float32's exact range (2^24); labels are also "
-              f"stored as exact (hi, lo) pieces, see label_fields", flush=True)
-    journal = run_part(opts, plan)
+    # The workers start before the plan exists: forked after it, each would inherit the plan and the heap
+    # the enumeration freed, and copy them page by page as it allocates (issue N: ~40 bytes an image each).
+    with _worker_pool(opts) as pool:
+        try:
+            plan = plan_pack(opts)
+        except SourceError as e:
+            raise PackError(str(e)) from None
+        if (out / MANIFEST).exists() and not opts.overwrite:
+            existing = load_manifest(out)
+            if existing.get("fingerprint") == plan.fingerprint:
+                print(f"pack: {out} is already packed from this input with these options", flush=True)
+                return existing
+        if plan.num_train == 0:
+            raise PackError("no images found in the sources")
+        if opts.strict and plan.enum_skips:
+            s = plan.enum_skips[0]
+            raise PackError(f"--strict: {len(plan.enum_skips)} inputs skipped, first {s.display}: {s.reason}")
+        if plan.num_classes > (1 << 24) and opts.part[0] == 0:
+            print(f"pack: {plan.num_classes} identities exceed float32's exact range (2^24); labels are also "
+                  f"stored as exact (hi, lo) pieces, see label_fields", flush=True)
+        journal = run_part(opts, plan, pool)
     if opts.part[1] > 1:
         return journal
     return merge(out, opts.progress, plan=plan, opts=opts)
 
 
-def run_part(opts: PackOptions, plan: Plan) -> dict:
+@contextmanager
+def _worker_pool(opts: PackOptions) -> Iterator[Optional[Pool]]:
+    """The encoding workers (None: encode in this process)."""
+    if opts.workers <= 1:
+        yield None
+        return
+    # mediapipe (--align) cannot run in a forked child of a process that has used it
+    ctx = mp.get_context("fork" if not opts.align else "spawn")
+    pool = ctx.Pool(opts.workers, initializer=_init_worker,
+                    initargs=(opts.size, opts.quality, opts.resize_mode, opts.align))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def run_part(opts: PackOptions, plan: Plan, pool: Optional[Pool] = None) -> dict:
     out = opts.out
     k, n = opts.part
     lo, hi = part_range(plan.total, k, n)
@@ -297,7 +324,7 @@ def run_part(opts: PackOptions, plan: Plan) -> dict:
                    "hash_files": [], "next": lo, "skipped_bytes": 0, "counters": {}, "done": False}
     if journal["done"]:
         return journal
-    seen = DigestSet()
+    seen = DigestSet(hi - lo)
     for name in journal["hash_files"]:
         seen.extend(np.load(state / name))
     counters = Counter(journal["counters"])
@@ -333,7 +360,7 @@ def run_part(opts: PackOptions, plan: Plan) -> dict:
         atomic_write_json(state / JOURNAL, journal)
 
     try:
-        for pos, result in _run_workers(opts, plan, journal["next"], hi):
+        for pos, result in _run_workers(opts, plan, journal["next"], hi, pool):
             status, data, digest, notes = result
             stream = plan.stream(pos)
             if status == "ok":
@@ -380,16 +407,17 @@ def _log_skip(log, counters: Counter, display: str, reason: str, detail: str = "
 
 
 CHUNK = 32  # images per worker task
+MMAP_THRESHOLD = 1 << 16  # below a result chunk's size (32 records of a few KB)
 IN_FLIGHT = 4  # chunks per worker between the task maker and the writer
 
 
-def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterable[tuple[int, tuple]]:
+def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int,
+                 pool: Optional[Pool]) -> Iterable[tuple[int, tuple]]:
     """(position, result) in write order for positions [start, end); tasks are made as the workers
     take them, never held for the whole range."""
     lo, hi = part_range(plan.total, *opts.part)
     bar = tqdm(total=hi - lo, initial=start - lo, desc="pack" if opts.part[1] == 1 else f"pack part {opts.part[0]}",
                unit="img", disable=not opts.progress, smoothing=0.05)
-    init = (opts.size, opts.quality, opts.resize_mode, opts.align, plan.num_classes)
 
     # Pool.imap takes tasks as fast as it can and keeps results until they are read: a semaphore keeps
     # at most IN_FLIGHT chunks between the task maker and this loop, whichever side is slower.
@@ -401,15 +429,13 @@ def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterabl
             in_flight.acquire()
             if stop.is_set():  # the loop below ended early: let the pool's task thread finish
                 return
-            yield [plan.task(p) for p in range(c, min(c + CHUNK, end))]
+            yield plan.num_classes, [plan.task(p) for p in range(c, min(c + CHUNK, end))]
 
     try:
-        if opts.workers <= 1:
-            _init_worker(*init)
+        if pool is None:
+            _init_worker(opts.size, opts.quality, opts.resize_mode, opts.align)
             results = map(_process_chunk, chunks())
         else:
-            ctx = mp.get_context("fork" if not opts.align else "spawn")
-            pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=init)
             results = pool.imap(_process_chunk, chunks())
         try:
             pos = start
@@ -422,8 +448,5 @@ def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterabl
         finally:
             stop.set()
             in_flight.release()
-            if opts.workers > 1:
-                pool.terminate()
-                pool.join()
     finally:
         bar.close()
