@@ -271,3 +271,28 @@ def test_attribute_file_extends_the_label_vector(glint24, tmp_path):
     bad.write_text("path\tmasked\nx\t1\n")
     proc = run_cli("pipeline", "pack", str(src), "--out", str(tmp_path / "e"), "--attributes", str(bad), check=False)
     assert proc.returncode == 1 and "not one of" in proc.stderr
+
+
+def test_a_list_files_sizes_are_read_by_several_threads(glint24, tmp_path, monkeypatch):
+    """Issue N: a list file's lines are parsed in order, the stat of each line's file (part of the pack's
+    fingerprint) is spread over threads, with the same fingerprint as one thread gives."""
+    import threading
+
+    from pipeline import sources
+
+    files = sorted(glint24.rglob("*.png"))[:40]
+    lst = tmp_path / "list.tsv"
+    lst.write_text("".join(f"{p}\t{p.parent.name}\n" for p in files))
+    monkeypatch.setattr(sources, "LIST_STAT_BATCH", 3, raising=False)
+    threads, real = set(), sources._size
+
+    def watched(path):
+        threads.add(threading.get_ident())
+        time.sleep(0.002)  # long enough for the other threads to take jobs
+        return real(path)
+
+    monkeypatch.setattr(sources, "_size", watched)
+    listing = sources.list_file(lst)
+    assert len(listing) == 40 and threading.get_ident() not in threads and len(threads) > 1
+    monkeypatch.setattr(sources, "ordered_map", lambda fn, jobs, threads=1: map(fn, jobs))
+    assert sources.list_file(lst).content_digest == listing.content_digest
