@@ -32,6 +32,7 @@ import secrets
 from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -60,7 +61,7 @@ from .lock import DatasetLock, LockBusy
 from .masker import MODE_CHOICES, MODES, Masker, MaskingOptions, skip_reason
 from .seeds import image_seeds, seeded_key
 from .shapes import MASK_TYPES
-from .workers import batched_map
+from .workers import batched_map, worker_pool
 
 MASKED_KIND = "masked"
 PREFIX = "masked"
@@ -276,10 +277,10 @@ class _Tasks:
                 yield Task(src, plan.shard_paths[src.shard], int(seed))
 
 
-def _run(opts: BuildOptions, tasks: "_Tasks"):
+def _run(opts: BuildOptions, tasks: "_Tasks", pool: Optional[Pool]):
     bar = tqdm(total=len(tasks), desc="maskgen", unit="img", disable=not opts.progress, smoothing=0.05)
     try:
-        with batched_map(_process, tasks, opts.workers, _init_worker, opts.masker_args()) as results:
+        with batched_map(_process, tasks, pool) as results:
             for task, res in results:
                 bar.update()
                 yield task, res
@@ -389,7 +390,7 @@ def _plan(opts: BuildOptions, data: Path, manifest: dict) -> _Plan:
 
 
 def _write_range(opts: BuildOptions, data: Path, plan: _Plan, lo: int, hi: int, prefix: str,
-                 sidecar: Path) -> tuple[list[dict], Counter, Counter, int]:
+                 sidecar: Path, pool: Optional[Pool]) -> tuple[list[dict], Counter, Counter, int]:
     """Mask the chosen images at positions [lo, hi) into `<prefix>masked-NNNNN` shards and a sidecar;
     return (shard entries, counts, skipped, records written). A masked record's id is `first_id` plus its
     position: an image that cannot be masked leaves its id unused, so that parts agree on every id."""
@@ -401,7 +402,7 @@ def _write_range(opts: BuildOptions, data: Path, plan: _Plan, lo: int, hi: int, 
     written = 0
     try:
         with open(sidecar, "w", encoding="utf-8") as side:
-            for pos, (task, (jpeg, meta)) in enumerate(_run(opts, tasks), lo):
+            for pos, (task, (jpeg, meta)) in enumerate(_run(opts, tasks, pool), lo):
                 if jpeg is None:
                     skipped[meta] += 1
                     continue
@@ -430,11 +431,13 @@ def _write_range(opts: BuildOptions, data: Path, plan: _Plan, lo: int, hi: int, 
 
 def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
     _unlink(_stale_files(data, manifest))
-    plan = _plan(opts, data, manifest)
     tmp = f"{TMP_PREFIX}{secrets.token_hex(4)}."
     sidecar_tmp = data / f"{tmp}{SIDECAR}"
     try:
-        entries, counts, skipped, written = _write_range(opts, data, plan, 0, len(plan.chosen), tmp, sidecar_tmp)
+        with worker_pool(opts.workers, _init_worker, opts.masker_args()) as pool:
+            plan = _plan(opts, data, manifest)
+            entries, counts, skipped, written = _write_range(opts, data, plan, 0, len(plan.chosen), tmp,
+                                                             sidecar_tmp, pool)
         skipped.update(plan.skipped)
         if written == 0:
             raise BuildError(f"no image could be masked ({dict(skipped)})")
@@ -470,11 +473,13 @@ def _build_part(opts: BuildOptions, data: Path, manifest: dict, k: int, n: int) 
         if journal.get("fingerprint") == fingerprint and journal.get("done"):
             return journal
     _unlink(_part_files(data, k))  # an unfinished or other run of this part: started over
-    plan = _plan(opts, data, manifest)
-    lo, hi = k * len(plan.chosen) // n, (k + 1) * len(plan.chosen) // n
     sidecar = data / f"{_part_prefix(k)}{SIDECAR}"
     try:
-        entries, counts, skipped, written = _write_range(opts, data, plan, lo, hi, _part_prefix(k), sidecar)
+        with worker_pool(opts.workers, _init_worker, opts.masker_args()) as pool:
+            plan = _plan(opts, data, manifest)
+            lo, hi = k * len(plan.chosen) // n, (k + 1) * len(plan.chosen) // n
+            entries, counts, skipped, written = _write_range(opts, data, plan, lo, hi, _part_prefix(k), sidecar,
+                                                             pool)
     except BaseException:
         _unlink(_part_files(data, k))
         raise

@@ -150,8 +150,8 @@ def test_interrupted_build_leaves_the_dataset_as_it_was(data, monkeypatch):
     before = _files(data)
     real_run = build_mod._run
 
-    def interrupted(opts, tasks):
-        for i, item in enumerate(real_run(opts, tasks)):
+    def interrupted(opts, tasks, pool):
+        for i, item in enumerate(real_run(opts, tasks, pool)):
             if i == 3:
                 raise KeyboardInterrupt
             yield item

@@ -19,7 +19,7 @@ def test_batched_map_reads_its_items_as_the_work_goes(monkeypatch):
             read.append(k)
             yield k
 
-    with workers.batched_map(lambda batch: [x * 2 for x in batch], items(), 1, lambda: None, ()) as results:
+    with workers.batched_map(lambda batch: [x * 2 for x in batch], items(), None) as results:
         first = next(results)
         assert first == (0, 0) and len(read) <= 2 * workers.MASK_BATCH
         rest = list(results)
@@ -133,3 +133,25 @@ def test_pack_starts_its_workers_before_the_plan(glint24, tmp_path, monkeypatch)
     m = pack.pack(PackOptions(sources=[str(glint24)], out=tmp_path / "out", workers=2, progress=False))
     assert m["num_images"] > 0
     assert children_at_plan == [2]
+
+
+def test_maskgen_starts_its_workers_before_the_scan(packed_glint, tmp_path, monkeypatch):
+    """Issue N, as for pack: workers forked after the scan inherit its arrays and freed heap."""
+    import multiprocessing as mp
+    import shutil
+
+    from maskgen import build
+
+    data = tmp_path / "data"
+    shutil.copytree(packed_glint, data)
+    children_at_scan = []
+    real = build.scan_sources
+
+    def watched(*args, **kw):
+        children_at_scan.append(len(mp.active_children()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(build, "scan_sources", watched)
+    m = build.build(build.BuildOptions(data=data, ratio=0.02, workers=2, progress=False))
+    assert any(s["kind"] == build.MASKED_KIND for s in m["shards"])
+    assert children_at_scan == [2]
