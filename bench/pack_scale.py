@@ -3,7 +3,8 @@
 Generates N distinct 112x112 JPEGs (real glint24 face crops, each with its own faint noise, so that the
 bytes differ and maskgen still finds faces), 20 per identity, in an ImageFolder tree; then runs, each as
 its own process tree, `pipeline pack`, `pipeline verify`, `maskgen build --ratio 0.05`, one epoch of the
-trainer's torch reader (`TorchTrainLoader`) and one of the DALI reader on the CPU. For each: wall time,
+trainer's torch reader (`TorchTrainLoader`) and one of the DALI reader on the CPU, and the readers'
+combined index alone (the shard check and DALI's one index). For each: wall time,
 images/s, and the peak memory of the whole process tree, polled from /proc: the sum of PSS (shared pages
 split between the processes that share them: a forked worker is not counted twice), the anonymous part of
 it (without the pages of files a process maps: clean page cache the kernel takes back at will, but counted
@@ -129,6 +130,22 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     return {"s": time.perf_counter() - t, **peak, "stdout": out}
 
 
+# The readers' combined index alone: every training shard checked (FACETRAIN_CACHE=off: no cached result)
+# and DALI's one index for all of them written, as DaliTrainLoader does before DALI starts.
+INDEX = """
+import sys, tempfile
+from pathlib import Path
+from pipeline.dali_reader import check_shards, write_combined_index
+from pipeline.manifest import load_manifest
+data = Path(sys.argv[1])
+manifest = load_manifest(data)
+checked = check_shards(data, manifest)
+with tempfile.TemporaryDirectory() as tmp:
+    write_combined_index(data, manifest, checked, Path(tmp) / "all.idx")
+print(sum(len(c.offsets) for c in checked))
+"""
+
+
 # The DALI reader on the CPU, one epoch, as the trainer builds it (its shard check and combined index, then
 # DALI's own file reads and decoding).
 DALI = """
@@ -155,7 +172,7 @@ print(n)
 """
 
 
-STAGES = ("pack", "verify", "maskgen", "loader", "dali")
+STAGES = ("pack", "verify", "maskgen", "index", "loader", "dali")
 
 
 def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...] = STAGES,
@@ -179,6 +196,8 @@ def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...]
         res["maskgen"] = measured([py, "-m", "maskgen", "build", "--data", str(data), "--ratio", "0.05",
                                    "--workers", str(workers), "--shard-size", f"{shard_mb:g}", "--no-progress"],
                                   env)
+    if "index" in stages:
+        res["index"] = measured([py, "-c", INDEX, str(data)], dict(env, FACETRAIN_CACHE="off"))
     if "loader" in stages:
         res["loader"] = measured([py, "-c", LOADER, str(data), str(workers)], env)
     if "dali" in stages:
