@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from trainer.eval.embedding import embed_dataset, embed_images
 from trainer.eval.packed import PackedSetInfo, evaluate_packed
-from trainer.eval.rowfile import row_file
+from trainer.eval.rowfile import release, row_file
 from trainer.eval.tar_far import _PairTiles, all_pairs_verification
 
 DIM = 512
@@ -78,15 +78,30 @@ def _set(n: int, per_id: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return x / np.linalg.norm(x, axis=1, keepdims=True), labels
 
 
+def _mapped_row_file_bytes() -> int:
+    """Resident bytes of this process's mappings of row files (file pages count in RSS and PSS)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+                inside = "/embeddings." in line
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def test_pair_tiles_read_a_file_backed_array_a_tile_at_a_time():
     x, labels = _set(N)
     rows = row_file(N, DIM)
     rows[:] = x
     del x
+    release(rows)
+    assert _mapped_row_file_bytes() == 0
     tiles = _PairTiles(rows, labels, None, None, None, None, 256, torch.device("cpu"))
     _, peak = _peak(lambda: sum(1 for _ in tiles))
-    # The embeddings whole (8 MB, as a copy before) are never in RAM: a tile of rows is 0.5 MB.
+    # The embeddings whole (8 MB) are never in RAM, nor left mapped: a tile of rows is 0.5 MB.
     assert peak < N * ROW_BYTES / 4, peak
+    assert _mapped_row_file_bytes() < 256 * ROW_BYTES, _mapped_row_file_bytes()
 
 
 def _same(a, b) -> None:
