@@ -302,16 +302,21 @@ def all_pairs_verification(
         _count_into(imp_hist, idx)
     imp_fold = imp_hist[:trash].view(n_folds, _BINS).cpu().numpy()
     gen_keys_np, gen_folds_np = gen_keys_np[:n_gen], gen_folds_np[:n_gen]
-    gen_fold = np.zeros((n_folds, _BINS), dtype=np.int64)
+    imp_top = imp_fold.sum(0)
+    n_imp = int(imp_top.sum())
+    # The k-fold histograms keep only the top bins some pair falls in (thousands of the 2^20); the genuine
+    # pairs are binned a slice at a time (int64 temporaries).
     step = 1 << 22
-    for a in range(0, n_gen, step):  # bincount's int64 temporaries, a slice at a time
-        flat = gen_folds_np[a:a + step].astype(np.int64) * _BINS + (gen_keys_np[a:a + step] >> _LOW_BITS)
-        gen_fold += np.bincount(flat + _BINS // 2, minlength=n_folds * _BINS).reshape(n_folds, _BINS)
+    gen_bins = [np.unique(gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2 for a in range(0, n_gen, step)]
+    used = np.union1d(np.flatnonzero(imp_top), np.concatenate(gen_bins + [np.zeros(0, np.int64)]))
+    gen_used = np.zeros((n_folds, len(used)), dtype=np.int64)
+    for a in range(0, n_gen, step):
+        col = np.searchsorted(used, (gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2)
+        flat = gen_folds_np[a:a + step].astype(np.int64) * len(used) + col
+        gen_used += np.bincount(flat, minlength=n_folds * len(used)).reshape(n_folds, len(used))
     del gen_folds_np
     gen_keys_np.sort()
     gen_keys_sorted = gen_keys_np
-    imp_top = imp_fold.sum(0)
-    n_imp = int(imp_top.sum())
     imp_ge = np.r_[np.cumsum(imp_top[::-1])[::-1], 0]  # impostors in top bins >= b
 
     # Where the (k+1)-th highest impostor lies: its top bin and its rank inside that bin.
@@ -362,10 +367,12 @@ def all_pairs_verification(
         accepted_imp = int(imp_ge[top_bin + 1]) + int(low_ge[low_bin + 1])
         result[far] = TarAtFar(far, accepted_gen / n_gen, _key_to_float(thr_key), accepted_imp / n_imp)
 
-    hist = np.stack([imp_fold, gen_fold], axis=1)
-    accuracies, fold_thr = kfold_accuracy_from_histograms(hist)
+    hist = np.stack([imp_fold[:, used], gen_used], axis=1)
+    accuracies, fold_thr = kfold_accuracy_from_histograms(hist, used)
     # ROC at the top-bin resolution, from the strictest threshold down.
-    gen_ge = np.r_[np.cumsum(gen_fold.sum(0)[::-1])[::-1], 0]
+    gen_top = np.zeros(_BINS, np.int64)
+    gen_top[used] = gen_used.sum(0)
+    gen_ge = np.r_[np.cumsum(gen_top[::-1])[::-1], 0]
     fpr = imp_ge[::-1] / max(n_imp, 1)
     tpr = gen_ge[::-1] / max(n_gen, 1)
     keep = np.r_[True, (np.diff(fpr) != 0) | (np.diff(tpr) != 0)]
@@ -386,11 +393,17 @@ def _threshold_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return used, gen_ge, imp_lt
 
 
-def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def kfold_accuracy_from_histograms(hist: np.ndarray,
+                                   bins: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """k-fold accuracy on per-fold score histograms [fold, impostor/genuine, bin]. Threshold index t
     accepts the bins >= t; each fold takes the strictest threshold with the best accuracy on the others.
-    Returns the accuracies and each fold's threshold (the lowest score its bin holds)."""
+    Returns the accuracies and each fold's threshold (the lowest score its bin holds). `bins`: the top
+    bin (of the 2^20) of each column when the histograms keep only some, in increasing order."""
     n_folds, _, n_bins = hist.shape
+    if bins is None:
+        bins = np.arange(n_bins)
+    else:
+        n_bins = _BINS
     used, gen_ge, imp_lt = _threshold_counts(hist)
     correct = gen_ge + imp_lt
     totals = hist.sum(axis=(1, 2))
@@ -401,7 +414,7 @@ def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.nda
         train = correct.sum(0) - correct[f]
         t = len(train) - 1 - int(np.argmax(train[::-1]))  # the last (strictest) of the best
         accs.append(correct[f, t] / totals[f])
-        bin_ = int(used[t]) if t < len(used) else n_bins
+        bin_ = int(bins[used[t]]) if t < len(used) else n_bins
         thresholds.append(_key_to_float((bin_ - n_bins // 2) << _LOW_BITS) if bin_ < n_bins else math.inf)
     return np.asarray(accs), np.asarray(thresholds)
 
