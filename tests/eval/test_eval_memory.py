@@ -138,7 +138,7 @@ def test_evaluate_packed_on_a_file_equals_in_ram():
     masked = np.arange(n) % 4 == 0
     info = PackedSetInfo(labels, masked, np.where(masked, 1 + (np.arange(n) // 4) % 2, 0), np.arange(n),
                          np.where(masked, np.arange(n) - 1, 0), 0, {1: "surgical"})
-    args = ((1e-3, 1e-2), 128, torch.device("cpu"), True, 5, None, False)
+    args = ((1e-3, 1e-2), 128, torch.device("cpu"), True, 5, None, False)  # with --cmc
     on_file, _ = evaluate_packed(rows, info, True, *args)
     in_ram, _ = evaluate_packed(np.array(x), info, True, *args)
     assert on_file == in_ram and set(on_file) == {"unmasked", "masked", "masked/surgical", "masked/mask_type=2"}

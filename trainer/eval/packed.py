@@ -144,18 +144,15 @@ def evaluate_packed(emb: np.ndarray, info: PackedSetInfo, masked_probe: bool, fa
         subsets[name] = _subset_summary(res)
         curves.roc[name] = (res.roc_fpr, res.roc_tpr)
         if cmc:
-            # Identification still takes the probes and mates into RAM (megaface_cmc reads only the
-            # distractor gallery a chunk at a time).
-            g_emb = np.take(emb, g_rows, axis=0)
-            d, d_labels = (distractors, None) if distractors is not None else (g_emb, g_id)
+            d = dict(distractors=distractors) if distractors is not None else \
+                dict(distractors=emb, distractor_rows=g_rows, distractor_labels=g_id)
+            kw = dict(max_rank=max_rank, device=device, progress=progress, **d)
             if probe is None:
-                c = megaface_cmc(g_emb, g_id, d, distractor_labels=d_labels, max_rank=max_rank,
-                                 device=device, progress=progress)
+                c = megaface_cmc(emb, g_id, probe_rows=g_rows, **kw)
             else:
-                c = megaface_cmc(emb[probe], info.identity[probe], d, mates=g_emb, mate_labels=g_id,
-                                 probe_groups=info.source_ids[probe], mate_groups=g_src,
-                                 distractor_labels=d_labels, max_rank=max_rank, device=device,
-                                 progress=progress)
+                c = megaface_cmc(emb, info.identity[p_rows], probe_rows=p_rows, mates=emb, mate_labels=g_id,
+                                 mate_rows=g_rows, probe_groups=info.source_ids[p_rows], mate_groups=g_src,
+                                 **kw)
             subsets[name].update(_cmc_summary(c))
             curves.cmc[name] = c.rates
 
