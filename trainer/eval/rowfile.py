@@ -35,9 +35,13 @@ def release(rows: np.ndarray) -> None:
 
 def take_rows(rows, index: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 rows[index] as a new tensor on `device`, from a numpy array (a memmap's pages released
-    after the read) or a tensor."""
+    after the read), a tensor, or for a run of consecutive rows anything that slices into arrays."""
     if isinstance(rows, torch.Tensor):
         return rows[torch.as_tensor(index, device=rows.device)].to(device=device, dtype=torch.float32)
-    out = np.take(rows, index, axis=0)
+    index = np.asarray(index)
+    if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
+        out = np.array(rows[int(index[0]):int(index[-1]) + 1], dtype=np.float32)  # a copy, not a view
+    else:
+        out = np.asarray(np.take(rows, index, axis=0), dtype=np.float32)
     release(rows)
-    return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(device)
+    return torch.from_numpy(out).to(device)
