@@ -127,8 +127,8 @@ def evaluate_packed(emb: np.ndarray, info: PackedSetInfo, masked_probe: bool, fa
     if unmasked.sum() < 2:
         raise EvalError("the set has fewer than 2 unmasked images")
     # Row numbers, not copies: `emb` may be a file-backed array of any size, read a tile at a time.
-    g_rows = np.flatnonzero(unmasked)
-    g_id, g_src = info.identity[g_rows], info.ids[g_rows]
+    g_rows = None if unmasked.all() else np.flatnonzero(unmasked)
+    g_id, g_src = (info.identity, info.ids) if g_rows is None else (info.identity[g_rows], info.ids[g_rows])
     subsets: dict[str, dict] = {}
     curves = Curves({}, {})
 

@@ -168,9 +168,10 @@ class _PairTiles:
                              f"{tuple(g.shape)}")
         pl = _labels(probe_labels)
         gl = pl if self.symmetric else _labels(gallery_labels)
-        p_rows = np.arange(len(probe)) if probe_rows is None else _labels(probe_rows)
-        g_rows = p_rows if self.symmetric else np.arange(len(g)) if gallery_rows is None else _labels(gallery_rows)
-        if len(pl) != len(p_rows) or len(gl) != len(g_rows):
+        p_rows = None if probe_rows is None else _labels(probe_rows)
+        g_rows = p_rows if self.symmetric else None if gallery_rows is None else _labels(gallery_rows)
+        if len(pl) != (len(probe) if p_rows is None else len(p_rows)) or \
+                len(gl) != (len(g) if g_rows is None else len(g_rows)):
             raise ValueError("one label per embedding is needed")
         pg = None if probe_groups is None else _labels(probe_groups)
         gg = pg
@@ -182,7 +183,8 @@ class _PairTiles:
         def ordered(labels, groups, rows):
             order = np.argsort(labels, kind="stable")
             return (torch.as_tensor(labels[order], device=device),
-                    None if groups is None else torch.as_tensor(groups[order], device=device), rows[order])
+                    None if groups is None else torch.as_tensor(groups[order], device=device),
+                    order if rows is None else rows[order])
 
         self.p_src, self.g_src = probe, g
         self.pl, self.pg, self.p_rows = ordered(pl, pg, p_rows)
