@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from trainer.eval.common import FARS, resolve_device
-from trainer.eval.rowfile import take_rows
 from trainer.eval.kfold import FoldScores
+from trainer.eval.rowfile import take_rows
 
 # The radix split of a score's 32-bit key: pass 1 histograms the top 20 bits (sign, exponent, 11 mantissa
 # bits: steps of 1/2048 relative, fine enough for the ROC and the k-fold thresholds), pass 2 the low 12.
