@@ -2,15 +2,15 @@
 
 Generates N distinct 112x112 JPEGs (real glint24 face crops, each with its own faint noise, so that the
 bytes differ and maskgen still finds faces), 20 per identity, in an ImageFolder tree; then runs, each as
-its own process tree, `pipeline pack`, `pipeline verify`, `maskgen build --ratio 0.05`, one epoch of
-the torch reader (`PackedDataset` + `DataLoader`) and one of the trainer's torch reader
-(`TorchTrainLoader`). For each: wall time, images/s, and the peak memory of the whole process tree, polled from /proc: the sum of PSS (shared pages split between the processes that
-share them: a forked worker is not counted twice), the anonymous part of it (without the pages of shard
-files a reader maps: clean page cache the kernel takes back at will, but counted in RSS), and the largest
-single RSS. The slope of peak memory
-against N, in bytes per image, is the figure that matters (goal: at most 100).
+its own process tree, `pipeline pack`, `pipeline verify`, `maskgen build --ratio 0.05`, one epoch of the
+trainer's torch reader (`TorchTrainLoader`) and one of the DALI reader on the CPU. For each: wall time,
+images/s, and the peak memory of the whole process tree, polled from /proc: the sum of PSS (shared pages
+split between the processes that share them: a forked worker is not counted twice), the anonymous part of
+it (without the pages of files a process maps: clean page cache the kernel takes back at will, but counted
+in RSS), and the largest single RSS. The slope of peak memory against N, in bytes per image, is the figure
+that matters (goal: at most 100).
 
-    python bench/pack_scale.py --sizes 1e4 1e5 [--workers 2] [--record]
+    python bench/pack_scale.py --sizes 1e4 1e5 1e6 [--workers 2] [--work DIR] [--record]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.peers import REPO, SHARED_DATA  # noqa: E402
 
 PER_IDENTITY = 20
+DONE = ".complete"  # written last in a generated tree
 LOG = REPO / "bench" / "log" / "pack.md"
 
 _FACES: list = []
@@ -128,21 +129,21 @@ def measured(cmd: list[str], env: dict | None = None) -> dict:
     return {"s": time.perf_counter() - t, **peak, "stdout": out}
 
 
-READER = """
-import sys, torch
-from torch.utils.data import DataLoader
-from pipeline.dataset import PackedDataset
-torch.set_num_threads(1)
-ds = PackedDataset(sys.argv[1], kinds=("train",))
+# The DALI reader on the CPU, one epoch, as the trainer builds it (its shard check and combined index, then
+# DALI's own file reads and decoding).
+DALI = """
+import sys
+from pipeline.dali_reader import DaliTrainLoader
 n = 0
-for images, labels in DataLoader(ds, batch_size=128, shuffle=True, num_workers=int(sys.argv[2])):
+for images, labels in DaliTrainLoader(sys.argv[1], batch_size=128, num_threads=int(sys.argv[2]), device="cpu",
+                                      drop_last=False):
     n += len(labels)
 print(n)
 """
 
 
 # The trainer's torch reader (TorchTrainLoader: its own permutation sampler, batches normalised in the main
-# process), one epoch, beside the plain DataLoader above.
+# process), one epoch.
 LOADER = """
 import sys, torch
 from pipeline.dataset import TorchTrainLoader
@@ -167,14 +168,18 @@ save_model(sys.argv[1], build_backbone("mbf_facexzoo", **kw), "mbf_facexzoo", kw
 """
 
 
-STAGES = ("pack", "verify", "maskgen", "reader", "loader", "eval")
+STAGES = ("pack", "verify", "maskgen", "loader", "dali", "eval")
 
 
 def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...] = STAGES,
              shard_mb: float = 1024.0) -> dict:
     images, data = tmp / f"img{n}", tmp / f"data{n}"
     t = time.perf_counter()
-    make_images(images, n, workers, src)
+    if not (images / DONE).is_file():  # --work keeps a finished tree for the next run
+        shutil.rmtree(images, ignore_errors=True)
+        make_images(images, n, workers, src)
+        (images / DONE).touch()
+    shutil.rmtree(data, ignore_errors=True)
     gen = time.perf_counter() - t
     py = sys.executable
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -187,10 +192,10 @@ def run_size(n: int, workers: int, tmp: Path, src: Path, stages: tuple[str, ...]
         res["maskgen"] = measured([py, "-m", "maskgen", "build", "--data", str(data), "--ratio", "0.05",
                                    "--workers", str(workers), "--shard-size", f"{shard_mb:g}", "--no-progress"],
                                   env)
-    if "reader" in stages:
-        res["reader"] = measured([py, "-c", READER, str(data), str(workers)], env)
     if "loader" in stages:
         res["loader"] = measured([py, "-c", LOADER, str(data), str(workers)], env)
+    if "dali" in stages:
+        res["dali"] = measured([py, "-c", DALI, str(data), str(workers)], env)
     if "eval" in stages:
         ckpt = tmp / "eval_model.pt"
         if not ckpt.exists():
@@ -235,10 +240,14 @@ def main() -> None:
                          "shard's worth of images includes it")
     ap.add_argument("--src", type=Path, default=Path(os.environ.get("FACE_DATA", SHARED_DATA)) / "glint24")
     ap.add_argument("--tmp", type=Path, default=None, help="folder for the images and datasets (default: $TMPDIR)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the generated images in this folder and use them again in later runs (10^6 images "
+                         "take minutes to write and to delete); the datasets are made anew each run")
     ap.add_argument("--record", action="store_true", help="append a dated section to bench/log/pack.md")
     args = ap.parse_args()
     results = []
-    tmp = Path(tempfile.mkdtemp(dir=args.tmp, prefix="pack_scale."))
+    tmp = args.work or Path(tempfile.mkdtemp(dir=args.tmp, prefix="pack_scale."))
+    tmp.mkdir(parents=True, exist_ok=True)
     for n in sorted(int(s) for s in args.sizes):
         results.append(run_size(n, args.workers, tmp, args.src, tuple(args.stages), args.shard_size))
         print(table(results[-1:]), flush=True)
@@ -254,8 +263,9 @@ def main() -> None:
             f.write(f"\n## Memory against dataset size ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n\n"
                     f"- machine: {model}, {os.cpu_count()} cores (shared with other jobs)\n- command: `{cmd}`\n\n"
                     f"{text}")
-    print(f"removing {tmp} (a million small files take a while)", flush=True)
-    shutil.rmtree(tmp)
+    if args.work is None:
+        print(f"removing {tmp} (a million small files take a while)", flush=True)
+        shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import secrets
 from array import array
@@ -52,6 +51,7 @@ from pipeline.recordio import (
     peek_header,
     read_frame,
     read_index,
+    release_behind,
     unpack_record,
 )
 from pipeline.shards import ShardWriter, read_record_image
@@ -65,7 +65,6 @@ from .workers import batched_map
 MASKED_KIND = "masked"
 PREFIX = "masked"
 TMP_PREFIX = "maskgen.tmp-"
-RELEASE_BYTES = 64 << 20
 PART_PREFIX = "maskgen.part-"  # a part's files until the merge: maskgen.part-00003.masked-00000.rec
 SIDECAR = "maskgen-meta.jsonl"
 # Label fields maskgen adds after the dataset's own. Codes: mask_type 1.. in MASK_TYPES order, mask_mode
@@ -147,11 +146,7 @@ def scan_sources(data: Path, manifest: dict, progress: bool = True,
             released = 0
             for off in tqdm(shard_offsets, desc=f"scan {shard['rec']}", unit="rec", disable=not progress,
                             leave=False):
-                if isinstance(buf, mmap.mmap) and off - released > RELEASE_BYTES:
-                    # A header per record touches every page: released, they would all stay in the RSS.
-                    start = released - released % mmap.PAGESIZE
-                    buf.madvise(mmap.MADV_DONTNEED, start, (off - start) - (off - start) % mmap.PAGESIZE)
-                    released = off
+                released = release_behind(buf, released, off)  # a header a record touches every page
                 header = peek_header(buf, off)
                 if header is None:  # split before its label ends (or malformed: read_frame raises)
                     header, _ = unpack_record(read_frame(buf, off)[0])

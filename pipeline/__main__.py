@@ -114,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m pipeline")
     args = build_parser(prog).parse_args(argv)
     try:
         if args.command == "pack":
-            from .pack import PackOptions, pack
+            from .pack import pack
+            from .pack_plan import PackOptions
 
             opts = PackOptions(
                 sources=args.sources, out=args.out, size=args.size, quality=args.quality,

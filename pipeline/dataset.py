@@ -21,7 +21,7 @@ from .imageio import ImageRejected, decode_jpeg_rgb
 from .malloc_limits import fix_mmap_threshold
 from .manifest import load_manifest
 from .record_check import BadRecord, RecordRules, check_label, check_record, load_shard_index
-from .recordio import RecordIO, RecordIOError, unpack_record
+from .recordio import RELEASE_READS, RecordIO, RecordIOError, release_map, unpack_record
 
 
 class PackedDataset(Dataset):
@@ -56,6 +56,7 @@ class PackedDataset(Dataset):
         self._offsets: list[np.ndarray] = [load_shard_index(self.data_dir, s)[1] for s in shards]
         self._starts = np.cumsum([0] + [len(o) for o in self._offsets]).tolist()
         self._files: dict[int, RecordIO] = {}
+        self._reads = 0
         self.epoch = 0  # varies the augmentation draw per epoch
 
     def __len__(self) -> int:
@@ -80,7 +81,12 @@ class PackedDataset(Dataset):
             check_record(f.buffer, offset, self.rules, limit)  # the DALI reader's check, record for record
         except BadRecord as e:
             raise BadRecord(f"{f.path} at byte {offset}: {e}") from None
-        return unpack_record(f.read_at(offset))
+        record = unpack_record(f.read_at(offset))
+        self._reads += 1
+        if self._reads % RELEASE_READS == 0:  # the shards' pages read would all stay in this process's RSS
+            for g in self._files.values():
+                release_map(g.buffer)
+        return record
 
     def label_vector(self, header) -> np.ndarray:
         values = np.zeros(len(self.label_fields), dtype=np.float32)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_with
 from .digests import DigestSet
 from .manifest import MANIFEST, VERSION, identity_label_fields, load_manifest
-from .pack import (
+from .pack_plan import (
     CLASSES,
     HOLDOUT_PAIRS,
     PLAN,
@@ -37,7 +37,7 @@ from .pack import (
     PackError,
     PackOptions,
     Plan,
-    _journal_intact,
+    journal_intact,
     load_journal,
     part_dir,
     plan_pack,
@@ -74,7 +74,7 @@ def merge(out: Path, progress: bool = True, plan: Optional[Plan] = None,
     for k in range(n):
         j = load_journal(out, k)
         ok = (j is not None and j.get("fingerprint") == info["fingerprint"] and j.get("parts") == n
-              and j.get("done") and _journal_intact(out, j))
+              and j.get("done") and journal_intact(out, j))
         journals.append(j)
         if not ok:
             unfinished.append(k)
@@ -160,7 +160,7 @@ def _cross_part_duplicates(out: Path, plan: Plan, journals: list[dict],
     dups: dict[str, dict[int, int]] = defaultdict(dict)
     if len(journals) == 1:
         return dups, []  # one part saw every image itself
-    known = DigestSet()
+    known = DigestSet(plan.total)
     lines = []
     for k, j in enumerate(journals):
         found_in_part = []

@@ -1,33 +1,25 @@
 """`python -m pipeline pack`: face images in, shuffled MXNet RecordIO shards plus a manifest out.
 
 Order of work, and why:
-1. Enumerate every source (no pixels read) and give each identity a contiguous class id.
-2. Hold out `--holdout` images per identity (for verification pairs of people seen in training), then
-   `--val-split` of each identity's remaining images (a stratified validation split: at least one image
-   of an identity with two or more left, never its last one).
-3. Shuffle the rest across identities with the seed: DALI shuffles only inside a buffer and hands each
-   rank a contiguous block, so the order on disk is the order that matters. Holdout images come first
-   in this write order, then the validation images, then the shuffled training images; each gets its
-   record id from its position (training images 0..num_train-1, the others after them).
-4. Decode/convert/encode in worker processes, in that order; the main process writes records and cuts
+1. Compute the plan (`pipeline.pack_plan`): class ids, the holdout and validation images, the shuffled
+   write order, each image's record id from its position.
+2. Decode/convert/encode in worker processes, in that order; the main process writes records and cuts
    shards at `--shard-size`. The same input and seed therefore give byte-identical shards.
-5. Each finished shard is renamed into place and recorded in a journal under `.pack-state/part-K/`; an
+3. Each finished shard is renamed into place and recorded in a journal under `.pack-state/part-K/`; an
    interrupted pack resumes from the last finished shard. `manifest.json` is written last (by
    `pipeline.merge`), so a folder without it never looks complete.
 
 Packing across machines (issue N): `--part K/N` packs the K-th of N contiguous ranges of the write order.
-Every part enumerates the sources and computes the same plan (class ids, holdout, shuffle: they depend on
-the listing and the seed alone), writes `train-pKKKKK-*` shards and its journal, and `python -m pipeline
-merge DATA` then checks the parts and writes the one manifest. A single-machine pack is part 0 of 1
-followed by the same merge. Byte-identical duplicates are skipped inside a part as it goes (the first in
-write order is kept); a duplicate of an image of an earlier part can only be seen by the merge, which
-drops it and rewrites that one shard, so the records are the same as a single pack's. Memory: the plan is
-numpy arrays and byte buffers (`pipeline.sources`), the content hashes are `pipeline.digests` runs.
+Every part enumerates the sources and computes the same plan, writes `train-pKKKKK-*` shards and its
+journal, and `python -m pipeline merge DATA` then checks the parts and writes the one manifest. A
+single-machine pack is part 0 of 1 followed by the same merge. Byte-identical duplicates are skipped inside
+a part as it goes (the first in write order is kept); a duplicate of an image of an earlier part can only
+be seen by the merge, which drops it and rewrites that one shard, so the records are the same as a single
+pack's. Memory: the content hashes are `pipeline.digests` runs.
 
 A pack deletes only files it wrote itself: the shards its journals list, and the files a manifest names
 when `--overwrite` replaces a finished dataset. Any other file in `--out` that looks like pack output
-stops the pack with the files named. In `classes.tsv` (`id<TAB>name` lines) a tab, newline or backslash
-in a name is written as `\\t`, `\\n`, `\\\\`.
+stops the pack with the files named.
 """
 from __future__ import annotations
 
@@ -40,94 +32,55 @@ import shutil
 import threading
 from array import array
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from .atomic import atomic_write_json, atomic_write_with
-from .attributes import load_attributes
 from .digests import RECORD, DigestSet, split
 from .imageio import RESIZE_MODES, ImageRejected, prepare_image
+from .malloc_limits import fix_mmap_threshold
 from .manifest import MANIFEST, identity_label_vector, load_manifest
+from .merge import merge
+from .pack_plan import (
+    CLASSES,
+    HOLDOUT_PAIRS,
+    JOURNAL,
+    PLAN,
+    SKIPPED,
+    STATE_DIR,
+    STREAMS,
+    PackError,
+    PackOptions,
+    Plan,
+    journal_intact,
+    load_journal,
+    part_dir,
+    part_range,
+    plan_pack,
+    shard_prefix,
+    skip_line,
+)
 from .recordio import IRHeader, RecordIOError, frame_record, pack_record
 from .shards import ShardWriter, read_record_image
-from .sources import SourceError, SourceListing, list_source
+from .sources import SourceError
 
-STATE_DIR = ".pack-state"
-PLAN = "plan.json"
-JOURNAL = "journal.json"
-SKIPPED = "skipped.tsv"
-CLASSES = "classes.tsv"
-HOLDOUT_PAIRS = "holdout_pairs.bin"
 # Names a pack (or maskgen) writes: a file of such a name that no journal or manifest lists is not ours.
 OUTPUT_PATTERNS = ("train-*", "holdout-*", "val-*", "masked-*", "maskgen*", MANIFEST, SKIPPED, CLASSES,
                    HOLDOUT_PAIRS)
 _PARTIAL = re.compile(r"^(?:train|holdout|val)-(?:p(\d{5})-)?\d{5}d?\.rec\.partial$")
-# The streams of the write order, in that order (docs/design.md section 1: shard kinds).
-STREAMS = ("holdout", "val", "train")
-
-
-class PackError(RuntimeError):
-    """The pack cannot go on; the message is the one-line reason shown to the user."""
-
-
-@dataclass
-class PackOptions:
-    sources: list[str]
-    out: Path
-    size: tuple[int, int] = (112, 112)
-    quality: int = 95
-    shard_size_mb: float = 1024.0
-    seed: int = 0
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    strict: bool = False
-    align: bool = False
-    label_regex: Optional[str] = None
-    list_root: Optional[str] = None
-    merge_classes: bool = False
-    keep_labels: bool = False
-    holdout: int = 0
-    holdout_pairs: int = 0
-    val_split: float = 0.0  # share of each identity's images (after --holdout) in the "val" shards
-    resize_mode: str = "crop"
-    attributes: Optional[str] = None  # TSV or CelebA list_attr_celeba.txt (pipeline/attributes.py)
-    overwrite: bool = False
-    progress: bool = True
-    part: tuple[int, int] = (0, 1)  # (K, N): this process packs the K-th of N ranges
-
-    def fingerprint_fields(self) -> dict:
-        d = asdict(self)
-        for k in ("out", "workers", "overwrite", "progress", "strict", "part"):
-            d.pop(k)
-        if not self.val_split:
-            d.pop("val_split")  # a pack without a validation split keeps the fingerprint it had before it
-        d["sources"] = [os.path.abspath(s) for s in self.sources]
-        if self.attributes:
-            d["attributes_sha256"] = hashlib.sha256(Path(self.attributes).read_bytes()).hexdigest()
-        return d
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["out"] = str(self.out)
-        d["sources"] = [os.path.abspath(s) for s in self.sources]
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict, out: Path, progress: bool = True) -> "PackOptions":
-        d = dict(d, out=out, progress=progress, part=(0, 1), size=tuple(d["size"]))
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------- workers
 _WORKER: dict = {}
 
 
-def _init_worker(size, quality, resize_mode, align, num_classes) -> None:
-    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None,
-                   num_classes=num_classes)
+def _init_worker(size, quality, resize_mode, align) -> None:
+    _WORKER.update(size=tuple(size), quality=quality, resize_mode=resize_mode, transform=None)
     if align:
         from .align import align_face  # imported in the worker: mediapipe state is per process
 
@@ -141,7 +94,7 @@ def _read_input(path: str, offset: int) -> bytes:
     return read_record_image(path, offset)
 
 
-def _process(task: tuple):
+def _process(task: tuple, num_classes: int):
     """(status, data, content hash, notes): 'ok' with the framed record, or 'skip' with (reason, detail)."""
     path, offset, class_id, rec_id, attributes = task
     try:
@@ -159,219 +112,19 @@ def _process(task: tuple):
     except Exception as e:  # a decoder bug on one file must not end a multi-hour pack
         return "skip", ("corrupt image", f"{type(e).__name__}: {e}"), digest, []
     # Framing here keeps the single writer process down to I/O and checksums.
-    label = identity_label_vector(class_id, _WORKER["num_classes"])
+    label = identity_label_vector(class_id, num_classes)
     if attributes:
         label = (label or [float(class_id)]) + list(attributes)
     header = IRHeader(0, float(class_id) if label is None else label, rec_id, 0)
     return "ok", frame_record(pack_record(header, jpeg)), digest, notes
 
 
-def _process_chunk(tasks: list) -> list:
-    return [_process(t) for t in tasks]
-
-
-# ---------------------------------------------------------------------------------------------- planning
-@dataclass
-class Plan:
-    """The write order of a pack as arrays: position p holds global item `order[p]`; the first
-    `num_holdout` positions are the holdout stream, the next `num_val` the validation stream, the rest the
-    shuffled training stream."""
-
-    listings: list[SourceListing]
-    starts: np.ndarray  # global index of each listing's first item, then the total
-    item_cid: np.ndarray  # class id of each global item
-    order: np.ndarray
-    num_classes: int
-    num_train: int
-    num_holdout: int
-    class_src: np.ndarray  # per class id: its source (-1: no identity has this id) ...
-    class_local: np.ndarray  # ... and its index in that source's class names
-    fingerprint: str
-    merge_classes: bool = False
-    attribute_fields: list[str] = field(default_factory=list)
-    attrs_of: Optional[object] = None
-    num_val: int = 0
-
-    @property
-    def total(self) -> int:
-        return len(self.order)
-
-    def item(self, pos: int) -> tuple[SourceListing, int, int]:
-        g = int(self.order[pos])
-        s = int(np.searchsorted(self.starts, g, side="right")) - 1
-        return self.listings[s], g - int(self.starts[s]), g
-
-    def stream(self, pos: int) -> str:
-        if pos < self.num_holdout:
-            return "holdout"
-        return "val" if pos < self.num_holdout + self.num_val else "train"
-
-    def rec_id(self, pos: int) -> int:
-        held = self.num_holdout + self.num_val
-        return self.num_train + pos if pos < held else pos - held
-
-    def task(self, pos: int) -> tuple:
-        listing, i, g = self.item(pos)
-        path = listing.path(i)
-        offset = listing.offset(i)
-        attrs = self.attrs_of(path, offset) if self.attrs_of else ()
-        return path, offset, int(self.item_cid[g]), self.rec_id(pos), attrs
-
-    def display(self, pos: int) -> str:
-        listing, i, _ = self.item(pos)
-        return listing.display(i)
-
-    def class_name(self, cid: int) -> str:
-        s = int(self.class_src[cid])
-        if s < 0:
-            return ""
-        name = self.listings[s].class_names[int(self.class_local[cid])]
-        return name if (self.merge_classes or len(self.listings) == 1) else f"{s}/{name}"
-
-    @property
-    def enum_skips(self) -> list:
-        return [s for listing in self.listings for s in listing.skips]
-
-    @property
-    def empty_classes(self) -> list[str]:
-        return [f"{lst.root}/{c}" for lst in self.listings for c in lst.empty_classes]
-
-    @property
-    def sources(self) -> list[dict]:
-        return [{"path": os.path.abspath(lst.root), "kind": lst.kind, "candidates": len(lst)}
-                for lst in self.listings]
-
-
-def _check_out_outside_sources(opts: PackOptions) -> None:
-    out = Path(os.path.abspath(opts.out))
-    for src in opts.sources:
-        s = Path(os.path.abspath(src))
-        if s.is_dir() and (out == s or s in out.parents):
-            raise PackError(f"--out {opts.out} is inside the source {src}: a rerun would pack the output "
-                            f"as a new identity; choose a folder outside it")
-
-
-def plan_pack(opts: PackOptions) -> Plan:
-    _check_out_outside_sources(opts)
-    listings = [list_source(src, opts.label_regex, Path(opts.list_root) if opts.list_root else None,
-                            opts.progress) for src in opts.sources]
-    # Per source: each local identity's rank (first-seen order over the sources) and class id.
-    ranks, cids = [], []
-    key_rank: dict = {}
-    key_first: list = []  # per rank: (source, local index)
-    for s, lst in enumerate(listings):
-        n = len(lst.class_names)
-        if opts.merge_classes:
-            r = np.empty(n, np.int64)
-            for j in range(n):
-                key = lst.class_names.raw(j)
-                if key not in key_rank:
-                    key_rank[key] = len(key_first)
-                    key_first.append((s, j))
-                r[j] = key_rank[key]
-        else:
-            r = np.arange(len(key_first), len(key_first) + n, dtype=np.int64)
-            key_first += [(s, j) for j in range(n)]
-        ranks.append(r)
-    num_ranks = len(key_first)
-    if opts.keep_labels:
-        for s, lst in enumerate(listings):
-            names = [lst.class_names[j] for j in range(len(lst.class_names))]
-            bad = [n for n in names if not n.lstrip("-").isdigit()]
-            if bad:
-                raise PackError(f"--keep-labels needs integer labels; {len(bad)} are not (first: {bad[0]!r})")
-            c = np.array([int(n) for n in names], np.int64)
-            if len(c) and c.min() < 0:
-                raise PackError("--keep-labels needs labels >= 0")
-            cids.append(c)
-        num_classes = max((int(c.max()) + 1 for c in cids if len(c)), default=0)
-    else:
-        cids = ranks
-        num_classes = num_ranks
-    class_src = np.full(num_classes, -1, np.int32)
-    class_local = np.full(num_classes, -1, np.int64)
-    for r_, (s, j) in enumerate(key_first):
-        cid = int(cids[s][j])
-        class_src[cid], class_local[cid] = s, j
-    starts = np.cumsum([0] + [len(lst) for lst in listings]).astype(np.int64)
-    item_cid = np.concatenate([c[lst.item_class].astype(np.int32) for c, lst in zip(cids, listings)]) \
-        if listings else np.zeros(0, np.int32)
-    item_rank = np.concatenate([r[lst.item_class] for r, lst in zip(ranks, listings)])
-    # Items grouped by identity (first-seen order), each identity's items in listing order.
-    if len(item_rank) and np.any(np.diff(item_rank) < 0):
-        grouped = np.argsort(item_rank, kind="stable")
-    else:
-        grouped = np.arange(len(item_rank), dtype=np.int64)
-    counts = np.bincount(item_rank, minlength=num_ranks) if len(item_rank) else np.zeros(0, np.int64)
-    del item_rank
-
-    held = np.zeros(len(grouped), bool)
-    val = np.zeros(len(grouped), bool)
-    if opts.holdout > 0 or opts.val_split > 0:
-        rng = np.random.default_rng([opts.seed, 0])
-        rng_val = np.random.default_rng([opts.seed, 2])
-        start = 0
-        for n in counts.tolist():
-            k = min(opts.holdout, n - 1)
-            if k > 0:
-                held[start + rng.choice(n, size=k, replace=False)] = True
-            if opts.val_split > 0:
-                free = start + np.flatnonzero(~held[start:start + n])
-                v = val_count(len(free), opts.val_split)
-                if v > 0:
-                    val[free[rng_val.choice(len(free), size=v, replace=False)]] = True
-            start += n
-    holdout = grouped[held]
-    val_items = grouped[val]
-    train = grouped[~(held | val)]
-    del grouped, held, val
-    perm = np.random.default_rng([opts.seed, 1]).permutation(len(train))
-    order = np.concatenate([holdout, val_items, train[perm]]).astype(np.int64)
-    num_holdout, num_val, num_train = len(holdout), len(val_items), len(train)
-    del holdout, val_items, train, perm
-    attr_names, attrs_of = load_attributes(opts.attributes, listings) if opts.attributes else ([], None)
-
-    fp = hashlib.sha256(json.dumps(opts.fingerprint_fields(), sort_keys=True).encode())
-    for lst in listings:
-        fp.update(lst.content_digest)
-    fp.update(item_cid.tobytes())
-    fp.update(order.tobytes())
-    fp.update(f"{num_holdout}\t{num_classes}".encode() + (f"\t{num_val}".encode() if num_val else b""))
-    return Plan(listings=listings, starts=starts, item_cid=item_cid, order=order, num_classes=num_classes,
-                num_train=num_train, num_holdout=num_holdout, class_src=class_src, class_local=class_local,
-                fingerprint=fp.hexdigest(), merge_classes=opts.merge_classes, attribute_fields=attr_names,
-                attrs_of=attrs_of, num_val=num_val)
-
-
-
-def val_count(n: int, share: float) -> int:
-    """Validation images of an identity with `n` images left after the holdout: round(share * n), at least
-    1 where n >= 2, at most n - 1 (the identity keeps a training image)."""
-    return min(max(int(np.floor(share * n + 0.5)), 1 if n >= 2 else 0), n - 1) if n > 0 else 0
+def _process_chunk(job: tuple[int, list]) -> list:
+    num_classes, tasks = job  # sent with the tasks: the workers start before the plan exists
+    return [_process(t, num_classes) for t in tasks]
 
 
 # ---------------------------------------------------------------------------------------------- ownership
-def part_range(total: int, k: int, n: int) -> tuple[int, int]:
-    """Write positions [lo, hi) of part k of n: contiguous, sizes differing by at most one."""
-    return k * total // n, (k + 1) * total // n
-
-
-def shard_prefix(kind: str, k: int, n: int) -> str:
-    return kind if n == 1 else f"{kind}-p{k:05d}"
-
-
-def part_dir(out: Path, k: int) -> Path:
-    return out / STATE_DIR / f"part-{k:05d}"
-
-
-def load_journal(out: Path, k: int) -> Optional[dict]:
-    path = part_dir(out, k) / JOURNAL
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _journals(out: Path) -> list[tuple[int, dict]]:
     state = out / STATE_DIR
     found = []
@@ -439,14 +192,6 @@ def remove_dataset(out: Path) -> None:
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
 
-def _journal_intact(out: Path, journal: dict) -> bool:
-    for entry in journal["shards"]:
-        rec = out / entry["rec"]
-        if not rec.is_file() or rec.stat().st_size != entry["bytes"]:
-            return False
-    return True
-
-
 def _drop_part(out: Path, k: int, journal: Optional[dict]) -> None:
     """Remove what part k wrote: the shards its journal lists, its unfinished shard, its state."""
     if journal:
@@ -473,7 +218,7 @@ def _prepare_part(opts: PackOptions, plan: Plan) -> Optional[dict]:
     journal = load_journal(out, k)
     if journal is not None:
         if (journal.get("fingerprint") == plan.fingerprint and journal.get("parts") == n
-                and _journal_intact(out, journal)):
+                and journal_intact(out, journal)):
             return journal
         print(f"pack: {out} holds an unfinished part {k} of other input or options; starting it over", flush=True)
         _drop_part(out, k, journal)
@@ -520,33 +265,55 @@ def pack(opts: PackOptions) -> dict:
     """Run a pack (or finish an interrupted one). A whole pack returns the manifest; a part of several
     (`opts.part`) returns its journal, and `pipeline.merge.merge` makes the dataset once all are done."""
     _validate(opts)
+    # Large freed blocks go back to the system at once: glibc would otherwise raise its mmap threshold
+    # past the size of the workers' result chunks (~100 KB) and the writer's heap would fragment, growing
+    # ~100 bytes an image (issue N). Set before the workers fork, so theirs is the same.
+    fix_mmap_threshold(MMAP_THRESHOLD)
     out = opts.out
-    try:
-        plan = plan_pack(opts)
-    except SourceError as e:
-        raise PackError(str(e)) from None
-    if (out / MANIFEST).exists() and not opts.overwrite:
-        existing = load_manifest(out)
-        if existing.get("fingerprint") == plan.fingerprint:
-            print(f"pack: {out} is already packed from this input with these options", flush=True)
-            return existing
-    if plan.num_train == 0:
-        raise PackError("no images found in the sources")
-    if opts.strict and plan.enum_skips:
-        s = plan.enum_skips[0]
-        raise PackError(f"--strict: {len(plan.enum_skips)} inputs skipped, first {s.display}: {s.reason}")
-    if plan.num_classes > (1 << 24) and opts.part[0] == 0:
-        print(f"pack: {plan.num_classes} identities exceed float32's exact range (2^24); labels are also "
-              f"stored as exact (hi, lo) pieces, see label_fields", flush=True)
-    journal = run_part(opts, plan)
+    # The workers start before the plan exists: forked after it, each would inherit the plan and the heap
+    # the enumeration freed, and copy them page by page as it allocates (issue N: ~40 bytes an image each).
+    with _worker_pool(opts) as pool:
+        try:
+            plan = plan_pack(opts)
+        except SourceError as e:
+            raise PackError(str(e)) from None
+        if (out / MANIFEST).exists() and not opts.overwrite:
+            existing = load_manifest(out)
+            if existing.get("fingerprint") == plan.fingerprint:
+                print(f"pack: {out} is already packed from this input with these options", flush=True)
+                return existing
+        if plan.num_train == 0:
+            raise PackError("no images found in the sources")
+        if opts.strict and plan.enum_skips:
+            s = plan.enum_skips[0]
+            raise PackError(f"--strict: {len(plan.enum_skips)} inputs skipped, first {s.display}: {s.reason}")
+        if plan.num_classes > (1 << 24) and opts.part[0] == 0:
+            print(f"pack: {plan.num_classes} identities exceed float32's exact range (2^24); labels are also "
+                  f"stored as exact (hi, lo) pieces, see label_fields", flush=True)
+        journal = run_part(opts, plan, pool)
     if opts.part[1] > 1:
         return journal
-    from .merge import merge
-
     return merge(out, opts.progress, plan=plan, opts=opts)
 
 
-def run_part(opts: PackOptions, plan: Plan) -> dict:
+@contextmanager
+def _worker_pool(opts: PackOptions) -> Iterator[Optional[Pool]]:
+    """The encoding workers (None: encode in this process)."""
+    if opts.workers <= 1:
+        yield None
+        return
+    # mediapipe (--align) cannot run in a forked child of a process that has used it
+    ctx = mp.get_context("fork" if not opts.align else "spawn")
+    pool = ctx.Pool(opts.workers, initializer=_init_worker,
+                    initargs=(opts.size, opts.quality, opts.resize_mode, opts.align))
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def run_part(opts: PackOptions, plan: Plan, pool: Optional[Pool] = None) -> dict:
     out = opts.out
     k, n = opts.part
     lo, hi = part_range(plan.total, k, n)
@@ -557,7 +324,7 @@ def run_part(opts: PackOptions, plan: Plan) -> dict:
                    "hash_files": [], "next": lo, "skipped_bytes": 0, "counters": {}, "done": False}
     if journal["done"]:
         return journal
-    seen = DigestSet()
+    seen = DigestSet(hi - lo)
     for name in journal["hash_files"]:
         seen.extend(np.load(state / name))
     counters = Counter(journal["counters"])
@@ -593,7 +360,7 @@ def run_part(opts: PackOptions, plan: Plan) -> dict:
         atomic_write_json(state / JOURNAL, journal)
 
     try:
-        for pos, result in _run_workers(opts, plan, journal["next"], hi):
+        for pos, result in _run_workers(opts, plan, journal["next"], hi, pool):
             status, data, digest, notes = result
             stream = plan.stream(pos)
             if status == "ok":
@@ -639,26 +406,18 @@ def _log_skip(log, counters: Counter, display: str, reason: str, detail: str = "
     counters["skipped:" + reason] += 1
 
 
-def skip_line(display: str, reason: str, detail: str = "") -> str:
-    clean = lambda s: s.replace("\t", " ").replace("\n", " ")  # noqa: E731
-    return f"{clean(display)}\t{reason}\t{clean(detail)}\n"
-
-
-def tsv_field(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
 CHUNK = 32  # images per worker task
+MMAP_THRESHOLD = 1 << 16  # below a result chunk's size (32 records of a few KB)
 IN_FLIGHT = 4  # chunks per worker between the task maker and the writer
 
 
-def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterable[tuple[int, tuple]]:
+def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int,
+                 pool: Optional[Pool]) -> Iterable[tuple[int, tuple]]:
     """(position, result) in write order for positions [start, end); tasks are made as the workers
     take them, never held for the whole range."""
     lo, hi = part_range(plan.total, *opts.part)
     bar = tqdm(total=hi - lo, initial=start - lo, desc="pack" if opts.part[1] == 1 else f"pack part {opts.part[0]}",
                unit="img", disable=not opts.progress, smoothing=0.05)
-    init = (opts.size, opts.quality, opts.resize_mode, opts.align, plan.num_classes)
 
     # Pool.imap takes tasks as fast as it can and keeps results until they are read: a semaphore keeps
     # at most IN_FLIGHT chunks between the task maker and this loop, whichever side is slower.
@@ -670,15 +429,13 @@ def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterabl
             in_flight.acquire()
             if stop.is_set():  # the loop below ended early: let the pool's task thread finish
                 return
-            yield [plan.task(p) for p in range(c, min(c + CHUNK, end))]
+            yield plan.num_classes, [plan.task(p) for p in range(c, min(c + CHUNK, end))]
 
     try:
-        if opts.workers <= 1:
-            _init_worker(*init)
+        if pool is None:
+            _init_worker(opts.size, opts.quality, opts.resize_mode, opts.align)
             results = map(_process_chunk, chunks())
         else:
-            ctx = mp.get_context("fork" if not opts.align else "spawn")
-            pool = ctx.Pool(opts.workers, initializer=_init_worker, initargs=init)
             results = pool.imap(_process_chunk, chunks())
         try:
             pos = start
@@ -691,8 +448,5 @@ def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int) -> Iterabl
         finally:
             stop.set()
             in_flight.release()
-            if opts.workers > 1:
-                pool.terminate()
-                pool.join()
     finally:
         bar.close()

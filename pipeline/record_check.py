@@ -36,6 +36,7 @@ from .recordio import (
     open_map,
     read_frame,
     read_index_arrays,
+    release_behind,
 )
 
 _JPEG_SOI = b"\xff\xd8\xff"
@@ -257,7 +258,9 @@ def _scan_shard(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, rules: Re
     buf = open_map(rec_path)
     try:
         limits = np.append(offsets[1:], len(buf)).tolist()
+        released = 0
         for i, (off, limit) in enumerate(zip(offsets.tolist(), limits)):
+            released = release_behind(buf, released, off)
             try:
                 check_record(buf, off, rules, limit)
                 if decode:

@@ -178,6 +178,29 @@ def map_file(path: str | os.PathLike) -> Iterator[Buffer]:
         close_map(buf)
 
 
+# Pages of a mapped file that a process has read count in its RSS until it unmaps them (the kernel also
+# maps up to 64 KB around each page touched), though they are clean page cache: a scan of a 1 GB shard, or
+# random reads over 40 of them, would count them whole (issue N). The readers drop them as they go.
+RELEASE_BYTES = 64 << 20  # a sequential scan drops what it read every RELEASE_BYTES
+RELEASE_READS = 64  # a random reader drops all of its maps every RELEASE_READS records (~4 MB at most)
+
+
+def release_behind(buf: Buffer, released: int, pos: int) -> int:
+    """In a scan of `buf` that has read up to `pos`: drop the pages before `pos` from this process once
+    RELEASE_BYTES were read since the mark `released` (they stay in the page cache); the new mark."""
+    if not isinstance(buf, mmap.mmap) or pos - released < RELEASE_BYTES:
+        return released
+    start = released - released % mmap.PAGESIZE
+    buf.madvise(mmap.MADV_DONTNEED, start, (pos - start) - (pos - start) % mmap.PAGESIZE)
+    return pos
+
+
+def release_map(buf: Buffer) -> None:
+    """Drop every page of a map from this process (the next read maps it again, from the page cache)."""
+    if isinstance(buf, mmap.mmap) and len(buf):
+        buf.madvise(mmap.MADV_DONTNEED)
+
+
 def peek_header(buf: Buffer, offset: int) -> Optional[IRHeader]:
     """The IRHeader of the record at `offset` from its first bytes alone (a scan of ids and labels reads a
     few bytes per record, not every image). None when the first part cannot tell: the record is split

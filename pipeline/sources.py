@@ -12,7 +12,6 @@ is packed like any other and shown with `surrogateescape`.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import re
 from array import array
@@ -26,11 +25,19 @@ import numpy as np
 from tqdm import tqdm
 
 from .manifest import MANIFEST, load_manifest, shard_paths
-from .recordio import RecordIOError, close_map, first_label, open_map, read_frame, read_index, unpack_record
+from .recordio import (
+    RecordIOError,
+    close_map,
+    first_label,
+    open_map,
+    read_frame,
+    read_index,
+    release_behind,
+    unpack_record,
+)
 
 SCAN_THREADS = 16  # directory listing waits on the file system, not the CPU: threads overlap the waits
 SCAN_CHUNK = 64  # identity folders per thread task
-RELEASE_BYTES = 64 << 20
 
 
 class SourceError(ValueError):
@@ -341,11 +348,7 @@ def _scan_rec(rec_path: Path, file_index: int, offsets: array, files: array, lab
             off, pos = pos, nxt
             found += 1
             bar.update()
-            if isinstance(buf, mmap.mmap) and pos - released > RELEASE_BYTES:
-                # Pages read stay in the process's RSS until released: a 100 GB .rec would count whole.
-                start = released - released % mmap.PAGESIZE
-                buf.madvise(mmap.MADV_DONTNEED, start, (pos - start) - (pos - start) % mmap.PAGESIZE)
-                released = pos
+            released = release_behind(buf, released, pos)  # a 100 GB .rec would count whole
             try:
                 header, image = unpack_record(payload)
                 label = first_label(header)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .imageio import decode_jpeg_rgb
 from .manifest import MANIFEST, ManifestError, load_manifest
 from .record_check import BadRecord, RecordRules, check_payload, load_shard_index
-from .recordio import IR_SIZE, RecordIOError, map_file, read_frame
+from .recordio import IR_SIZE, RELEASE_BYTES, RecordIOError, map_file, read_frame, release_behind
 
 
 class VerifyError(RuntimeError):
@@ -84,10 +84,10 @@ def _verify_shard(data_dir: Path, shard: dict, rules: RecordRules, decode: bool,
         raise VerifyError(str(e)) from None
     ids = array("Q")
     scanned = array("q")
-    with map_file(rec_path) as buf:
+    with map_file(rec_path) as buf, memoryview(buf) as view:
         size = len(buf)
-        sha = hashlib.sha256(buf).hexdigest()
-        pos = 0
+        sha = hashlib.sha256()
+        pos = hashed = released = 0
         while pos < size:
             try:
                 payload, nxt = read_frame(buf, pos)
@@ -100,6 +100,12 @@ def _verify_shard(data_dir: Path, shard: dict, rules: RecordRules, decode: bool,
             scanned.append(pos)
             bar.update(nxt - pos)
             pos = nxt
+            if pos - hashed >= RELEASE_BYTES:  # hashed as read, so that the pages read can be dropped
+                sha.update(view[hashed:pos])
+                hashed = pos
+                released = release_behind(buf, released, pos)
+        sha.update(view[hashed:size])
+        sha = sha.hexdigest()
     if sha != shard["sha256"]:
         raise VerifyError(f"{name}: sha256 {sha[:16]}... differs from the manifest's {shard['sha256'][:16]}...")
     with open(idx_path, "rb") as f:

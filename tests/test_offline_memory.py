@@ -55,3 +55,81 @@ def test_the_mmap_threshold_is_fixed_where_the_c_library_is_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     assert fix_mmap_threshold() is True
+
+
+def _mapped_kib(path) -> int:
+    """This process's resident pages of the mappings of `path` (KiB)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if not first.endswith(":"):
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+def _largest_shard(data):
+    from pipeline.manifest import load_manifest
+
+    shard = max(load_manifest(data)["shards"], key=lambda s: s["bytes"])
+    return data / shard["rec"], shard
+
+
+def test_random_reads_leave_no_shard_mapped_whole(packed_glint, monkeypatch):
+    """Issue N: pages read from a mapped shard stay in the reader's RSS (and the kernel maps 64 KB around each
+    one) until dropped; over 40 shards of 1 GB an epoch would count them all."""
+    import pipeline.dataset as dataset
+
+    monkeypatch.setattr(dataset, "RELEASE_READS", 2, raising=False)
+    ds = dataset.PackedDataset(packed_glint, raw=True)
+    rec, shard = _largest_shard(packed_glint)
+    first = ds._starts[[s["rec"] for s in ds.shards].index(shard["rec"])]
+    assert shard["bytes"] > 768 * 1024
+    peak = 0
+    for i in range(first, first + shard["count"]):
+        ds.read_record(i)
+        peak = max(peak, _mapped_kib(rec))
+    assert peak <= 384, f"{peak} KiB of a {shard['bytes'] >> 10} KiB shard stayed mapped"
+
+
+def test_verify_keeps_at_most_a_window_of_a_shard_mapped(packed_glint, monkeypatch):
+    import pipeline.recordio as recordio
+    import pipeline.verify as verify
+
+    monkeypatch.setattr(recordio, "RELEASE_BYTES", 64 * 1024, raising=False)
+    monkeypatch.setattr(verify, "RELEASE_BYTES", 64 * 1024, raising=False)
+    rec, shard = _largest_shard(packed_glint)
+    peak = []
+    real = verify.read_frame
+
+    def watched(buf, pos):
+        if pos and len(buf) == shard["bytes"]:
+            peak.append(_mapped_kib(rec))
+        return real(buf, pos)
+
+    monkeypatch.setattr(verify, "read_frame", watched)
+    verify.verify(packed_glint, progress=False)
+    assert peak and max(peak) <= 256, f"{max(peak)} KiB of a {shard['bytes'] >> 10} KiB shard stayed mapped"
+
+
+def test_pack_starts_its_workers_before_the_plan(glint24, tmp_path, monkeypatch):
+    """Issue N: workers forked after the plan inherit it and the heap the enumeration freed, and copy it page
+    by page as they allocate (~40 bytes an image each, measured); forked first, they hold neither."""
+    import multiprocessing as mp
+
+    import pipeline.pack as pack
+    from pipeline.pack_plan import PackOptions
+
+    children_at_plan = []
+    real = pack.plan_pack
+
+    def watched(opts):
+        children_at_plan.append(len(mp.active_children()))
+        return real(opts)
+
+    monkeypatch.setattr(pack, "plan_pack", watched)
+    m = pack.pack(PackOptions(sources=[str(glint24)], out=tmp_path / "out", workers=2, progress=False))
+    assert m["num_images"] > 0
+    assert children_at_plan == [2]

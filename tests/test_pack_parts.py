@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.manifest import load_manifest
 from pipeline.merge import merge
-from pipeline.pack import PackError, PackOptions, pack
+from pipeline.pack import pack
+from pipeline.pack_plan import PackError, PackOptions
 from tests.conftest import run_cli
 from tests.test_pack import all_records
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.dataset import PackedDataset, TorchTrainLoader
 from pipeline.manifest import ManifestError, load_manifest
-from pipeline.pack import val_count
+from pipeline.pack_plan import val_count
 from pipeline.record_check import check_label
 from tests._eval_helpers import face_folder, run_module
 
