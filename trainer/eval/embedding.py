@@ -8,8 +8,9 @@ DataLoader workers.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from pipeline.augment import MEAN, STD
 from trainer.eval.common import l2_normalize
 from trainer.eval.images import VerificationError
+from trainer.eval.rowfile import release, row_file
 
 
 @dataclass
@@ -88,26 +90,55 @@ def _collate(items: Sequence[tuple]) -> tuple:
     return (np.stack(cols[0]),) + tuple(np.asarray(c) for c in cols[1:])
 
 
+def _store(columns: list[np.ndarray], batch: Sequence[np.ndarray], at: int, n: int) -> list[np.ndarray]:
+    """Copy one batch's columns into the preallocated per-item columns (made on the first batch; a text
+    column is widened when a batch brings a longer string)."""
+    if not columns:
+        columns = [np.empty(n, c.dtype) for c in batch]
+    for i, c in enumerate(batch):
+        if c.dtype.kind == "U" and c.dtype.itemsize > columns[i].dtype.itemsize:
+            columns[i] = columns[i].astype(c.dtype)
+        columns[i][at:at + len(c)] = c
+    return columns
+
+
 def embed_dataset(model: nn.Module, dataset: Dataset, device: str | torch.device, batch_size: int = 64,
                   flip: bool = True, normalize: bool = True, workers: int = 2, progress: bool = True,
-                  desc: str = "embed") -> tuple[np.ndarray, list[np.ndarray]]:
-    """Embeddings of every item of `dataset`, which gives (uint8 crop [112, 112, 3], *columns) per index,
+                  desc: str = "embed", keep: Optional[Callable[[Sequence[np.ndarray]], np.ndarray]] = None,
+                  folder: Optional[str | os.PathLike] = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Embeddings of the items of `dataset`, which gives (uint8 crop [112, 112, 3], *columns) per index,
     and the columns, each an array of one value per item in the same order. Rows are float32,
-    L2-normalised unless `normalize` is False; which rows to keep (images that did not decode) is the
-    caller's to say from its columns."""
-    if len(dataset) == 0:
+    L2-normalised unless `normalize` is False. `keep(columns of a batch)` says which items' rows to keep
+    (images that decoded): the array holds those rows only, in order; the columns hold every item.
+
+    The rows go straight into a file-backed array (trainer/eval/rowfile.py, in `folder` or the temp
+    folder; its file is gone once the array is dropped): per image, RAM holds only the columns."""
+    n = len(dataset)
+    if n == 0:
         raise VerificationError(f"{desc}: no images to embed")
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
-    columns: list[tuple] = []
+    columns: list[np.ndarray] = []
+    kept: list[np.ndarray] = []  # the current batch's keep mask, set before its embeddings come back
+    seen = 0
 
     def batches():
+        nonlocal columns, seen
         for crops, *cols in loader:
-            columns.append(tuple(cols))
+            columns = _store(columns, cols, seen, n)
+            seen += len(crops)
+            kept[:] = [np.ones(len(crops), bool) if keep is None else np.asarray(keep(cols), bool)]
             yield crops
 
-    embs = [e for e, _ in tqdm(embed_batches(model, batches(), device, flip), total=len(loader),
-                               desc=desc, unit="batch", disable=not progress)]
-    emb = np.concatenate(embs)
-    if normalize:
-        emb = l2_normalize(emb)
-    return emb.astype(np.float32), [np.concatenate(c) for c in zip(*columns)]
+    rows: Optional[np.ndarray] = None
+    written = 0
+    for emb, _ in tqdm(embed_batches(model, batches(), device, flip), total=len(loader), desc=desc,
+                       unit="batch", disable=not progress):
+        if rows is None:
+            rows = row_file(n, emb.shape[1], folder)
+        emb = emb[kept[0]]
+        if normalize:
+            emb = l2_normalize(emb)
+        rows[written:written + len(emb)] = emb
+        release(rows)
+        written += len(emb)
+    return rows[:written], columns

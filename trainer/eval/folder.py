@@ -87,14 +87,15 @@ def embed_folder(model: torch.nn.Module, root: str | os.PathLike, device: str | 
     if not paths:
         raise VerificationError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     emb, (reasons,) = embed_dataset(model, _FolderImages(root, paths, align), device, batch_size, flip,
-                                    normalize, workers, progress, desc=f"embed {root.name}")
+                                    normalize, workers, progress, desc=f"embed {root.name}",
+                                    keep=lambda c: c[0] == "")
     keep = reasons == ""
     skipped = [f"{p}\t{r}" for p, r in zip(paths, reasons) if r]
     if not keep.any():
         first = skipped[0].replace("\t", ": ")
         raise VerificationError(f"{root}: none of its {len(paths)} images could be used (e.g. {first})")
     kept_paths = [p for p, k in zip(paths, keep) if k]
-    return FolderEmbeddings(emb[keep], kept_paths, labels[keep], classes, skipped)
+    return FolderEmbeddings(emb, kept_paths, labels[keep], classes, skipped)
 
 
 def save_npz(path: str | os.PathLike, **arrays) -> None:

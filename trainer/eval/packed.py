@@ -70,23 +70,25 @@ class _Records(Dataset):
 
 def embed_packed(model: torch.nn.Module, data_dir: str, device: torch.device, batch_size: int, flip: bool,
                  holdout: bool = False, workers: int = 2, progress: bool = True, val: bool = False,
-                 normalize: bool = True) -> tuple[np.ndarray, PackedSetInfo]:
+                 normalize: bool = True, folder: Optional[str | os.PathLike] = None
+                 ) -> tuple[np.ndarray, PackedSetInfo]:
     """Flip-test embeddings (L2-normalised unless `normalize` is False: then the sum of the two views) of
-    every record of a packed set (its held-out shards with `holdout`, its validation shards with `val`),
-    and what each record is."""
+    every record of a packed set that decoded (its held-out shards with `holdout`, its validation shards
+    with `val`), and what each record is. The rows are a file-backed array (embed_dataset)."""
     records = _Records(data_dir, holdout, val)
     if len(records) == 0:
         which = "held-out" if holdout else "val" if val else "train/masked"
         raise EvalError(f"{data_dir}: no records in the {which} shards")
     emb, cols = embed_dataset(model, records, device, batch_size, flip, normalize=normalize, workers=workers,
-                              progress=progress, desc=f"embed {Path(data_dir).name}")
+                              progress=progress, desc=f"embed {Path(data_dir).name}", keep=lambda c: c[-1],
+                              folder=folder)
     identity, masked, mask_type, ids, id2, ok = cols
     ok = ok.astype(bool)
     names = records.ds.manifest.get("maskgen", {}).get("mask_types", {})
     info = PackedSetInfo(identity[ok].astype(np.int64), masked[ok].astype(bool),
                          mask_type[ok].astype(np.int64), ids[ok].astype(np.int64), id2[ok].astype(np.int64),
                          int((~ok).sum()), {int(k): str(v) for k, v in names.items()})
-    return emb[ok], info
+    return emb, info
 
 
 def _subset_summary(res: AllPairsResult) -> dict[str, Any]:
@@ -124,30 +126,33 @@ def evaluate_packed(emb: np.ndarray, info: PackedSetInfo, masked_probe: bool, fa
     unmasked = ~info.masked
     if unmasked.sum() < 2:
         raise EvalError("the set has fewer than 2 unmasked images")
-    g_emb, g_id, g_src = emb[unmasked], info.identity[unmasked], info.ids[unmasked]
+    # Row numbers, not copies: `emb` may be a file-backed array of any size, read a tile at a time.
+    g_rows = None if unmasked.all() else np.flatnonzero(unmasked)
+    g_id, g_src = (info.identity, info.ids) if g_rows is None else (info.identity[g_rows], info.ids[g_rows])
     subsets: dict[str, dict] = {}
     curves = Curves({}, {})
 
     def run(name: str, probe: Optional[np.ndarray]) -> None:
         kw = dict(fars=fars, tile=tile, device=device, progress=progress)
         if probe is None:
-            res = all_pairs_verification(g_emb, g_id, **kw)
+            res = all_pairs_verification(emb, g_id, probe_rows=g_rows, **kw)
         else:
-            res = all_pairs_verification(emb[probe], info.identity[probe], g_emb, g_id,
-                                                 probe_groups=info.source_ids[probe], gallery_groups=g_src,
-                                                 **kw)
+            p_rows = np.flatnonzero(probe)
+            res = all_pairs_verification(emb, info.identity[p_rows], emb, g_id, probe_rows=p_rows,
+                                         gallery_rows=g_rows, probe_groups=info.source_ids[p_rows],
+                                         gallery_groups=g_src, **kw)
         subsets[name] = _subset_summary(res)
         curves.roc[name] = (res.roc_fpr, res.roc_tpr)
         if cmc:
-            d, d_labels = (distractors, None) if distractors is not None else (g_emb, g_id)
+            d = dict(distractors=distractors) if distractors is not None else \
+                dict(distractors=emb, distractor_rows=g_rows, distractor_labels=g_id)
+            kw = dict(max_rank=max_rank, device=device, progress=progress, **d)
             if probe is None:
-                c = megaface_cmc(g_emb, g_id, d, distractor_labels=d_labels, max_rank=max_rank,
-                                         device=device, progress=progress)
+                c = megaface_cmc(emb, g_id, probe_rows=g_rows, **kw)
             else:
-                c = megaface_cmc(emb[probe], info.identity[probe], d, mates=g_emb, mate_labels=g_id,
-                                         probe_groups=info.source_ids[probe], mate_groups=g_src,
-                                         distractor_labels=d_labels, max_rank=max_rank, device=device,
-                                         progress=progress)
+                c = megaface_cmc(emb, info.identity[p_rows], probe_rows=p_rows, mates=emb, mate_labels=g_id,
+                                 mate_rows=g_rows, probe_groups=info.source_ids[p_rows], mate_groups=g_src,
+                                 **kw)
             subsets[name].update(_cmc_summary(c))
             curves.cmc[name] = c.rates
 

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.eval.common import FARS, as_tensor, resolve_device
+from trainer.eval.common import FARS, resolve_device
 from trainer.eval.kfold import FoldScores
+from trainer.eval.rowfile import take_rows
 
 # The radix split of a score's 32-bit key: pass 1 histograms the top 20 bits (sign, exponent, 11 mantissa
 # bits: steps of 1/2048 relative, fine enough for the ROC and the k-fold thresholds), pass 2 the low 12.
@@ -136,63 +137,88 @@ class _Tile:
         return self.invalid if self.genuine is None else self.genuine | self.invalid
 
 
+def _labels(x) -> np.ndarray:
+    return (x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
+
+
 class _PairTiles:
     """Tile by tile, the score keys of every pair of the protocol.
 
     Symmetric (no gallery): pairs i < j of one set. Otherwise every (probe, gallery) pair. A genuine pair
     whose probe and gallery share a non-negative `group` (the same photo: a masked copy and its source)
-    is left out. Both sets are put in label order first, so that genuine pairs gather in few tiles and
-    every other tile needs no per-pair label test.
+    is left out. Both sets are taken in label order, so that genuine pairs gather in few tiles and every
+    other tile needs no per-pair label test. The embeddings (numpy, a file-backed memmap, or a tensor) are
+    read a tile of rows at a time (trainer/eval/rowfile.py): never copied whole, and a memmap's pages are
+    let go after each read. `*_rows` pick the rows of the arrays that take part (labels and groups are
+    given for those rows only).
     """
 
     def __init__(self, probe, probe_labels, gallery, gallery_labels, probe_groups, gallery_groups,
-                 tile: int, device: torch.device) -> None:
+                 tile: int, device: torch.device, probe_rows=None, gallery_rows=None) -> None:
         self.device = device
         self.symmetric = gallery is None
-        p = as_tensor(probe, torch.float32, device)
-        pl = as_tensor(probe_labels, torch.int64, device)
-        g = p if self.symmetric else as_tensor(gallery, torch.float32, device)
-        gl = pl if self.symmetric else as_tensor(gallery_labels, torch.int64, device)
-        if p.ndim != 2 or g.ndim != 2 or p.shape[1] != g.shape[1]:
-            raise ValueError(f"embeddings must be [N, D] with one D; got {tuple(p.shape)} and "
+        probe = probe if isinstance(probe, (np.ndarray, torch.Tensor)) else np.asarray(probe, np.float32)
+        if not self.symmetric and not isinstance(gallery, (np.ndarray, torch.Tensor)):
+            gallery = np.asarray(gallery, np.float32)
+        if self.symmetric and gallery_rows is not None:
+            raise ValueError("gallery_rows needs a gallery")
+        g = probe if self.symmetric else gallery
+        if len(probe.shape) != 2 or len(g.shape) != 2 or probe.shape[1] != g.shape[1]:
+            raise ValueError(f"embeddings must be [N, D] with one D; got {tuple(probe.shape)} and "
                              f"{tuple(g.shape)}")
-        if len(pl) != len(p) or len(gl) != len(g):
+        pl = _labels(probe_labels)
+        gl = pl if self.symmetric else _labels(gallery_labels)
+        p_rows = None if probe_rows is None else _labels(probe_rows)
+        g_rows = p_rows if self.symmetric else None if gallery_rows is None else _labels(gallery_rows)
+        if len(pl) != (len(probe) if p_rows is None else len(p_rows)) or \
+                len(gl) != (len(g) if g_rows is None else len(g_rows)):
             raise ValueError("one label per embedding is needed")
-        if not (torch.isfinite(p).all() and torch.isfinite(g).all()):
-            raise ValueError("embeddings hold NaN or inf")
-        pg = None if probe_groups is None else as_tensor(probe_groups, torch.int64, device)
+        pg = None if probe_groups is None else _labels(probe_groups)
         gg = pg
         if not self.symmetric:
-            gg = None if gallery_groups is None else as_tensor(gallery_groups, torch.int64, device)
+            gg = None if gallery_groups is None else _labels(gallery_groups)
         if (pg is None) != (gg is None):
             raise ValueError("give groups for both probe and gallery, or for neither")
-        po = torch.argsort(pl, stable=True)
-        self.p, self.pl = p[po], pl[po]
-        self.pg = None if pg is None else pg[po]
+
+        def ordered(labels, groups, rows):
+            order = np.argsort(labels, kind="stable")
+            return (torch.as_tensor(labels[order], device=device),
+                    None if groups is None else torch.as_tensor(groups[order], device=device),
+                    order if rows is None else rows[order])
+
+        self.p_src, self.g_src = probe, g
+        self.pl, self.pg, self.p_rows = ordered(pl, pg, p_rows)
         if self.symmetric:
-            self.g, self.gl, self.gg = self.p, self.pl, self.pg
+            self.gl, self.gg, self.g_rows = self.pl, self.pg, self.p_rows
         else:
-            go = torch.argsort(gl, stable=True)
-            self.g, self.gl = g[go], gl[go]
-            self.gg = None if gg is None else gg[go]
+            self.gl, self.gg, self.g_rows = ordered(gl, gg, g_rows)
         self.tile = tile
 
     def __len__(self) -> int:
-        rows = math.ceil(len(self.p) / self.tile)
-        cols = math.ceil(len(self.g) / self.tile)
+        rows = math.ceil(len(self.pl) / self.tile)
+        cols = math.ceil(len(self.gl) / self.tile)
         return rows * (rows + 1) // 2 if self.symmetric else rows * cols
+
+    def _read(self, src, rows: np.ndarray) -> torch.Tensor:
+        x = take_rows(src, rows, self.device)
+        if not torch.isfinite(x).all():
+            raise ValueError("embeddings hold NaN or inf")
+        return x
 
     def __iter__(self) -> Iterator[_Tile]:
         t = self.tile
+        n_p, n_g = len(self.pl), len(self.gl)
         buf = torch.empty(t * t, dtype=torch.float32, device=self.device)
-        for a in range(0, len(self.p), t):
-            b = min(a + t, len(self.p))
+        for a in range(0, n_p, t):
+            b = min(a + t, n_p)
+            p = self._read(self.p_src, self.p_rows[a:b])
             rows = torch.arange(a, b, device=self.device)
             row_lo, row_hi = int(self.pl[a]), int(self.pl[b - 1])
-            for c in range(a if self.symmetric else 0, len(self.g), t):
-                d = min(c + t, len(self.g))
+            for c in range(a if self.symmetric else 0, n_g, t):
+                d = min(c + t, n_g)
+                g = p if self.symmetric and c == a else self._read(self.g_src, self.g_rows[c:d])
                 scores = buf[: (b - a) * (d - c)].view(b - a, d - c)
-                torch.matmul(self.p[a:b], self.g[c:d].T, out=scores)
+                torch.matmul(p, g.T, out=scores)
                 keys = _sortable_key_(scores)
                 genuine = invalid = None
                 if int(self.gl[c]) <= row_hi and int(self.gl[d - 1]) >= row_lo:  # label ranges overlap
@@ -204,6 +230,18 @@ class _PairTiles:
                     below = torch.arange(c, d, device=self.device)[None, :] <= rows[:, None]
                     invalid = below if invalid is None else invalid | below
                 yield _Tile(keys, rows, genuine, invalid)
+
+    def genuine_bound(self) -> int:
+        """At least the number of genuine pairs (same label; before groups leave some out)."""
+        labels, p_counts = torch.unique_consecutive(self.pl, return_counts=True)
+        if self.symmetric:
+            return int((p_counts * (p_counts - 1) // 2).sum())
+        g_labels, g_counts = torch.unique_consecutive(self.gl, return_counts=True)
+        if len(g_labels) == 0 or len(labels) == 0:
+            return 0
+        at = torch.searchsorted(g_labels, labels).clamp_(max=len(g_labels) - 1)
+        both = g_labels[at] == labels
+        return int((p_counts[both] * g_counts[at][both]).sum())
 
 
 def _count_into(hist: torch.Tensor, idx: torch.Tensor) -> None:
@@ -222,6 +260,8 @@ def all_pairs_verification(
     fars: Sequence[float] = FARS,
     probe_groups=None,
     gallery_groups=None,
+    probe_rows=None,
+    gallery_rows=None,
     n_folds: int = 10,
     tile: int = 2048,
     device=None,
@@ -235,20 +275,27 @@ def all_pairs_verification(
     the top 20 bits of their sortable key (per fold); pass 2 histograms the low 12 bits inside the few bins
     where the wanted impostor ranks fall, which pins each threshold to the exact float that sorting all
     scores would give. Folds for the accuracy: a pair belongs to fold (probe position in label order) mod
-    n_folds.
+    n_folds. `probe_rows` / `gallery_rows`: the rows of `probe` / `gallery` that take part (default all;
+    labels and groups are given per row taken part), so that a subset needs no copy of the embeddings,
+    which may be a file-backed memmap of any size (read a tile at a time).
     """
     device = resolve_device(device)
     tiles = _PairTiles(probe, probe_labels, gallery, gallery_labels, probe_groups, gallery_groups, tile,
-                       device)
+                       device, probe_rows, gallery_rows)
     trash = n_folds * _BINS  # where pairs that are genuine or outside the protocol go in impostor histograms
     imp_hist = torch.zeros(trash + 1, dtype=torch.int64, device=device)
-    gen_keys, gen_folds = [], []
+    # Every genuine score is kept (as its int32 key, and its fold): 5 bytes a pair, in arrays sized once.
+    bound = tiles.genuine_bound()
+    gen_keys_np, gen_folds_np = np.empty(bound, np.int32), np.empty(bound, np.int8)
+    n_gen = 0
     for t in tqdm(tiles, desc="pairs, pass 1/2", disable=not progress, unit="tile", leave=False):
         fold = (t.rows % n_folds).to(torch.int32)
         if t.genuine is not None:
             take = t.genuine if t.invalid is None else t.genuine & ~t.invalid
-            gen_keys.append(t.keys[take])
-            gen_folds.append(fold[:, None].expand_as(take)[take])
+            k = t.keys[take]
+            gen_keys_np[n_gen:n_gen + len(k)] = k.cpu().numpy()
+            gen_folds_np[n_gen:n_gen + len(k)] = fold[:, None].expand_as(take)[take].cpu().numpy()
+            n_gen += len(k)
         idx = t.keys >> _LOW_BITS
         idx += (fold * _BINS + _BINS // 2)[:, None]
         drop = t.not_impostor()
@@ -256,11 +303,22 @@ def all_pairs_verification(
             idx.masked_fill_(drop, trash)
         _count_into(imp_hist, idx)
     imp_fold = imp_hist[:trash].view(n_folds, _BINS).cpu().numpy()
-    gen_keys_np = torch.cat(gen_keys).cpu().numpy().astype(np.int64) if gen_keys else np.zeros(0, np.int64)
-    gen_folds_np = torch.cat(gen_folds).cpu().numpy() if gen_folds else np.zeros(0, np.int64)
-    gen_keys_sorted = np.sort(gen_keys_np)
+    gen_keys_np, gen_folds_np = gen_keys_np[:n_gen], gen_folds_np[:n_gen]
     imp_top = imp_fold.sum(0)
-    n_imp, n_gen = int(imp_top.sum()), len(gen_keys_np)
+    n_imp = int(imp_top.sum())
+    # The k-fold histograms keep only the top bins some pair falls in (thousands of the 2^20); the genuine
+    # pairs are binned a slice at a time (int64 temporaries).
+    step = 1 << 22
+    gen_bins = [np.unique(gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2 for a in range(0, n_gen, step)]
+    used = np.union1d(np.flatnonzero(imp_top), np.concatenate(gen_bins + [np.zeros(0, np.int64)]))
+    gen_used = np.zeros((n_folds, len(used)), dtype=np.int64)
+    for a in range(0, n_gen, step):
+        col = np.searchsorted(used, (gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2)
+        flat = gen_folds_np[a:a + step].astype(np.int64) * len(used) + col
+        gen_used += np.bincount(flat, minlength=n_folds * len(used)).reshape(n_folds, len(used))
+    del gen_folds_np
+    gen_keys_np.sort()
+    gen_keys_sorted = gen_keys_np
     imp_ge = np.r_[np.cumsum(imp_top[::-1])[::-1], 0]  # impostors in top bins >= b
 
     # Where the (k+1)-th highest impostor lies: its top bin and its rank inside that bin.
@@ -311,12 +369,12 @@ def all_pairs_verification(
         accepted_imp = int(imp_ge[top_bin + 1]) + int(low_ge[low_bin + 1])
         result[far] = TarAtFar(far, accepted_gen / n_gen, _key_to_float(thr_key), accepted_imp / n_imp)
 
-    gen_fold = np.zeros((n_folds, _BINS), dtype=np.int64)
-    np.add.at(gen_fold, (gen_folds_np, (gen_keys_np >> _LOW_BITS) + _BINS // 2), 1)
-    hist = np.stack([imp_fold, gen_fold], axis=1)
-    accuracies, fold_thr = kfold_accuracy_from_histograms(hist)
+    hist = np.stack([imp_fold[:, used], gen_used], axis=1)
+    accuracies, fold_thr = kfold_accuracy_from_histograms(hist, used)
     # ROC at the top-bin resolution, from the strictest threshold down.
-    gen_ge = np.r_[np.cumsum(gen_fold.sum(0)[::-1])[::-1], 0]
+    gen_top = np.zeros(_BINS, np.int64)
+    gen_top[used] = gen_used.sum(0)
+    gen_ge = np.r_[np.cumsum(gen_top[::-1])[::-1], 0]
     fpr = imp_ge[::-1] / max(n_imp, 1)
     tpr = gen_ge[::-1] / max(n_gen, 1)
     keep = np.r_[True, (np.diff(fpr) != 0) | (np.diff(tpr) != 0)]
@@ -337,11 +395,17 @@ def _threshold_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return used, gen_ge, imp_lt
 
 
-def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def kfold_accuracy_from_histograms(hist: np.ndarray,
+                                   bins: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """k-fold accuracy on per-fold score histograms [fold, impostor/genuine, bin]. Threshold index t
     accepts the bins >= t; each fold takes the strictest threshold with the best accuracy on the others.
-    Returns the accuracies and each fold's threshold (the lowest score its bin holds)."""
+    Returns the accuracies and each fold's threshold (the lowest score its bin holds). `bins`: the top
+    bin (of the 2^20) of each column when the histograms keep only some, in increasing order."""
     n_folds, _, n_bins = hist.shape
+    if bins is None:
+        bins = np.arange(n_bins)
+    else:
+        n_bins = _BINS
     used, gen_ge, imp_lt = _threshold_counts(hist)
     correct = gen_ge + imp_lt
     totals = hist.sum(axis=(1, 2))
@@ -352,7 +416,7 @@ def kfold_accuracy_from_histograms(hist: np.ndarray) -> tuple[np.ndarray, np.nda
         train = correct.sum(0) - correct[f]
         t = len(train) - 1 - int(np.argmax(train[::-1]))  # the last (strictest) of the best
         accs.append(correct[f, t] / totals[f])
-        bin_ = int(used[t]) if t < len(used) else n_bins
+        bin_ = int(bins[used[t]]) if t < len(used) else n_bins
         thresholds.append(_key_to_float((bin_ - n_bins // 2) << _LOW_BITS) if bin_ < n_bins else math.inf)
     return np.asarray(accs), np.asarray(thresholds)
 

@@ -1,0 +1,144 @@
+"""Issue N: embedding and scoring a packed set of any size in memory that does not grow by 2 KB an image.
+The rows go to a file-backed array and are read back a tile at a time; the results are those of the same
+computation on an array in RAM. tracemalloc sees numpy's allocations (not a memmap's file pages)."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from trainer.eval.embedding import embed_dataset, embed_images
+from trainer.eval.packed import PackedSetInfo, evaluate_packed
+from trainer.eval.rowfile import release, row_file
+from trainer.eval.tar_far import _PairTiles, all_pairs_verification
+
+DIM = 512
+N = 4000
+ROW_BYTES = DIM * 4
+
+
+class _MeanColour(nn.Module):
+    """A tiny model with 512-d outputs: the image's mean colour through a fixed linear map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, DIM)
+        torch.manual_seed(0)
+        nn.init.normal_(self.fc.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _Items(Dataset):
+    """(crop, identity, ok) per index: every 7th item did not decode."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        crop = np.empty((112, 112, 3), np.uint8)
+        crop[...] = (i % 251, (7 * i) % 253, (13 * i) % 255)
+        return crop, i // 5, i % 7 != 3
+
+
+def _peak(fn):
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_embed_dataset_writes_rows_to_a_file_and_keeps_only_the_decoded_ones():
+    model = _MeanColour()
+    (emb, (identity, ok)), peak = _peak(lambda: embed_dataset(model, _Items(), "cpu", batch_size=16,
+                                                              workers=0, progress=False,
+                                                              keep=lambda c: c[-1]))
+    # In RAM before: every row twice (np.concatenate, l2_normalize), 14 MB here; now a batch and the
+    # loader's own (about 2 MB, whatever N).
+    assert peak < N * ROW_BYTES / 2, peak
+    assert isinstance(emb, np.memmap) and emb.dtype == np.float32
+    assert identity.tolist() == [i // 5 for i in range(N)] and ok.sum() == len(emb) < N
+    items = _Items()
+    kept = np.stack([items[i][0] for i in range(N) if ok[i]])
+    ref = embed_images(model, kept, "cpu", batch_size=16).embeddings
+    assert np.allclose(emb, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
+
+
+def _set(n: int, per_id: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) // per_id)
+    centres = rng.standard_normal((n // per_id + 1, DIM)).astype(np.float32)
+    x = centres[labels] + 1.2 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+def _mapped_row_file_bytes() -> int:
+    """Resident bytes of this process's mappings of row files (file pages count in RSS and PSS)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+                inside = "/embeddings." in line
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_pair_tiles_read_a_file_backed_array_a_tile_at_a_time():
+    x, labels = _set(N)
+    rows = row_file(N, DIM)
+    rows[:] = x
+    del x
+    release(rows)
+    assert _mapped_row_file_bytes() == 0
+    tiles = _PairTiles(rows, labels, None, None, None, None, 256, torch.device("cpu"))
+    _, peak = _peak(lambda: sum(1 for _ in tiles))
+    # The embeddings whole (8 MB) are never in RAM, nor left mapped: a tile of rows is 0.5 MB.
+    assert peak < N * ROW_BYTES / 4, peak
+    assert _mapped_row_file_bytes() < 256 * ROW_BYTES, _mapped_row_file_bytes()
+
+
+def _same(a, b) -> None:
+    assert (a.n_genuine, a.n_impostor) == (b.n_genuine, b.n_impostor)
+    assert {f: (r.tar, r.threshold) for f, r in a.tar_at_far.items()} == \
+        {f: (r.tar, r.threshold) for f, r in b.tar_at_far.items()}
+    assert np.array_equal(a.accuracies, b.accuracies) and np.array_equal(a.roc_tpr, b.roc_tpr)
+    assert np.array_equal(a.balanced_accuracies, b.balanced_accuracies)
+
+
+def test_scores_from_a_file_and_from_picked_rows_equal_those_in_ram():
+    n = 1500
+    x, labels = _set(n, seed=1)
+    rows = row_file(n, DIM)
+    rows[:] = x
+    kw = dict(fars=(1e-4, 1e-3, 1e-2), tile=256, device="cpu", progress=False)
+    _same(all_pairs_verification(rows, labels, **kw), all_pairs_verification(torch.from_numpy(x), labels, **kw))
+    pick = np.flatnonzero(np.arange(n) % 3 != 0)
+    probe = np.flatnonzero(np.arange(n) % 3 == 0)
+    groups = np.arange(n) // 2
+    _same(all_pairs_verification(rows, labels[pick], probe_rows=pick, **kw),
+          all_pairs_verification(x[pick], labels[pick], **kw))
+    _same(all_pairs_verification(rows, labels[probe], rows, labels[pick], probe_rows=probe, gallery_rows=pick,
+                                 probe_groups=groups[probe], gallery_groups=groups[pick], **kw),
+          all_pairs_verification(x[probe], labels[probe], x[pick], labels[pick], probe_groups=groups[probe],
+                                 gallery_groups=groups[pick], **kw))
+
+
+def test_evaluate_packed_on_a_file_equals_in_ram():
+    n = 900
+    x, labels = _set(n, seed=2)
+    rows = row_file(n, DIM)
+    rows[:] = x
+    masked = np.arange(n) % 4 == 0
+    info = PackedSetInfo(labels, masked, np.where(masked, 1 + (np.arange(n) // 4) % 2, 0), np.arange(n),
+                         np.where(masked, np.arange(n) - 1, 0), 0, {1: "surgical"})
+    args = ((1e-3, 1e-2), 128, torch.device("cpu"), True, 5, None, False)  # with --cmc
+    on_file, _ = evaluate_packed(rows, info, True, *args)
+    in_ram, _ = evaluate_packed(np.array(x), info, True, *args)
+    assert on_file == in_ram and set(on_file) == {"unmasked", "masked", "masked/surgical", "masked/mask_type=2"}

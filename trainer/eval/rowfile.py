@@ -1,0 +1,47 @@
+"""Embedding rows kept in a file rather than in RAM (issue N: 42M images x 512 float32 is 86 GB): a
+float32 array backed by an unlinked temporary file, and reads of its rows that leave none of its pages
+mapped in the process (a mapping's file pages count in its RSS and PSS until it lets them go)."""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def row_file(n: int, dim: int, folder: Optional[str | os.PathLike] = None) -> np.memmap:
+    """A zeroed float32 [n, dim] array backed by a new file in `folder` (default: the temp folder). The
+    file is unlinked at once: its space comes back when the array is dropped, even after a crash."""
+    fd, path = tempfile.mkstemp(prefix="embeddings.", suffix=".f32", dir=folder)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            f.truncate(max(n * dim * 4, 1))  # mmap refuses an empty file
+            rows = np.memmap(f, np.float32, "r+", shape=(max(n, 1), dim))
+    finally:
+        os.unlink(path)
+    return rows[:n]
+
+
+def release(rows: np.ndarray) -> None:
+    """Unmap the pages of a file-backed array from this process (they stay in the file and the page
+    cache, dirty ones still written back); no-op for an array in RAM."""
+    mm = getattr(rows, "_mmap", None)
+    if isinstance(mm, mmap.mmap):
+        mm.madvise(mmap.MADV_DONTNEED)
+
+
+def take_rows(rows, index: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 rows[index] as a new tensor on `device`, from a numpy array (a memmap's pages released
+    after the read), a tensor, or for a run of consecutive rows anything that slices into arrays."""
+    if isinstance(rows, torch.Tensor):
+        return rows[torch.as_tensor(index, device=rows.device)].to(device=device, dtype=torch.float32)
+    index = np.asarray(index)
+    if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
+        out = np.array(rows[int(index[0]):int(index[-1]) + 1], dtype=np.float32)  # a copy, not a view
+    else:
+        out = np.asarray(np.take(rows, index, axis=0), dtype=np.float32)
+    release(rows)
+    return torch.from_numpy(out).to(device)
