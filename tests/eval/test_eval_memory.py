@@ -142,3 +142,29 @@ def test_evaluate_packed_on_a_file_equals_in_ram():
     on_file, _ = evaluate_packed(rows, info, True, *args)
     in_ram, _ = evaluate_packed(np.array(x), info, True, *args)
     assert on_file == in_ram and set(on_file) == {"unmasked", "masked", "masked/surgical", "masked/mask_type=2"}
+
+
+def test_pass_one_counts_in_int32_and_empties_them_before_they_could_wrap(monkeypatch):
+    from trainer.eval import tar_far
+
+    hist = tar_far._FoldHistogram(10, torch.device("cpu"))
+    assert hist.dense.dtype == torch.int32 and hist.dense.numel() == 10 * (1 << 20) + 1  # 40 MB, not 80
+    x, labels = _set(600, seed=3)
+    kw = dict(fars=(1e-3, 1e-2, 1e-1), tile=64, device="cpu", progress=False)
+    ref = all_pairs_verification(x, labels, **kw)
+    flushes = []
+    flush = tar_far._FoldHistogram.flush
+    monkeypatch.setattr(tar_far._FoldHistogram, "flush", lambda self: (flushes.append(self.since), flush(self)))
+    monkeypatch.setattr(tar_far, "_FLUSH_AT", 64 * 64 * 3)  # emptied every third tile
+    res = all_pairs_verification(x, labels, **kw)
+    assert len(flushes) > 10 and max(flushes) <= 64 * 64 * 3
+    _same(res, ref)
+    assert np.array_equal(res.fold_thresholds, ref.fold_thresholds) and np.array_equal(res.roc_fpr, ref.roc_fpr)
+
+
+def test_scoring_keeps_no_array_over_every_top_bin():
+    x, labels = _set(400, seed=4)
+    _, peak = _peak(lambda: all_pairs_verification(x, labels, tile=128, device="cpu", progress=False))
+    # Before (67 MB here): the folds' sum, the ROC's cumulative counts and rates, each over all 2^20 top
+    # bins (8 MB apiece), and the k-fold histograms twice; now (15 MB) only the bins some pair falls in.
+    assert peak < 24 << 20, peak

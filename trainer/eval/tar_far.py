@@ -251,6 +251,48 @@ def _count_into(hist: torch.Tensor, idx: torch.Tensor) -> None:
     hist.index_add_(0, flat, torch.ones(1, dtype=hist.dtype, device=hist.device).expand(len(flat)))
 
 
+# A pass-1 count in int32 cannot wrap while fewer pairs than this went in since the last flush.
+_FLUSH_AT = (1 << 31) - 1
+
+
+class _FoldHistogram:
+    """Per-fold impostor counts by top bin, for every pair of pass 1, in half the memory of int64 counts
+    (n_folds x 2^20 bins: 40 MB at 10 folds, not 80): tiles are counted into an int32 histogram on the
+    device, which is emptied into a sparse int64 total (the few thousand bins some pair fell in) before it
+    could wrap. Index n_folds * 2^20 takes the pairs that are not impostors and is never read."""
+
+    def __init__(self, n_folds: int, device: torch.device) -> None:
+        self.trash = n_folds * _BINS
+        self.dense = torch.zeros(self.trash + 1, dtype=torch.int32, device=device)
+        self.since = 0  # pairs counted into `dense` since it was last emptied
+        self.index = np.zeros(0, np.int64)  # sorted flat (fold * 2^20 + bin) indices of the total
+        self.count = np.zeros(0, np.int64)
+
+    def add(self, idx: torch.Tensor) -> None:
+        if self.since + idx.numel() > _FLUSH_AT:
+            self.flush()
+        _count_into(self.dense, idx)
+        self.since += idx.numel()
+
+    def flush(self) -> None:
+        dense = self.dense[:self.trash]
+        at = torch.nonzero(dense).reshape(-1)
+        index, count = at.cpu().numpy(), dense[at].cpu().numpy().astype(np.int64)
+        self.dense.zero_()
+        self.since = 0
+        both = np.concatenate([self.index, index])
+        self.index, where = np.unique(both, return_inverse=True)
+        total = np.zeros(len(self.index), np.int64)
+        np.add.at(total, where, np.concatenate([self.count, count]))
+        self.count = total
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fold, top bin, count) of every non-empty (fold, bin); the device histogram is let go."""
+        self.flush()
+        self.dense = torch.zeros(0, dtype=torch.int32)
+        return self.index // _BINS, self.index % _BINS, self.count
+
+
 def all_pairs_verification(
     probe,
     probe_labels,
@@ -282,8 +324,7 @@ def all_pairs_verification(
     device = resolve_device(device)
     tiles = _PairTiles(probe, probe_labels, gallery, gallery_labels, probe_groups, gallery_groups, tile,
                        device, probe_rows, gallery_rows)
-    trash = n_folds * _BINS  # where pairs that are genuine or outside the protocol go in impostor histograms
-    imp_hist = torch.zeros(trash + 1, dtype=torch.int64, device=device)
+    imp_hist = _FoldHistogram(n_folds, device)
     # Every genuine score is kept (as its int32 key, and its fold): 5 bytes a pair, in arrays sized once.
     bound = tiles.genuine_bound()
     gen_keys_np, gen_folds_np = np.empty(bound, np.int32), np.empty(bound, np.int8)
@@ -300,18 +341,20 @@ def all_pairs_verification(
         idx += (fold * _BINS + _BINS // 2)[:, None]
         drop = t.not_impostor()
         if drop is not None:
-            idx.masked_fill_(drop, trash)
-        _count_into(imp_hist, idx)
-    imp_fold = imp_hist[:trash].view(n_folds, _BINS).cpu().numpy()
+            idx.masked_fill_(drop, imp_hist.trash)
+        imp_hist.add(idx)
+    imp_folds, imp_bins, imp_counts = imp_hist.totals()
+    del imp_hist
     gen_keys_np, gen_folds_np = gen_keys_np[:n_gen], gen_folds_np[:n_gen]
-    imp_top = imp_fold.sum(0)
-    n_imp = int(imp_top.sum())
-    # The k-fold histograms keep only the top bins some pair falls in (thousands of the 2^20); the genuine
-    # pairs are binned a slice at a time (int64 temporaries).
+    # From here on every per-bin array holds only the top bins some pair falls in (thousands of the
+    # 2^20), in increasing order: `used`. The genuine pairs are binned a slice at a time.
     step = 1 << 22
     gen_bins = [np.unique(gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2 for a in range(0, n_gen, step)]
-    used = np.union1d(np.flatnonzero(imp_top), np.concatenate(gen_bins + [np.zeros(0, np.int64)]))
-    gen_used = np.zeros((n_folds, len(used)), dtype=np.int64)
+    used = np.union1d(imp_bins, np.concatenate(gen_bins + [np.zeros(0, np.int64)])).astype(np.int64)
+    hist = np.zeros((n_folds, 2, len(used)), dtype=np.int64)  # [fold, impostor/genuine, used bin]
+    imp_used, gen_used = hist[:, 0], hist[:, 1]
+    imp_used[imp_folds, np.searchsorted(used, imp_bins)] = imp_counts
+    del imp_folds, imp_bins, imp_counts
     for a in range(0, n_gen, step):
         col = np.searchsorted(used, (gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2)
         flat = gen_folds_np[a:a + step].astype(np.int64) * len(used) + col
@@ -319,16 +362,19 @@ def all_pairs_verification(
     del gen_folds_np
     gen_keys_np.sort()
     gen_keys_sorted = gen_keys_np
-    imp_ge = np.r_[np.cumsum(imp_top[::-1])[::-1], 0]  # impostors in top bins >= b
+    imp_top = imp_used.sum(0)
+    n_imp = int(imp_top.sum())
+    imp_ge = np.r_[np.cumsum(imp_top[::-1])[::-1], 0]  # imp_ge[j]: impostors in top bins >= used[j]
 
-    # Where the (k+1)-th highest impostor lies: its top bin and its rank inside that bin.
-    wanted: dict[float, tuple[int, int]] = {}
+    # Where the (k+1)-th highest impostor lies: its top bin, its rank inside that bin, and the impostors
+    # in the bins above.
+    wanted: dict[float, tuple[int, int, int]] = {}
     for far in fars:
         k = _allowed_false_accepts(far, n_imp)
         if n_gen and 1 <= k < n_imp:
-            top_bin = int(np.nonzero(imp_ge >= k + 1)[0][-1])
-            wanted[far] = (top_bin, k + 1 - int(imp_ge[top_bin + 1]))
-    slots = sorted({b for b, _ in wanted.values()})
+            j = int(np.nonzero(imp_ge >= k + 1)[0][-1])
+            wanted[far] = (int(used[j]), k + 1 - int(imp_ge[j + 1]), int(imp_ge[j + 1]))
+    slots = sorted({b for b, _, _ in wanted.values()})
     low_hist = torch.zeros(len(slots) * _LOW, dtype=torch.int64, device=device)
     if slots:
         lut = torch.full((_BINS,), -1, dtype=torch.int64, device=device)
@@ -344,10 +390,11 @@ def all_pairs_verification(
             slot = lut[(sel >> _LOW_BITS) + _BINS // 2]
             keep = slot >= 0
             _count_into(low_hist, (sel[keep] & (_LOW - 1)) + _LOW * slot[keep])
+        del lut
         low_hist = low_hist.view(len(slots), _LOW)
         low_hist_np = low_hist.cpu().numpy()
         for i, b in enumerate(slots):
-            if low_hist_np[i].sum() != imp_top[b]:
+            if low_hist_np[i].sum() != imp_top[np.searchsorted(used, b)]:
                 raise RuntimeError("the second pass scored pairs differently from the first (a "
                                    "non-deterministic matmul on this device); the threshold cannot be exact")
 
@@ -360,23 +407,20 @@ def all_pairs_verification(
         if k >= n_imp:
             result[far] = TarAtFar(far, 1.0, -math.inf, 1.0)
             continue
-        top_bin, rank_in_bin = wanted[far]
+        top_bin, rank_in_bin, above = wanted[far]
         low = low_hist_np[slots.index(top_bin)]
         low_ge = np.r_[np.cumsum(low[::-1])[::-1], 0]
         low_bin = int(np.nonzero(low_ge >= rank_in_bin)[0][-1])
         thr_key = ((top_bin - _BINS // 2) << _LOW_BITS) | low_bin
         accepted_gen = n_gen - int(np.searchsorted(gen_keys_sorted, thr_key, side="right"))
-        accepted_imp = int(imp_ge[top_bin + 1]) + int(low_ge[low_bin + 1])
+        accepted_imp = above + int(low_ge[low_bin + 1])
         result[far] = TarAtFar(far, accepted_gen / n_gen, _key_to_float(thr_key), accepted_imp / n_imp)
 
-    hist = np.stack([imp_fold[:, used], gen_used], axis=1)
     accuracies, fold_thr = kfold_accuracy_from_histograms(hist, used)
-    # ROC at the top-bin resolution, from the strictest threshold down.
-    gen_top = np.zeros(_BINS, np.int64)
-    gen_top[used] = gen_used.sum(0)
-    gen_ge = np.r_[np.cumsum(gen_top[::-1])[::-1], 0]
-    fpr = imp_ge[::-1] / max(n_imp, 1)
-    tpr = gen_ge[::-1] / max(n_gen, 1)
+    # ROC at the top-bin resolution, from the strictest threshold down: a point per used bin (the bins
+    # between them change neither rate).
+    fpr = np.r_[0, np.cumsum(imp_top[::-1])] / max(n_imp, 1)
+    tpr = np.r_[0, np.cumsum(gen_used.sum(0)[::-1])] / max(n_gen, 1)
     keep = np.r_[True, (np.diff(fpr) != 0) | (np.diff(tpr) != 0)]
     return AllPairsResult(n_gen, n_imp, result, accuracies, fpr[keep], tpr[keep], fold_thr,
                           kfold_balanced_from_histograms(hist))
