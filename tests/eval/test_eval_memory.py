@@ -168,3 +168,36 @@ def test_scoring_keeps_no_array_over_every_top_bin():
     # Before (67 MB here): the folds' sum, the ROC's cumulative counts and rates, each over all 2^20 top
     # bins (8 MB apiece), and the k-fold histograms twice; now (15 MB) only the bins some pair falls in.
     assert peak < 24 << 20, peak
+
+
+def test_per_image_columns_are_int32_where_they_fit():
+    from trainer.eval.common import narrow_ints
+    from trainer.eval.embedding import _store
+
+    big = np.array([1, 1 << 40])
+    assert narrow_ints(np.array([-3, 5])).dtype == np.int32 and narrow_ints(big).dtype == np.int64
+    assert np.array_equal(narrow_ints(big), big)
+    # embed_dataset's columns: int32 until a batch brings a value past 2^31, then int64 (values kept).
+    cols = _store([], [np.array([1, 2]), np.array([True, False])], 0, 4)
+    assert cols[0].dtype == np.int32 and cols[1].dtype == bool
+    cols = _store(cols, [big, np.array([True, True])], 2, 4)
+    assert cols[0].dtype == np.int64 and cols[0].tolist() == [1, 2, 1, 1 << 40]
+    # Labels, groups and row orders are not widened to int64 on their way into the tiles.
+    x, labels = _set(300, seed=5)
+    tiles = _PairTiles(x, labels.astype(np.int32), None, None, np.arange(300, dtype=np.int32), None, 64,
+                       torch.device("cpu"), probe_rows=np.arange(300, dtype=np.int32))
+    assert tiles.pl.dtype == tiles.pg.dtype == torch.int32 and tiles.p_rows.dtype == np.int32
+    tiles = _PairTiles(x, labels, None, None, None, None, 64, torch.device("cpu"))
+    assert tiles.pl.dtype == torch.int32 and tiles.p_rows.dtype == np.int32
+
+
+def test_evaluate_packed_with_int32_columns_equals_int64():
+    n = 600
+    x, labels = _set(n, seed=6)
+    masked = np.arange(n) % 3 == 0
+
+    def info(dtype):
+        return PackedSetInfo(labels.astype(dtype), masked, np.where(masked, 1, 0).astype(dtype),
+                             np.arange(n, dtype=dtype), np.where(masked, np.arange(n) - 1, 0).astype(dtype), 0, {})
+    args = ((1e-3, 1e-2), 128, torch.device("cpu"), True, 5, None, False)
+    assert evaluate_packed(x, info(np.int32), True, *args)[0] == evaluate_packed(x, info(np.int64), True, *args)[0]

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from pipeline.imageio import ImageRejected, decode_jpeg_rgb
 from pipeline.manifest import decode_identity
 from pipeline.recordio import RecordIOError
-from trainer.eval.common import EvalError, far_key, l2_normalize
+from trainer.eval.common import EvalError, far_key, l2_normalize, narrow_ints
 from trainer.eval.embedding import embed_dataset
 from trainer.eval.folder import embed_folder, load_npz
 from trainer.eval.identification import CMCResult, megaface_cmc
@@ -29,11 +29,12 @@ from trainer.eval.tar_far import AllPairsResult, all_pairs_verification
 class PackedSetInfo:
     """Per embedded record of a packed set (records that did not decode are left out and counted)."""
 
-    identity: np.ndarray  # int64
+    # Integer columns are int32 where every value fits, else int64 (common.narrow_ints).
+    identity: np.ndarray
     masked: np.ndarray  # bool
-    mask_type: np.ndarray  # int64, 0 when the dataset has no such field
-    ids: np.ndarray  # int64 record id
-    source_ids: np.ndarray  # int64 id2: the source photo of a masked copy, 0 otherwise
+    mask_type: np.ndarray  # 0 when the dataset has no such field
+    ids: np.ndarray  # record id
+    source_ids: np.ndarray  # id2: the source photo of a masked copy, 0 otherwise
     skipped: int
     mask_type_names: dict[int, str]  # from maskgen's manifest entry: 1 -> "surgical", ...
 
@@ -85,9 +86,9 @@ def embed_packed(model: torch.nn.Module, data_dir: str, device: torch.device, ba
     identity, masked, mask_type, ids, id2, ok = cols
     ok = ok.astype(bool)
     names = records.ds.manifest.get("maskgen", {}).get("mask_types", {})
-    info = PackedSetInfo(identity[ok].astype(np.int64), masked[ok].astype(bool),
-                         mask_type[ok].astype(np.int64), ids[ok].astype(np.int64), id2[ok].astype(np.int64),
-                         int((~ok).sum()), {int(k): str(v) for k, v in names.items()})
+    info = PackedSetInfo(narrow_ints(identity[ok]), masked[ok].astype(bool), narrow_ints(mask_type[ok]),
+                         narrow_ints(ids[ok]), narrow_ints(id2[ok]), int((~ok).sum()),
+                         {int(k): str(v) for k, v in names.items()})
     return emb, info
 
 
@@ -127,7 +128,7 @@ def evaluate_packed(emb: np.ndarray, info: PackedSetInfo, masked_probe: bool, fa
     if unmasked.sum() < 2:
         raise EvalError("the set has fewer than 2 unmasked images")
     # Row numbers, not copies: `emb` may be a file-backed array of any size, read a tile at a time.
-    g_rows = None if unmasked.all() else np.flatnonzero(unmasked)
+    g_rows = None if unmasked.all() else narrow_ints(np.flatnonzero(unmasked))
     g_id, g_src = (info.identity, info.ids) if g_rows is None else (info.identity[g_rows], info.ids[g_rows])
     subsets: dict[str, dict] = {}
     curves = Curves({}, {})
@@ -137,7 +138,7 @@ def evaluate_packed(emb: np.ndarray, info: PackedSetInfo, masked_probe: bool, fa
         if probe is None:
             res = all_pairs_verification(emb, g_id, probe_rows=g_rows, **kw)
         else:
-            p_rows = np.flatnonzero(probe)
+            p_rows = narrow_ints(np.flatnonzero(probe))
             res = all_pairs_verification(emb, info.identity[p_rows], emb, g_id, probe_rows=p_rows,
                                          gallery_rows=g_rows, probe_groups=info.source_ids[p_rows],
                                          gallery_groups=g_src, **kw)

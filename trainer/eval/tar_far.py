@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.eval.common import FARS, resolve_device
+from trainer.eval.common import FARS, narrow_ints, resolve_device
 from trainer.eval.kfold import FoldScores
 from trainer.eval.rowfile import take_rows
 
@@ -137,10 +137,6 @@ class _Tile:
         return self.invalid if self.genuine is None else self.genuine | self.invalid
 
 
-def _labels(x) -> np.ndarray:
-    return (x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
-
-
 class _PairTiles:
     """Tile by tile, the score keys of every pair of the protocol.
 
@@ -166,22 +162,22 @@ class _PairTiles:
         if len(probe.shape) != 2 or len(g.shape) != 2 or probe.shape[1] != g.shape[1]:
             raise ValueError(f"embeddings must be [N, D] with one D; got {tuple(probe.shape)} and "
                              f"{tuple(g.shape)}")
-        pl = _labels(probe_labels)
-        gl = pl if self.symmetric else _labels(gallery_labels)
-        p_rows = None if probe_rows is None else _labels(probe_rows)
-        g_rows = p_rows if self.symmetric else None if gallery_rows is None else _labels(gallery_rows)
+        pl = narrow_ints(probe_labels)
+        gl = pl if self.symmetric else narrow_ints(gallery_labels)
+        p_rows = None if probe_rows is None else narrow_ints(probe_rows)
+        g_rows = p_rows if self.symmetric else None if gallery_rows is None else narrow_ints(gallery_rows)
         if len(pl) != (len(probe) if p_rows is None else len(p_rows)) or \
                 len(gl) != (len(g) if g_rows is None else len(g_rows)):
             raise ValueError("one label per embedding is needed")
-        pg = None if probe_groups is None else _labels(probe_groups)
+        pg = None if probe_groups is None else narrow_ints(probe_groups)
         gg = pg
         if not self.symmetric:
-            gg = None if gallery_groups is None else _labels(gallery_groups)
+            gg = None if gallery_groups is None else narrow_ints(gallery_groups)
         if (pg is None) != (gg is None):
             raise ValueError("give groups for both probe and gallery, or for neither")
 
         def ordered(labels, groups, rows):
-            order = np.argsort(labels, kind="stable")
+            order = narrow_ints(np.argsort(labels, kind="stable"))
             return (torch.as_tensor(labels[order], device=device),
                     None if groups is None else torch.as_tensor(groups[order], device=device),
                     order if rows is None else rows[order])
