@@ -201,3 +201,39 @@ def test_evaluate_packed_with_int32_columns_equals_int64():
                              np.arange(n, dtype=dtype), np.where(masked, np.arange(n) - 1, 0).astype(dtype), 0, {})
     args = ((1e-3, 1e-2), 128, torch.device("cpu"), True, 5, None, False)
     assert evaluate_packed(x, info(np.int32), True, *args)[0] == evaluate_packed(x, info(np.int64), True, *args)[0]
+
+
+def test_npz_written_and_read_a_block_at_a_time(tmp_path, monkeypatch):
+    from pipeline.manifest import sha256_file
+    from trainer.eval import folder
+    from trainer.eval.common import l2_normalize
+    from trainer.eval.folder import load_npz, save_npz
+    from trainer.eval.packed import load_distractors
+
+    n = 4000
+    x, labels = _set(n, seed=7)
+    rows = row_file(n, DIM)
+    rows[:] = 3 * x
+    release(rows)
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    extra = dict(paths=np.array([f"p/{i}.jpg" for i in range(n)]), labels=labels, flag=np.array(True),
+                 checkpoint_sha256=np.array(sha256_file(ckpt)), normalized=np.array(False))
+    out = tmp_path / "e.npz"
+    monkeypatch.setattr(folder, "_WRITE_ROWS", 512, raising=False)  # 1 MB blocks here (16 MB in use)
+    _, peak = _peak(lambda: save_npz(out, embeddings=rows, **extra))
+    # Before: the whole file in a BytesIO and its getvalue() copy (16 MB here); now a block of rows.
+    assert peak < n * ROW_BYTES / 4, peak
+    with np.load(out) as z:  # what np.savez would have written
+        assert np.array_equal(z["embeddings"], 3 * x) and z["paths"].tolist() == extra["paths"].tolist()
+        assert np.array_equal(z["labels"], labels) and bool(z["flag"]) and z["flag"].shape == ()
+    data, peak = _peak(lambda: load_npz(out, map_embeddings=True))  # (the checkpoint check reads 4 MB blocks)
+    assert isinstance(data["embeddings"], np.memmap) and np.array_equal(data["embeddings"], 3 * x)
+    assert peak < n * ROW_BYTES / 4, peak
+    unit = load_distractors(out, None, ckpt, torch.device("cpu"))
+    assert isinstance(unit, np.memmap) and np.allclose(unit, l2_normalize(3 * x), atol=1e-6)
+    # A compressed file (not from save_npz) cannot be mapped: it is read whole, as before.
+    np.savez_compressed(tmp_path / "c.npz", embeddings=x)
+    assert not isinstance(load_npz(tmp_path / "c.npz", map_embeddings=True)["embeddings"], np.memmap)
+    np.savez(tmp_path / "s.npz", embeddings=x)
+    assert np.array_equal(load_npz(tmp_path / "s.npz", map_embeddings=True)["embeddings"], x)

@@ -22,6 +22,7 @@ from trainer.eval.folder import embed_folder, load_npz
 from trainer.eval.identification import CMCResult, megaface_cmc
 from trainer.eval.images import IMAGE_SIZE
 from trainer.eval.kfold import majority_accuracy
+from trainer.eval.rowfile import release, row_file
 from trainer.eval.tar_far import AllPairsResult, all_pairs_verification
 
 
@@ -176,9 +177,16 @@ def load_distractors(spec: str | os.PathLike, model: torch.nn.Module, checkpoint
     from `checkpoint`), a packed set, or an image folder embedded here."""
     path = Path(spec)
     if path.suffix == ".npz":
-        data = load_npz(path, checkpoint)
+        data = load_npz(path, checkpoint, map_embeddings=True)  # read a block at a time, not whole
         emb = data["embeddings"]
-        return emb if bool(data.get("normalized", True)) else l2_normalize(emb)
+        if bool(data.get("normalized", True)):
+            return emb
+        unit = row_file(len(emb), emb.shape[1])
+        for a in range(0, len(emb), 8192):
+            unit[a:a + 8192] = l2_normalize(emb[a:a + 8192])
+            release(emb)
+            release(unit)
+        return unit
     if (path / "manifest.json").is_file():
         emb, _ = embed_packed(model, str(path), device, batch_size, flip, workers=workers, progress=progress)
         return emb
