@@ -422,17 +422,18 @@ def all_pairs_verification(
                           kfold_balanced_from_histograms(hist))
 
 
-def _threshold_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For per-fold histograms [fold, impostor/genuine, bin]: the non-empty bins, and per fold and
-    threshold index t = 0 .. len(used) (accepting the used bins >= t) the genuine pairs accepted and the
-    impostor pairs rejected."""
-    n_folds = hist.shape[0]
-    used = np.nonzero(hist.sum(axis=(0, 1)))[0]  # thresholds between empty bins change nothing
-    h = hist[:, :, used]
-    zeros = np.zeros((n_folds, 1), np.int64)
-    gen_ge = np.concatenate([np.cumsum(h[:, 1, ::-1], axis=1)[:, ::-1], zeros], 1)
-    imp_lt = np.concatenate([zeros, np.cumsum(h[:, 0], axis=1)], 1)
-    return used, gen_ge, imp_lt
+def _used_columns(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For per-fold histograms [fold, impostor/genuine, bin]: the non-empty bins (thresholds between empty
+    bins change nothing) and the histograms over those only (no copy when every bin is used)."""
+    used = np.flatnonzero(hist.sum(axis=(0, 1)))
+    return used, hist if len(used) == hist.shape[2] else hist[:, :, used]
+
+
+def _threshold_counts(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For one impostor/genuine histogram [2, bin]: per threshold index t = 0 .. bins (accepting the bins
+    >= t) the genuine pairs accepted and the impostor pairs rejected. Taken a fold at a time (and once for
+    all folds together), so that no [fold, bin] array is made beyond the histograms."""
+    return np.r_[np.cumsum(h[1, ::-1])[::-1], 0], np.r_[0, np.cumsum(h[0])]
 
 
 def kfold_accuracy_from_histograms(hist: np.ndarray,
@@ -446,16 +447,17 @@ def kfold_accuracy_from_histograms(hist: np.ndarray,
         bins = np.arange(n_bins)
     else:
         n_bins = _BINS
-    used, gen_ge, imp_lt = _threshold_counts(hist)
-    correct = gen_ge + imp_lt
+    used, h = _used_columns(hist)
+    correct_all = sum(_threshold_counts(h.sum(0)))
     totals = hist.sum(axis=(1, 2))
     accs, thresholds = [], []
     for f in range(n_folds):
         if totals[f] == 0:
             continue
-        train = correct.sum(0) - correct[f]
+        correct = sum(_threshold_counts(h[f]))
+        train = correct_all - correct
         t = len(train) - 1 - int(np.argmax(train[::-1]))  # the last (strictest) of the best
-        accs.append(correct[f, t] / totals[f])
+        accs.append(correct[t] / totals[f])
         bin_ = int(bins[used[t]]) if t < len(used) else n_bins
         thresholds.append(_key_to_float((bin_ - n_bins // 2) << _LOW_BITS) if bin_ < n_bins else math.inf)
     return np.asarray(accs), np.asarray(thresholds)
@@ -464,14 +466,16 @@ def kfold_accuracy_from_histograms(hist: np.ndarray,
 def kfold_balanced_from_histograms(hist: np.ndarray) -> np.ndarray:
     """k-fold balanced accuracy, (TPR + TNR) / 2, on the same histograms: each fold that holds both kinds
     of pair takes the strictest threshold with the best balanced accuracy on the other folds."""
-    _, gen_ge, imp_lt = _threshold_counts(hist)
+    _, h = _used_columns(hist)
+    gen_ge_all, imp_lt_all = _threshold_counts(h.sum(0))
     n_imp, n_gen = hist[:, 0].sum(axis=1), hist[:, 1].sum(axis=1)
     out = []
     for f in range(hist.shape[0]):
         if n_gen[f] == 0 or n_imp[f] == 0:
             continue
+        gen_ge, imp_lt = _threshold_counts(h[f])
         g, i = n_gen.sum() - n_gen[f], n_imp.sum() - n_imp[f]
-        train = ((gen_ge.sum(0) - gen_ge[f]) / max(g, 1) + (imp_lt.sum(0) - imp_lt[f]) / max(i, 1)) / 2
+        train = ((gen_ge_all - gen_ge) / max(g, 1) + (imp_lt_all - imp_lt) / max(i, 1)) / 2
         t = len(train) - 1 - int(np.argmax(train[::-1]))
-        out.append((gen_ge[f, t] / n_gen[f] + imp_lt[f, t] / n_imp[f]) / 2)
+        out.append((gen_ge[t] / n_gen[f] + imp_lt[t] / n_imp[f]) / 2)
     return np.asarray(out)
