@@ -238,3 +238,11 @@ def test_npz_written_and_read_a_block_at_a_time(tmp_path, monkeypatch):
     assert not isinstance(load_npz(tmp_path / "c.npz", map_embeddings=True)["embeddings"], np.memmap)
     np.savez(tmp_path / "s.npz", embeddings=x)
     assert np.array_equal(load_npz(tmp_path / "s.npz", map_embeddings=True)["embeddings"], x)
+
+
+def test_probe_and_gallery_labels_of_different_widths():
+    x, labels = _set(500, seed=8)
+    big = labels.astype(np.int64) + (1 << 40)  # past int32: stays int64
+    kw = dict(fars=(1e-2, 1e-1), tile=64, device="cpu", progress=False)
+    _same(all_pairs_verification(x[:200], (labels[:200] + (1 << 40)).astype(np.int64), x[200:], big[200:], **kw),
+          all_pairs_verification(x[:200], labels[:200].astype(np.int16), x[200:], labels[200:], **kw))
