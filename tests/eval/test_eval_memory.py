@@ -148,7 +148,8 @@ def test_pass_one_counts_in_int32_and_empties_them_before_they_could_wrap(monkey
     from trainer.eval import tar_far
 
     hist = tar_far._FoldHistogram(10, torch.device("cpu"))
-    assert hist.dense.dtype == torch.int32 and hist.dense.numel() == 10 * (1 << 20) + 1  # 40 MB, not 80
+    # The bins a cosine can fall in (|score| <= 2), in int32: 20 MB at 10 folds, not 80.
+    assert hist.dense.dtype == torch.int32 and hist.dense.numel() == 10 * ((1 << 19) + 1) + 1
     x, labels = _set(600, seed=3)
     kw = dict(fars=(1e-3, 1e-2, 1e-1), tile=64, device="cpu", progress=False)
     ref = all_pairs_verification(x, labels, **kw)
@@ -246,3 +247,19 @@ def test_probe_and_gallery_labels_of_different_widths():
     kw = dict(fars=(1e-2, 1e-1), tile=64, device="cpu", progress=False)
     _same(all_pairs_verification(x[:200], (labels[:200] + (1 << 40)).astype(np.int64), x[200:], big[200:], **kw),
           all_pairs_verification(x[:200], labels[:200].astype(np.int16), x[200:], labels[200:], **kw))
+
+
+def test_scores_past_the_dense_window_are_counted_too(monkeypatch):
+    from trainer.eval import tar_far
+
+    x, labels = _set(400, seed=9)
+    kw = dict(fars=(1e-3, 1e-2, 1e-1), tile=64, device="cpu", progress=False)
+    for emb in (x, 3 * x):  # cosines, and raw scores up to 9 (past the window of |score| <= 2)
+        monkeypatch.setattr(tar_far, "_WINDOW", 1 << 19)  # every top bin dense
+        ref = all_pairs_verification(emb, labels, **kw)
+        for window in (1 << 18, 1 << 8):  # the default; and one where most scores fall outside
+            monkeypatch.setattr(tar_far, "_WINDOW", window)
+            res = all_pairs_verification(emb, labels, **kw)
+            _same(res, ref)
+            assert np.array_equal(res.fold_thresholds, ref.fold_thresholds)
+            assert np.array_equal(res.roc_fpr, ref.roc_fpr)

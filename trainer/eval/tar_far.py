@@ -249,38 +249,58 @@ def _count_into(hist: torch.Tensor, idx: torch.Tensor) -> None:
 
 # A pass-1 count in int32 cannot wrap while fewer pairs than this went in since the last flush.
 _FLUSH_AT = (1 << 31) - 1
+# The top bins counted densely: -W..W of the signed top key, every score of magnitude up to 2 (a cosine of
+# unit vectors, rounding included); the rare scores past it (embeddings not normalised) go to the sparse
+# total a tile at a time.
+_WINDOW = 1 << 18
 
 
 class _FoldHistogram:
-    """Per-fold impostor counts by top bin, for every pair of pass 1, in half the memory of int64 counts
-    (n_folds x 2^20 bins: 40 MB at 10 folds, not 80): tiles are counted into an int32 histogram on the
-    device, which is emptied into a sparse int64 total (the few thousand bins some pair fell in) before it
-    could wrap. Index n_folds * 2^20 takes the pairs that are not impostors and is never read."""
+    """Per-fold impostor counts by top bin, for every pair of pass 1, in a quarter of the memory of int64
+    counts over all 2^20 top bins (n_folds x (2^19 + 1) int32 bins: 20 MB at 10 folds, not 80): tiles are
+    counted into an int32 histogram of the bins a cosine can fall in, on the device, which is emptied into
+    a sparse int64 total (the bins some pair fell in) before it could wrap."""
 
     def __init__(self, n_folds: int, device: torch.device) -> None:
-        self.trash = n_folds * _BINS
+        self.width = 2 * _WINDOW + 1
+        self.trash = n_folds * self.width  # takes the pairs that are not impostors; never read
         self.dense = torch.zeros(self.trash + 1, dtype=torch.int32, device=device)
         self.since = 0  # pairs counted into `dense` since it was last emptied
         self.index = np.zeros(0, np.int64)  # sorted flat (fold * 2^20 + bin) indices of the total
         self.count = np.zeros(0, np.int64)
 
-    def add(self, idx: torch.Tensor) -> None:
-        if self.since + idx.numel() > _FLUSH_AT:
+    def add(self, top: torch.Tensor, fold: torch.Tensor, drop: Optional[torch.Tensor]) -> None:
+        """Count the pairs of a tile: `top` the signed top keys [R, C] (int32, taken over and changed),
+        `fold` the fold of each row, `drop` the pairs that are not impostors (or None)."""
+        outside = (top > _WINDOW) | (top < -_WINDOW)
+        if bool(outside.any()):
+            far = outside if drop is None else outside & ~drop
+            flat = fold[:, None].expand_as(top)[far].long() * _BINS + top[far].long() + _BINS // 2
+            index, count = torch.unique(flat, return_counts=True)
+            self._merge(index.cpu().numpy(), count.cpu().numpy())
+            drop = outside if drop is None else drop | outside
+        top += (fold * self.width + _WINDOW)[:, None]
+        if drop is not None:
+            top.masked_fill_(drop, self.trash)
+        if self.since + top.numel() > _FLUSH_AT:
             self.flush()
-        _count_into(self.dense, idx)
-        self.since += idx.numel()
+        _count_into(self.dense, top)
+        self.since += top.numel()
+
+    def _merge(self, index: np.ndarray, count: np.ndarray) -> None:
+        self.index, where = np.unique(np.concatenate([self.index, index]), return_inverse=True)
+        total = np.zeros(len(self.index), np.int64)
+        np.add.at(total, where, np.concatenate([self.count, count.astype(np.int64)]))
+        self.count = total
 
     def flush(self) -> None:
         dense = self.dense[:self.trash]
         at = torch.nonzero(dense).reshape(-1)
-        index, count = at.cpu().numpy(), dense[at].cpu().numpy().astype(np.int64)
+        count = dense[at].cpu().numpy()
+        at = at.cpu().numpy()
         self.dense.zero_()
         self.since = 0
-        both = np.concatenate([self.index, index])
-        self.index, where = np.unique(both, return_inverse=True)
-        total = np.zeros(len(self.index), np.int64)
-        np.add.at(total, where, np.concatenate([self.count, count]))
-        self.count = total
+        self._merge((at // self.width) * _BINS + at % self.width - _WINDOW + _BINS // 2, count)
 
     def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fold, top bin, count) of every non-empty (fold, bin); the device histogram is let go."""
@@ -333,12 +353,7 @@ def all_pairs_verification(
             gen_keys_np[n_gen:n_gen + len(k)] = k.cpu().numpy()
             gen_folds_np[n_gen:n_gen + len(k)] = fold[:, None].expand_as(take)[take].cpu().numpy()
             n_gen += len(k)
-        idx = t.keys >> _LOW_BITS
-        idx += (fold * _BINS + _BINS // 2)[:, None]
-        drop = t.not_impostor()
-        if drop is not None:
-            idx.masked_fill_(drop, imp_hist.trash)
-        imp_hist.add(idx)
+        imp_hist.add(t.keys >> _LOW_BITS, fold, t.not_impostor())
     imp_folds, imp_bins, imp_counts = imp_hist.totals()
     del imp_hist
     gen_keys_np, gen_folds_np = gen_keys_np[:n_gen], gen_folds_np[:n_gen]
