@@ -357,7 +357,7 @@ def all_pairs_verification(
     imp_folds, imp_bins, imp_counts = imp_hist.totals()
     del imp_hist
     gen_keys_np, gen_folds_np = gen_keys_np[:n_gen], gen_folds_np[:n_gen]
-    # From here on every per-bin array holds only the top bins some pair falls in (thousands of the
+    # From here on every per-bin array holds only the top bins some pair falls in (about 10^5 of the
     # 2^20), in increasing order: `used`. The genuine pairs are binned a slice at a time.
     step = 1 << 22
     gen_bins = [np.unique(gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2 for a in range(0, n_gen, step)]
