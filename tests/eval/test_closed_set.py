@@ -65,3 +65,36 @@ def test_crossscan_recipe_config():
     from pipeline.augment import AugmentConfig
 
     assert AugmentConfig.from_dict(cfg.augment).crop_area == 0.8
+
+
+def test_classifies_a_block_at_a_time_from_a_file(monkeypatch):
+    import tracemalloc
+
+    import trainer.eval.closed_set as closed_set
+    from trainer.eval.rowfile import row_file
+
+    rng = np.random.default_rng(0)
+    n, c, d = 6000, 2000, 32
+    weight = rng.standard_normal((c, d)).astype(np.float32)
+    identity = rng.integers(0, c, n)
+    x = weight[identity] + 2.0 * rng.standard_normal((n, d)).astype(np.float32)
+    emb = row_file(n, d)
+    emb[:] = x
+    bias = rng.standard_normal(c).astype(np.float32)
+    keep = np.flatnonzero(np.arange(n) % 5 != 0)
+    tracemalloc.start()
+    try:
+        res = closed_set_accuracy(emb, identity[keep], weight, bias, rows=keep, scale=0.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Before: the N x C scores (48 MB here) and whole copies of the rows; now a block of scores (16 MB).
+    assert peak < 24 << 20, peak
+    predicted = np.argmax((x[keep] / 2) @ weight.T + bias, axis=1)
+    assert res["acc"] == float(np.mean(predicted == identity[keep])) and res["n"] == len(keep)
+    # Classes a chunk at a time (here 7 rows' worth) give what all classes at once give, ties included.
+    monkeypatch.setattr(closed_set, "_BLOCK_SCORES", 7 * closed_set._BLOCK_ROWS)
+    tied = np.repeat(weight[:3], 2, axis=0)  # each class twice: the first of equal scores wins
+    assert closed_set_accuracy(x[:50], np.zeros(50, int), tied)["acc"] == \
+        float(np.mean(np.argmax(x[:50] @ (tied / np.linalg.norm(tied, axis=1, keepdims=True)).T, axis=1) == 0))
+    assert closed_set_accuracy(emb, identity, weight)["acc"] == closed_set_accuracy(x, identity, weight)["acc"]

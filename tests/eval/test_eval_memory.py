@@ -142,3 +142,124 @@ def test_evaluate_packed_on_a_file_equals_in_ram():
     on_file, _ = evaluate_packed(rows, info, True, *args)
     in_ram, _ = evaluate_packed(np.array(x), info, True, *args)
     assert on_file == in_ram and set(on_file) == {"unmasked", "masked", "masked/surgical", "masked/mask_type=2"}
+
+
+def test_pass_one_counts_in_int32_and_empties_them_before_they_could_wrap(monkeypatch):
+    from trainer.eval import tar_far
+
+    hist = tar_far._FoldHistogram(10, torch.device("cpu"))
+    # The bins a cosine can fall in (|score| <= 2), in int32: 20 MB at 10 folds, not 80.
+    assert hist.dense.dtype == torch.int32 and hist.dense.numel() == 10 * ((1 << 19) + 1) + 1
+    x, labels = _set(600, seed=3)
+    kw = dict(fars=(1e-3, 1e-2, 1e-1), tile=64, device="cpu", progress=False)
+    ref = all_pairs_verification(x, labels, **kw)
+    flushes = []
+    flush = tar_far._FoldHistogram.flush
+    monkeypatch.setattr(tar_far._FoldHistogram, "flush", lambda self: (flushes.append(self.since), flush(self)))
+    monkeypatch.setattr(tar_far, "_FLUSH_AT", 64 * 64 * 3)  # emptied every third tile
+    res = all_pairs_verification(x, labels, **kw)
+    assert len(flushes) > 10 and max(flushes) <= 64 * 64 * 3
+    _same(res, ref)
+    assert np.array_equal(res.fold_thresholds, ref.fold_thresholds) and np.array_equal(res.roc_fpr, ref.roc_fpr)
+
+
+def test_scoring_keeps_no_array_over_every_top_bin():
+    x, labels = _set(400, seed=4)
+    _, peak = _peak(lambda: all_pairs_verification(x, labels, tile=128, device="cpu", progress=False))
+    # Before (67 MB here): the folds' sum, the ROC's cumulative counts and rates, each over all 2^20 top
+    # bins (8 MB apiece), the k-fold histograms twice and their [fold, bin] cumulative counts; now (7 MB)
+    # the histograms over the bins some pair falls in, and a fold's counts at a time.
+    assert peak < 12 << 20, peak
+
+
+def test_per_image_columns_are_int32_where_they_fit():
+    from trainer.eval.common import narrow_ints
+    from trainer.eval.embedding import _store
+
+    big = np.array([1, 1 << 40])
+    assert narrow_ints(np.array([-3, 5])).dtype == np.int32 and narrow_ints(big).dtype == np.int64
+    assert np.array_equal(narrow_ints(big), big)
+    # embed_dataset's columns: int32 until a batch brings a value past 2^31, then int64 (values kept).
+    cols = _store([], [np.array([1, 2]), np.array([True, False])], 0, 4)
+    assert cols[0].dtype == np.int32 and cols[1].dtype == bool
+    cols = _store(cols, [big, np.array([True, True])], 2, 4)
+    assert cols[0].dtype == np.int64 and cols[0].tolist() == [1, 2, 1, 1 << 40]
+    # Labels, groups and row orders are not widened to int64 on their way into the tiles.
+    x, labels = _set(300, seed=5)
+    tiles = _PairTiles(x, labels.astype(np.int32), None, None, np.arange(300, dtype=np.int32), None, 64,
+                       torch.device("cpu"), probe_rows=np.arange(300, dtype=np.int32))
+    assert tiles.pl.dtype == tiles.pg.dtype == torch.int32 and tiles.p_rows.dtype == np.int32
+    tiles = _PairTiles(x, labels, None, None, None, None, 64, torch.device("cpu"))
+    assert tiles.pl.dtype == torch.int32 and tiles.p_rows.dtype == np.int32
+
+
+def test_evaluate_packed_with_int32_columns_equals_int64():
+    n = 600
+    x, labels = _set(n, seed=6)
+    masked = np.arange(n) % 3 == 0
+
+    def info(dtype):
+        return PackedSetInfo(labels.astype(dtype), masked, np.where(masked, 1, 0).astype(dtype),
+                             np.arange(n, dtype=dtype), np.where(masked, np.arange(n) - 1, 0).astype(dtype), 0, {})
+    args = ((1e-3, 1e-2), 128, torch.device("cpu"), True, 5, None, False)
+    assert evaluate_packed(x, info(np.int32), True, *args)[0] == evaluate_packed(x, info(np.int64), True, *args)[0]
+
+
+def test_npz_written_and_read_a_block_at_a_time(tmp_path, monkeypatch):
+    from pipeline.manifest import sha256_file
+    from trainer.eval import folder
+    from trainer.eval.common import l2_normalize
+    from trainer.eval.folder import load_npz, save_npz
+    from trainer.eval.packed import load_distractors
+
+    n = 4000
+    x, labels = _set(n, seed=7)
+    rows = row_file(n, DIM)
+    rows[:] = 3 * x
+    release(rows)
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"weights")
+    extra = dict(paths=np.array([f"p/{i}.jpg" for i in range(n)]), labels=labels, flag=np.array(True),
+                 checkpoint_sha256=np.array(sha256_file(ckpt)), normalized=np.array(False))
+    out = tmp_path / "e.npz"
+    monkeypatch.setattr(folder, "_WRITE_ROWS", 512, raising=False)  # 1 MB blocks here (16 MB in use)
+    _, peak = _peak(lambda: save_npz(out, embeddings=rows, **extra))
+    # Before: the whole file in a BytesIO and its getvalue() copy (16 MB here); now a block of rows.
+    assert peak < n * ROW_BYTES / 4, peak
+    with np.load(out) as z:  # what np.savez would have written
+        assert np.array_equal(z["embeddings"], 3 * x) and z["paths"].tolist() == extra["paths"].tolist()
+        assert np.array_equal(z["labels"], labels) and bool(z["flag"]) and z["flag"].shape == ()
+    data, peak = _peak(lambda: load_npz(out, map_embeddings=True))  # (the checkpoint check reads 4 MB blocks)
+    assert isinstance(data["embeddings"], np.memmap) and np.array_equal(data["embeddings"], 3 * x)
+    assert peak < n * ROW_BYTES / 4, peak
+    unit = load_distractors(out, None, ckpt, torch.device("cpu"))
+    assert isinstance(unit, np.memmap) and np.allclose(unit, l2_normalize(3 * x), atol=1e-6)
+    # A compressed file (not from save_npz) cannot be mapped: it is read whole, as before.
+    np.savez_compressed(tmp_path / "c.npz", embeddings=x)
+    assert not isinstance(load_npz(tmp_path / "c.npz", map_embeddings=True)["embeddings"], np.memmap)
+    np.savez(tmp_path / "s.npz", embeddings=x)
+    assert np.array_equal(load_npz(tmp_path / "s.npz", map_embeddings=True)["embeddings"], x)
+
+
+def test_probe_and_gallery_labels_of_different_widths():
+    x, labels = _set(500, seed=8)
+    big = labels.astype(np.int64) + (1 << 40)  # past int32: stays int64
+    kw = dict(fars=(1e-2, 1e-1), tile=64, device="cpu", progress=False)
+    _same(all_pairs_verification(x[:200], (labels[:200] + (1 << 40)).astype(np.int64), x[200:], big[200:], **kw),
+          all_pairs_verification(x[:200], labels[:200].astype(np.int16), x[200:], labels[200:], **kw))
+
+
+def test_scores_past_the_dense_window_are_counted_too(monkeypatch):
+    from trainer.eval import tar_far
+
+    x, labels = _set(400, seed=9)
+    kw = dict(fars=(1e-3, 1e-2, 1e-1), tile=64, device="cpu", progress=False)
+    for emb in (x, 3 * x):  # cosines, and raw scores up to 9 (past the window of |score| <= 2)
+        monkeypatch.setattr(tar_far, "_WINDOW", 1 << 19)  # every top bin dense
+        ref = all_pairs_verification(emb, labels, **kw)
+        for window in (1 << 18, 1 << 8):  # the default; and one where most scores fall outside
+            monkeypatch.setattr(tar_far, "_WINDOW", window)
+            res = all_pairs_verification(emb, labels, **kw)
+            _same(res, ref)
+            assert np.array_equal(res.fold_thresholds, ref.fold_thresholds)
+            assert np.array_equal(res.roc_fpr, ref.roc_fpr)

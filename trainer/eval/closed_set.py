@@ -26,26 +26,62 @@ import torch
 
 from pipeline.atomic import atomic_write_json, json_safe
 from trainer import checkpoint as ckpt
-from trainer.eval.common import EvalError, l2_normalize, packed_set_only, resolve_device
+from trainer.eval.common import EvalError, l2_normalize, narrow_ints, packed_set_only, resolve_device
+from trainer.eval.rowfile import release
+
+# Records are classified a block at a time against a chunk of the classes at a time: no score matrix over
+# every record (or every class) is held, whatever the set or the classifier.
+_BLOCK_ROWS = 1024
+_BLOCK_SCORES = 1 << 22  # float32 scores held at once (16 MB)
+
+
+def _predict(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
+    """The class of the highest score of each row of `x` (the first of equal ones), classes a chunk at a
+    time. `weight` is already L2-normalised for the cosine rule (bias None)."""
+    if bias is None:
+        x = l2_normalize(x)
+    chunk = max(1, _BLOCK_SCORES // max(len(x), 1))
+    best = np.full(len(x), -np.inf)
+    predicted = np.zeros(len(x), np.int64)
+    for c in range(0, len(weight), chunk):
+        scores = x @ weight[c:c + chunk].T
+        if bias is not None:
+            scores = scores + bias[c:c + chunk]
+        top = np.argmax(scores, axis=1)
+        top_score = scores[np.arange(len(x)), top]
+        better = top_score > best
+        best[better], predicted[better] = top_score[better], top[better] + c
+    return predicted
 
 
 def closed_set_accuracy(embeddings: np.ndarray, identity: np.ndarray, weight: np.ndarray,
-                        bias: Optional[np.ndarray] = None) -> dict:
+                        bias: Optional[np.ndarray] = None, *, rows: Optional[np.ndarray] = None,
+                        scale: float = 1.0) -> dict:
     """Nearest-row (cosine) classification of `embeddings` [N, D] among the rows of `weight` [C, D]; with
-    `bias` [C], the linear classifier's: the class of the highest `weight @ x + bias`."""
-    identity = np.asarray(identity, np.int64)
+    `bias` [C], the linear classifier's: the class of the highest `weight @ (scale * x) + bias`. `rows`:
+    the rows of `embeddings` to classify (default all; `identity` is given per row taken). `embeddings`
+    may be a file-backed memmap of any size: it is read a block of rows at a time, never copied whole."""
+    identity = narrow_ints(identity)
     if len(identity) == 0:
         raise EvalError("no records to classify")
     if identity.min() < 0 or identity.max() >= len(weight):
         raise EvalError(f"identities {identity.min()}..{identity.max()} are not all among the classifier's "
                         f"{len(weight)} classes (a set packed with the training data's classes is needed)")
+    if len(identity) != (len(embeddings) if rows is None else len(rows)):
+        raise EvalError("one identity per record to classify is needed")
     if bias is None:
-        predicted = np.argmax(l2_normalize(embeddings) @ l2_normalize(weight).T, axis=1)
-    else:
-        predicted = np.argmax(embeddings @ weight.T + bias, axis=1)
-    right = predicted == identity
-    classes = np.unique(identity)
-    per_class = [float(right[identity == c].mean()) for c in classes]
+        weight = l2_normalize(weight)
+    right = np.empty(len(identity), bool)
+    for a in range(0, len(identity), _BLOCK_ROWS):
+        b = min(a + _BLOCK_ROWS, len(identity))
+        x = np.array(embeddings[a:b] if rows is None else np.take(embeddings, rows[a:b], axis=0))
+        release(embeddings)
+        if scale != 1.0:
+            x *= scale
+        right[a:b] = _predict(x, weight, bias) == identity[a:b]
+    counts = np.bincount(identity)
+    classes = np.flatnonzero(counts)
+    per_class = np.bincount(identity, weights=right)[classes] / counts[classes]
     return {"acc": float(right.mean()), "balanced_acc": float(np.mean(per_class)), "n": int(len(identity)),
             "classes": int(len(classes))}
 
@@ -60,12 +96,15 @@ def embedded_closed_set_accuracy(model: torch.nn.Module, weight: np.ndarray, bia
 
     emb, info = embed_packed(model, data_dir, device, batch_size, flip, holdout, workers, progress, val=val,
                              normalize=False)
-    if flip:
-        emb = emb / 2  # the sum of the two views: their mean is on the scale a linear classifier knows
     if emb.shape[1] != weight.shape[1]:
         raise EvalError(f"the model gives {emb.shape[1]}-d embeddings, the classifier has {weight.shape[1]}-d rows")
     keep = ~info.masked
-    return {"skipped_records": info.skipped, **closed_set_accuracy(emb[keep], info.identity[keep], weight, bias)}
+    rows = None if keep.all() else narrow_ints(np.flatnonzero(keep))
+    identity = info.identity if rows is None else info.identity[rows]
+    # With the flip test the rows are the sum of the two views: their mean (scale 1/2) is on the scale a
+    # linear classifier knows.
+    scores = closed_set_accuracy(emb, identity, weight, bias, rows=rows, scale=0.5 if flip else 1.0)
+    return {"skipped_records": info.skipped, **scores}
 
 
 def load_classifier(model_path: str, classifier: Optional[str] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:

@@ -23,6 +23,17 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
+def narrow_ints(x) -> np.ndarray:
+    """Integers as int32 when every value fits, else int64 (per-image labels, ids and row numbers: half
+    the bytes an image). A signed array of 32 bits or fewer is taken as it is, without a copy."""
+    arr = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.dtype.kind == "i" and arr.dtype.itemsize <= 4:
+        return arr
+    if len(arr) == 0 or (arr.dtype.kind in "iub" and arr.min() >= -(1 << 31) and arr.max() < (1 << 31)):
+        return arr.astype(np.int32)
+    return arr.astype(np.int64, copy=False)
+
+
 def as_tensor(x, dtype, device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=dtype)

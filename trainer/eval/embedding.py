@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.augment import MEAN, STD
-from trainer.eval.common import l2_normalize
+from trainer.eval.common import l2_normalize, narrow_ints
 from trainer.eval.images import VerificationError
 from trainer.eval.rowfile import release, row_file
 
@@ -92,12 +92,15 @@ def _collate(items: Sequence[tuple]) -> tuple:
 
 def _store(columns: list[np.ndarray], batch: Sequence[np.ndarray], at: int, n: int) -> list[np.ndarray]:
     """Copy one batch's columns into the preallocated per-item columns (made on the first batch; a text
-    column is widened when a batch brings a longer string)."""
+    column is widened when a batch brings a longer string, an integer column is int32 until a batch
+    brings a value that does not fit)."""
     if not columns:
-        columns = [np.empty(n, c.dtype) for c in batch]
+        columns = [np.empty(n, np.int32 if c.dtype.kind == "i" else c.dtype) for c in batch]
     for i, c in enumerate(batch):
         if c.dtype.kind == "U" and c.dtype.itemsize > columns[i].dtype.itemsize:
             columns[i] = columns[i].astype(c.dtype)
+        if columns[i].dtype == np.int32 and c.dtype.itemsize > 4 and narrow_ints(c).dtype == np.int64:
+            columns[i] = columns[i].astype(np.int64)
         columns[i][at:at + len(c)] = c
     return columns
 

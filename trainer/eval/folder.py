@@ -2,8 +2,8 @@
 `python -m trainer.eval.embed`, read back by `python -m trainer.eval --distractors faces.npz`)."""
 from __future__ import annotations
 
-import io
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.atomic import atomic_write_bytes
+from pipeline.atomic import atomic_write_with
 from pipeline.manifest import sha256_file
 from trainer.eval.embedding import embed_dataset
 from trainer.eval.images import IMAGE_EXTENSIONS, IMAGE_SIZE, VerificationError, face_crop, read_image_file
+from trainer.eval.rowfile import release
 
 
 def _walk_files(root: Path) -> list[str]:
@@ -98,20 +99,75 @@ def embed_folder(model: torch.nn.Module, root: str | os.PathLike, device: str | 
     return FolderEmbeddings(emb, kept_paths, labels[keep], classes, skipped)
 
 
+# Rows of an array written to a .npz member at a time (16 MB of 512-d float32 rows).
+_WRITE_ROWS = 8192
+
+
+def _write_npy(out, arr: np.ndarray) -> None:
+    """`arr` as a .npy stream, a block of rows at a time: a file-backed array is never read whole, and
+    its pages are let go after each block."""
+    if arr.ndim == 0 or arr.dtype.hasobject:
+        np.lib.format.write_array(out, arr, allow_pickle=False)
+        return
+    header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
+    np.lib.format.write_array_header_2_0(out, header)
+    for a in range(0, len(arr), _WRITE_ROWS):
+        out.write(np.ascontiguousarray(arr[a:a + _WRITE_ROWS]).tobytes())
+        release(arr)
+
+
 def save_npz(path: str | os.PathLike, **arrays) -> None:
-    """np.savez written atomically (pipeline.manifest's write-fsync-rename): never a half-written .npz."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    """What np.savez writes (uncompressed members), streamed into a temporary file put in place atomically
+    (pipeline/atomic.py): never a half-written .npz, nor the whole file in memory."""
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, arr in arrays.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    _write_npy(member, np.asanyarray(arr))
+
+    atomic_write_with(path, write)
 
 
-def load_npz(path: str | os.PathLike,
-             checkpoint: Optional[str | os.PathLike] = None) -> dict[str, np.ndarray]:
-    """An embedding file written by this command; with `checkpoint`, it must come from that model."""
+def _mapped_member(path: str | os.PathLike, name: str) -> Optional[np.memmap]:
+    """A read-only memmap of member `name` of a .npz when it is stored uncompressed in C order (what
+    save_npz writes), else None."""
+    with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+        try:
+            info = z.getinfo(f"{name}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + \
+            int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            return None
+        shape, fortran, dtype = read_header(f)
+        if fortran or dtype.hasobject or len(shape) == 0 or 0 in shape:
+            return None
+        return np.memmap(path, dtype, "r", offset=f.tell(), shape=shape)
+
+
+def load_npz(path: str | os.PathLike, checkpoint: Optional[str | os.PathLike] = None,
+             map_embeddings: bool = False) -> dict[str, np.ndarray]:
+    """An embedding file written by this command; with `checkpoint`, it must come from that model. With
+    `map_embeddings`, `embeddings` is a read-only memmap of the file where it is stored uncompressed
+    (read a block of rows at a time, trainer/eval/rowfile.py), not an array in RAM."""
     try:
+        mapped = _mapped_member(path, "embeddings") if map_embeddings else None
         with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
+            data = {k: z[k] for k in z.files if not (mapped is not None and k == "embeddings")}
+        if mapped is not None:
+            data["embeddings"] = mapped
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise VerificationError(f"{path}: not an embedding .npz ({e})") from None
     if "embeddings" not in data:
         raise VerificationError(f"{path}: has no 'embeddings' array")

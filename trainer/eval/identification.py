@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.eval.common import resolve_device
+from trainer.eval.common import narrow_ints, resolve_device
 from trainer.eval.rowfile import take_rows
 
 
 def _labels(x) -> Optional[np.ndarray]:
     if x is None:
         return None
-    return (x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
+    return narrow_ints(x)
 
 
 def _read(src, rows: Optional[np.ndarray], a: int, b: int, device: torch.device) -> torch.Tensor:
@@ -133,10 +133,10 @@ def _genuine_rank_counts(probe, pl, p_rows, mates, ml, m_rows, pg, mg, top: np.n
     taken in label order, a block of probes with at most about `budget` mates at a time: no per-pair
     arrays."""
     k = top.shape[1]
-    ps, ms = np.argsort(pl, kind="stable"), np.argsort(ml, kind="stable")
-    mls = ml[ms]
-    lo = np.searchsorted(mls, pl[ps], "left")
-    hi = np.searchsorted(mls, pl[ps], "right")
+    ps, ms = narrow_ints(np.argsort(pl, kind="stable")), narrow_ints(np.argsort(ml, kind="stable"))
+    mls, pls = ml[ms], pl[ps]
+    lo, hi = narrow_ints(np.searchsorted(mls, pls, "left")), narrow_ints(np.searchsorted(mls, pls, "right"))
+    del mls, pls
     counts = np.zeros(k + 1, np.int64)
     a = 0
     while a < len(ps):

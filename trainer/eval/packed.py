@@ -16,12 +16,13 @@ from torch.utils.data import Dataset
 from pipeline.imageio import ImageRejected, decode_jpeg_rgb
 from pipeline.manifest import decode_identity
 from pipeline.recordio import RecordIOError
-from trainer.eval.common import EvalError, far_key, l2_normalize
+from trainer.eval.common import EvalError, far_key, l2_normalize, narrow_ints
 from trainer.eval.embedding import embed_dataset
 from trainer.eval.folder import embed_folder, load_npz
 from trainer.eval.identification import CMCResult, megaface_cmc
 from trainer.eval.images import IMAGE_SIZE
 from trainer.eval.kfold import majority_accuracy
+from trainer.eval.rowfile import release, row_file
 from trainer.eval.tar_far import AllPairsResult, all_pairs_verification
 
 
@@ -29,11 +30,12 @@ from trainer.eval.tar_far import AllPairsResult, all_pairs_verification
 class PackedSetInfo:
     """Per embedded record of a packed set (records that did not decode are left out and counted)."""
 
-    identity: np.ndarray  # int64
+    # Integer columns are int32 where every value fits, else int64 (common.narrow_ints).
+    identity: np.ndarray
     masked: np.ndarray  # bool
-    mask_type: np.ndarray  # int64, 0 when the dataset has no such field
-    ids: np.ndarray  # int64 record id
-    source_ids: np.ndarray  # int64 id2: the source photo of a masked copy, 0 otherwise
+    mask_type: np.ndarray  # 0 when the dataset has no such field
+    ids: np.ndarray  # record id
+    source_ids: np.ndarray  # id2: the source photo of a masked copy, 0 otherwise
     skipped: int
     mask_type_names: dict[int, str]  # from maskgen's manifest entry: 1 -> "surgical", ...
 
@@ -85,9 +87,9 @@ def embed_packed(model: torch.nn.Module, data_dir: str, device: torch.device, ba
     identity, masked, mask_type, ids, id2, ok = cols
     ok = ok.astype(bool)
     names = records.ds.manifest.get("maskgen", {}).get("mask_types", {})
-    info = PackedSetInfo(identity[ok].astype(np.int64), masked[ok].astype(bool),
-                         mask_type[ok].astype(np.int64), ids[ok].astype(np.int64), id2[ok].astype(np.int64),
-                         int((~ok).sum()), {int(k): str(v) for k, v in names.items()})
+    info = PackedSetInfo(narrow_ints(identity[ok]), masked[ok].astype(bool), narrow_ints(mask_type[ok]),
+                         narrow_ints(ids[ok]), narrow_ints(id2[ok]), int((~ok).sum()),
+                         {int(k): str(v) for k, v in names.items()})
     return emb, info
 
 
@@ -127,7 +129,7 @@ def evaluate_packed(emb: np.ndarray, info: PackedSetInfo, masked_probe: bool, fa
     if unmasked.sum() < 2:
         raise EvalError("the set has fewer than 2 unmasked images")
     # Row numbers, not copies: `emb` may be a file-backed array of any size, read a tile at a time.
-    g_rows = None if unmasked.all() else np.flatnonzero(unmasked)
+    g_rows = None if unmasked.all() else narrow_ints(np.flatnonzero(unmasked))
     g_id, g_src = (info.identity, info.ids) if g_rows is None else (info.identity[g_rows], info.ids[g_rows])
     subsets: dict[str, dict] = {}
     curves = Curves({}, {})
@@ -137,7 +139,7 @@ def evaluate_packed(emb: np.ndarray, info: PackedSetInfo, masked_probe: bool, fa
         if probe is None:
             res = all_pairs_verification(emb, g_id, probe_rows=g_rows, **kw)
         else:
-            p_rows = np.flatnonzero(probe)
+            p_rows = narrow_ints(np.flatnonzero(probe))
             res = all_pairs_verification(emb, info.identity[p_rows], emb, g_id, probe_rows=p_rows,
                                          gallery_rows=g_rows, probe_groups=info.source_ids[p_rows],
                                          gallery_groups=g_src, **kw)
@@ -175,9 +177,16 @@ def load_distractors(spec: str | os.PathLike, model: torch.nn.Module, checkpoint
     from `checkpoint`), a packed set, or an image folder embedded here."""
     path = Path(spec)
     if path.suffix == ".npz":
-        data = load_npz(path, checkpoint)
+        data = load_npz(path, checkpoint, map_embeddings=True)  # read a block at a time, not whole
         emb = data["embeddings"]
-        return emb if bool(data.get("normalized", True)) else l2_normalize(emb)
+        if bool(data.get("normalized", True)):
+            return emb
+        unit = row_file(len(emb), emb.shape[1])
+        for a in range(0, len(emb), 8192):
+            unit[a:a + 8192] = l2_normalize(emb[a:a + 8192])
+            release(emb)
+            release(unit)
+        return unit
     if (path / "manifest.json").is_file():
         emb, _ = embed_packed(model, str(path), device, batch_size, flip, workers=workers, progress=progress)
         return emb

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer.eval.common import FARS, resolve_device
+from trainer.eval.common import FARS, narrow_ints, resolve_device
 from trainer.eval.kfold import FoldScores
 from trainer.eval.rowfile import take_rows
 
@@ -137,10 +137,6 @@ class _Tile:
         return self.invalid if self.genuine is None else self.genuine | self.invalid
 
 
-def _labels(x) -> np.ndarray:
-    return (x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)).astype(np.int64, copy=False)
-
-
 class _PairTiles:
     """Tile by tile, the score keys of every pair of the protocol.
 
@@ -166,22 +162,22 @@ class _PairTiles:
         if len(probe.shape) != 2 or len(g.shape) != 2 or probe.shape[1] != g.shape[1]:
             raise ValueError(f"embeddings must be [N, D] with one D; got {tuple(probe.shape)} and "
                              f"{tuple(g.shape)}")
-        pl = _labels(probe_labels)
-        gl = pl if self.symmetric else _labels(gallery_labels)
-        p_rows = None if probe_rows is None else _labels(probe_rows)
-        g_rows = p_rows if self.symmetric else None if gallery_rows is None else _labels(gallery_rows)
+        pl = narrow_ints(probe_labels)
+        gl = pl if self.symmetric else narrow_ints(gallery_labels)
+        p_rows = None if probe_rows is None else narrow_ints(probe_rows)
+        g_rows = p_rows if self.symmetric else None if gallery_rows is None else narrow_ints(gallery_rows)
         if len(pl) != (len(probe) if p_rows is None else len(p_rows)) or \
                 len(gl) != (len(g) if g_rows is None else len(g_rows)):
             raise ValueError("one label per embedding is needed")
-        pg = None if probe_groups is None else _labels(probe_groups)
+        pg = None if probe_groups is None else narrow_ints(probe_groups)
         gg = pg
         if not self.symmetric:
-            gg = None if gallery_groups is None else _labels(gallery_groups)
+            gg = None if gallery_groups is None else narrow_ints(gallery_groups)
         if (pg is None) != (gg is None):
             raise ValueError("give groups for both probe and gallery, or for neither")
 
         def ordered(labels, groups, rows):
-            order = np.argsort(labels, kind="stable")
+            order = narrow_ints(np.argsort(labels, kind="stable"))
             return (torch.as_tensor(labels[order], device=device),
                     None if groups is None else torch.as_tensor(groups[order], device=device),
                     order if rows is None else rows[order])
@@ -251,6 +247,68 @@ def _count_into(hist: torch.Tensor, idx: torch.Tensor) -> None:
     hist.index_add_(0, flat, torch.ones(1, dtype=hist.dtype, device=hist.device).expand(len(flat)))
 
 
+# A pass-1 count in int32 cannot wrap while fewer pairs than this went in since the last flush.
+_FLUSH_AT = (1 << 31) - 1
+# The top bins counted densely: -W..W of the signed top key, every score of magnitude up to 2 (a cosine of
+# unit vectors, rounding included); the rare scores past it (embeddings not normalised) go to the sparse
+# total a tile at a time.
+_WINDOW = 1 << 18
+
+
+class _FoldHistogram:
+    """Per-fold impostor counts by top bin, for every pair of pass 1, in a quarter of the memory of int64
+    counts over all 2^20 top bins (n_folds x (2^19 + 1) int32 bins: 20 MB at 10 folds, not 80): tiles are
+    counted into an int32 histogram of the bins a cosine can fall in, on the device, which is emptied into
+    a sparse int64 total (the bins some pair fell in) before it could wrap."""
+
+    def __init__(self, n_folds: int, device: torch.device) -> None:
+        self.width = 2 * _WINDOW + 1
+        self.trash = n_folds * self.width  # takes the pairs that are not impostors; never read
+        self.dense = torch.zeros(self.trash + 1, dtype=torch.int32, device=device)
+        self.since = 0  # pairs counted into `dense` since it was last emptied
+        self.index = np.zeros(0, np.int64)  # sorted flat (fold * 2^20 + bin) indices of the total
+        self.count = np.zeros(0, np.int64)
+
+    def add(self, top: torch.Tensor, fold: torch.Tensor, drop: Optional[torch.Tensor]) -> None:
+        """Count the pairs of a tile: `top` the signed top keys [R, C] (int32, taken over and changed),
+        `fold` the fold of each row, `drop` the pairs that are not impostors (or None)."""
+        outside = (top > _WINDOW) | (top < -_WINDOW)
+        if bool(outside.any()):
+            far = outside if drop is None else outside & ~drop
+            flat = fold[:, None].expand_as(top)[far].long() * _BINS + top[far].long() + _BINS // 2
+            index, count = torch.unique(flat, return_counts=True)
+            self._merge(index.cpu().numpy(), count.cpu().numpy())
+            drop = outside if drop is None else drop | outside
+        top += (fold * self.width + _WINDOW)[:, None]
+        if drop is not None:
+            top.masked_fill_(drop, self.trash)
+        if self.since + top.numel() > _FLUSH_AT:
+            self.flush()
+        _count_into(self.dense, top)
+        self.since += top.numel()
+
+    def _merge(self, index: np.ndarray, count: np.ndarray) -> None:
+        self.index, where = np.unique(np.concatenate([self.index, index]), return_inverse=True)
+        total = np.zeros(len(self.index), np.int64)
+        np.add.at(total, where, np.concatenate([self.count, count.astype(np.int64)]))
+        self.count = total
+
+    def flush(self) -> None:
+        dense = self.dense[:self.trash]
+        at = torch.nonzero(dense).reshape(-1)
+        count = dense[at].cpu().numpy()
+        at = at.cpu().numpy()
+        self.dense.zero_()
+        self.since = 0
+        self._merge((at // self.width) * _BINS + at % self.width - _WINDOW + _BINS // 2, count)
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fold, top bin, count) of every non-empty (fold, bin); the device histogram is let go."""
+        self.flush()
+        self.dense = torch.zeros(0, dtype=torch.int32)
+        return self.index // _BINS, self.index % _BINS, self.count
+
+
 def all_pairs_verification(
     probe,
     probe_labels,
@@ -282,8 +340,7 @@ def all_pairs_verification(
     device = resolve_device(device)
     tiles = _PairTiles(probe, probe_labels, gallery, gallery_labels, probe_groups, gallery_groups, tile,
                        device, probe_rows, gallery_rows)
-    trash = n_folds * _BINS  # where pairs that are genuine or outside the protocol go in impostor histograms
-    imp_hist = torch.zeros(trash + 1, dtype=torch.int64, device=device)
+    imp_hist = _FoldHistogram(n_folds, device)
     # Every genuine score is kept (as its int32 key, and its fold): 5 bytes a pair, in arrays sized once.
     bound = tiles.genuine_bound()
     gen_keys_np, gen_folds_np = np.empty(bound, np.int32), np.empty(bound, np.int8)
@@ -296,22 +353,19 @@ def all_pairs_verification(
             gen_keys_np[n_gen:n_gen + len(k)] = k.cpu().numpy()
             gen_folds_np[n_gen:n_gen + len(k)] = fold[:, None].expand_as(take)[take].cpu().numpy()
             n_gen += len(k)
-        idx = t.keys >> _LOW_BITS
-        idx += (fold * _BINS + _BINS // 2)[:, None]
-        drop = t.not_impostor()
-        if drop is not None:
-            idx.masked_fill_(drop, trash)
-        _count_into(imp_hist, idx)
-    imp_fold = imp_hist[:trash].view(n_folds, _BINS).cpu().numpy()
+        imp_hist.add(t.keys >> _LOW_BITS, fold, t.not_impostor())
+    imp_folds, imp_bins, imp_counts = imp_hist.totals()
+    del imp_hist
     gen_keys_np, gen_folds_np = gen_keys_np[:n_gen], gen_folds_np[:n_gen]
-    imp_top = imp_fold.sum(0)
-    n_imp = int(imp_top.sum())
-    # The k-fold histograms keep only the top bins some pair falls in (thousands of the 2^20); the genuine
-    # pairs are binned a slice at a time (int64 temporaries).
+    # From here on every per-bin array holds only the top bins some pair falls in (about 10^5 of the
+    # 2^20), in increasing order: `used`. The genuine pairs are binned a slice at a time.
     step = 1 << 22
     gen_bins = [np.unique(gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2 for a in range(0, n_gen, step)]
-    used = np.union1d(np.flatnonzero(imp_top), np.concatenate(gen_bins + [np.zeros(0, np.int64)]))
-    gen_used = np.zeros((n_folds, len(used)), dtype=np.int64)
+    used = np.union1d(imp_bins, np.concatenate(gen_bins + [np.zeros(0, np.int64)])).astype(np.int64)
+    hist = np.zeros((n_folds, 2, len(used)), dtype=np.int64)  # [fold, impostor/genuine, used bin]
+    imp_used, gen_used = hist[:, 0], hist[:, 1]
+    imp_used[imp_folds, np.searchsorted(used, imp_bins)] = imp_counts
+    del imp_folds, imp_bins, imp_counts
     for a in range(0, n_gen, step):
         col = np.searchsorted(used, (gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2)
         flat = gen_folds_np[a:a + step].astype(np.int64) * len(used) + col
@@ -319,16 +373,19 @@ def all_pairs_verification(
     del gen_folds_np
     gen_keys_np.sort()
     gen_keys_sorted = gen_keys_np
-    imp_ge = np.r_[np.cumsum(imp_top[::-1])[::-1], 0]  # impostors in top bins >= b
+    imp_top = imp_used.sum(0)
+    n_imp = int(imp_top.sum())
+    imp_ge = np.r_[np.cumsum(imp_top[::-1])[::-1], 0]  # imp_ge[j]: impostors in top bins >= used[j]
 
-    # Where the (k+1)-th highest impostor lies: its top bin and its rank inside that bin.
-    wanted: dict[float, tuple[int, int]] = {}
+    # Where the (k+1)-th highest impostor lies: its top bin, its rank inside that bin, and the impostors
+    # in the bins above.
+    wanted: dict[float, tuple[int, int, int]] = {}
     for far in fars:
         k = _allowed_false_accepts(far, n_imp)
         if n_gen and 1 <= k < n_imp:
-            top_bin = int(np.nonzero(imp_ge >= k + 1)[0][-1])
-            wanted[far] = (top_bin, k + 1 - int(imp_ge[top_bin + 1]))
-    slots = sorted({b for b, _ in wanted.values()})
+            j = int(np.nonzero(imp_ge >= k + 1)[0][-1])
+            wanted[far] = (int(used[j]), k + 1 - int(imp_ge[j + 1]), int(imp_ge[j + 1]))
+    slots = sorted({b for b, _, _ in wanted.values()})
     low_hist = torch.zeros(len(slots) * _LOW, dtype=torch.int64, device=device)
     if slots:
         lut = torch.full((_BINS,), -1, dtype=torch.int64, device=device)
@@ -344,10 +401,11 @@ def all_pairs_verification(
             slot = lut[(sel >> _LOW_BITS) + _BINS // 2]
             keep = slot >= 0
             _count_into(low_hist, (sel[keep] & (_LOW - 1)) + _LOW * slot[keep])
+        del lut
         low_hist = low_hist.view(len(slots), _LOW)
         low_hist_np = low_hist.cpu().numpy()
         for i, b in enumerate(slots):
-            if low_hist_np[i].sum() != imp_top[b]:
+            if low_hist_np[i].sum() != imp_top[np.searchsorted(used, b)]:
                 raise RuntimeError("the second pass scored pairs differently from the first (a "
                                    "non-deterministic matmul on this device); the threshold cannot be exact")
 
@@ -360,39 +418,37 @@ def all_pairs_verification(
         if k >= n_imp:
             result[far] = TarAtFar(far, 1.0, -math.inf, 1.0)
             continue
-        top_bin, rank_in_bin = wanted[far]
+        top_bin, rank_in_bin, above = wanted[far]
         low = low_hist_np[slots.index(top_bin)]
         low_ge = np.r_[np.cumsum(low[::-1])[::-1], 0]
         low_bin = int(np.nonzero(low_ge >= rank_in_bin)[0][-1])
         thr_key = ((top_bin - _BINS // 2) << _LOW_BITS) | low_bin
         accepted_gen = n_gen - int(np.searchsorted(gen_keys_sorted, thr_key, side="right"))
-        accepted_imp = int(imp_ge[top_bin + 1]) + int(low_ge[low_bin + 1])
+        accepted_imp = above + int(low_ge[low_bin + 1])
         result[far] = TarAtFar(far, accepted_gen / n_gen, _key_to_float(thr_key), accepted_imp / n_imp)
 
-    hist = np.stack([imp_fold[:, used], gen_used], axis=1)
     accuracies, fold_thr = kfold_accuracy_from_histograms(hist, used)
-    # ROC at the top-bin resolution, from the strictest threshold down.
-    gen_top = np.zeros(_BINS, np.int64)
-    gen_top[used] = gen_used.sum(0)
-    gen_ge = np.r_[np.cumsum(gen_top[::-1])[::-1], 0]
-    fpr = imp_ge[::-1] / max(n_imp, 1)
-    tpr = gen_ge[::-1] / max(n_gen, 1)
+    # ROC at the top-bin resolution, from the strictest threshold down: a point per used bin (the bins
+    # between them change neither rate).
+    fpr = np.r_[0, np.cumsum(imp_top[::-1])] / max(n_imp, 1)
+    tpr = np.r_[0, np.cumsum(gen_used.sum(0)[::-1])] / max(n_gen, 1)
     keep = np.r_[True, (np.diff(fpr) != 0) | (np.diff(tpr) != 0)]
     return AllPairsResult(n_gen, n_imp, result, accuracies, fpr[keep], tpr[keep], fold_thr,
                           kfold_balanced_from_histograms(hist))
 
 
-def _threshold_counts(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For per-fold histograms [fold, impostor/genuine, bin]: the non-empty bins, and per fold and
-    threshold index t = 0 .. len(used) (accepting the used bins >= t) the genuine pairs accepted and the
-    impostor pairs rejected."""
-    n_folds = hist.shape[0]
-    used = np.nonzero(hist.sum(axis=(0, 1)))[0]  # thresholds between empty bins change nothing
-    h = hist[:, :, used]
-    zeros = np.zeros((n_folds, 1), np.int64)
-    gen_ge = np.concatenate([np.cumsum(h[:, 1, ::-1], axis=1)[:, ::-1], zeros], 1)
-    imp_lt = np.concatenate([zeros, np.cumsum(h[:, 0], axis=1)], 1)
-    return used, gen_ge, imp_lt
+def _used_columns(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For per-fold histograms [fold, impostor/genuine, bin]: the non-empty bins (thresholds between empty
+    bins change nothing) and the histograms over those only (no copy when every bin is used)."""
+    used = np.flatnonzero(hist.sum(axis=(0, 1)))
+    return used, hist if len(used) == hist.shape[2] else hist[:, :, used]
+
+
+def _threshold_counts(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For one impostor/genuine histogram [2, bin]: per threshold index t = 0 .. bins (accepting the bins
+    >= t) the genuine pairs accepted and the impostor pairs rejected. Taken a fold at a time (and once for
+    all folds together), so that no [fold, bin] array is made beyond the histograms."""
+    return np.r_[np.cumsum(h[1, ::-1])[::-1], 0], np.r_[0, np.cumsum(h[0])]
 
 
 def kfold_accuracy_from_histograms(hist: np.ndarray,
@@ -406,16 +462,17 @@ def kfold_accuracy_from_histograms(hist: np.ndarray,
         bins = np.arange(n_bins)
     else:
         n_bins = _BINS
-    used, gen_ge, imp_lt = _threshold_counts(hist)
-    correct = gen_ge + imp_lt
+    used, h = _used_columns(hist)
+    correct_all = sum(_threshold_counts(h.sum(0)))
     totals = hist.sum(axis=(1, 2))
     accs, thresholds = [], []
     for f in range(n_folds):
         if totals[f] == 0:
             continue
-        train = correct.sum(0) - correct[f]
+        correct = sum(_threshold_counts(h[f]))
+        train = correct_all - correct
         t = len(train) - 1 - int(np.argmax(train[::-1]))  # the last (strictest) of the best
-        accs.append(correct[f, t] / totals[f])
+        accs.append(correct[t] / totals[f])
         bin_ = int(bins[used[t]]) if t < len(used) else n_bins
         thresholds.append(_key_to_float((bin_ - n_bins // 2) << _LOW_BITS) if bin_ < n_bins else math.inf)
     return np.asarray(accs), np.asarray(thresholds)
@@ -424,14 +481,16 @@ def kfold_accuracy_from_histograms(hist: np.ndarray,
 def kfold_balanced_from_histograms(hist: np.ndarray) -> np.ndarray:
     """k-fold balanced accuracy, (TPR + TNR) / 2, on the same histograms: each fold that holds both kinds
     of pair takes the strictest threshold with the best balanced accuracy on the other folds."""
-    _, gen_ge, imp_lt = _threshold_counts(hist)
+    _, h = _used_columns(hist)
+    gen_ge_all, imp_lt_all = _threshold_counts(h.sum(0))
     n_imp, n_gen = hist[:, 0].sum(axis=1), hist[:, 1].sum(axis=1)
     out = []
     for f in range(hist.shape[0]):
         if n_gen[f] == 0 or n_imp[f] == 0:
             continue
+        gen_ge, imp_lt = _threshold_counts(h[f])
         g, i = n_gen.sum() - n_gen[f], n_imp.sum() - n_imp[f]
-        train = ((gen_ge.sum(0) - gen_ge[f]) / max(g, 1) + (imp_lt.sum(0) - imp_lt[f]) / max(i, 1)) / 2
+        train = ((gen_ge_all - gen_ge) / max(g, 1) + (imp_lt_all - imp_lt) / max(i, 1)) / 2
         t = len(train) - 1 - int(np.argmax(train[::-1]))
-        out.append((gen_ge[f, t] / n_gen[f] + imp_lt[f, t] / n_imp[f]) / 2)
+        out.append((gen_ge[t] / n_gen[f] + imp_lt[t] / n_imp[f]) / 2)
     return np.asarray(out)
