@@ -237,9 +237,12 @@ def table(results: list[dict]) -> str:
             count = round(0.05 * r["n"]) if st == "maskgen" else r["n"]
             lines.append(f"| {st} | {r['n']} | {m['s']:.1f} | {count / m['s']:.0f} | {m['pss'] / mib:.0f} | "
                          f"{m['anon'] / mib:.0f} | {m['rss'] / mib:.0f} |")
+    # The first to the last size, then (with three or more) each size to the next: the last step is the
+    # slope once one-off costs (a model loaded, a first shard cut) are in both figures.
+    steps = [(results[0], results[-1])] + (list(zip(results, results[1:])) if len(results) > 2 else [])
     if len(results) >= 2:
-        a, b = results[0], results[-1]
         lines.append("")
+    for a, b in steps:
         for key, what in (("pss", "peak PSS"), ("anon", "peak anonymous PSS (file pages mapped from shards left out)")):
             lines.append(f"Slope of {what} from {a['n']} to {b['n']} images, bytes per image (goal <= 100): "
                          + ", ".join(f"{st} {(b[st][key] - a[st][key]) / (b['n'] - a['n']):.0f}"
