@@ -178,11 +178,12 @@ def map_file(path: str | os.PathLike) -> Iterator[Buffer]:
         close_map(buf)
 
 
-# Pages of a mapped file that a process has read count in its RSS until it unmaps them (the kernel also
-# maps up to 64 KB around each page touched), though they are clean page cache: a scan of a 1 GB shard, or
+# Pages of a mapped file that a process has read count in its RSS until it unmaps them, though they are
+# clean page cache, and a read maps more than it reads: the page cache's whole folio around it (up to
+# 2 MB where the file system caches large folios; 64 KB around a small page). A scan of a 1 GB shard, or
 # random reads over 40 of them, would count them whole (issue N). The readers drop them as they go.
 RELEASE_BYTES = 64 << 20  # a sequential scan drops what it read every RELEASE_BYTES
-RELEASE_READS = 64  # a random reader drops all of its maps every RELEASE_READS records (~4 MB at most)
+RELEASE_READS = 8  # a random reader drops all of its maps every RELEASE_READS records (<= 16 MB)
 
 
 def release_behind(buf: Buffer, released: int, pos: int) -> int:

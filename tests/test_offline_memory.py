@@ -78,8 +78,8 @@ def _largest_shard(data):
 
 
 def test_random_reads_leave_no_shard_mapped_whole(packed_glint, monkeypatch):
-    """Issue N: pages read from a mapped shard stay in the reader's RSS (and the kernel maps 64 KB around each
-    one) until dropped; over 40 shards of 1 GB an epoch would count them all."""
+    """Issue N: pages read from a mapped shard stay in the reader's RSS (and a read maps the page cache's
+    whole folio around it, up to 2 MB) until dropped; over 40 shards of 1 GB an epoch would count them all."""
     import pipeline.dataset as dataset
 
     monkeypatch.setattr(dataset, "RELEASE_READS", 2, raising=False)

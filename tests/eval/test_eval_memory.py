@@ -263,3 +263,38 @@ def test_scores_past_the_dense_window_are_counted_too(monkeypatch):
             _same(res, ref)
             assert np.array_equal(res.fold_thresholds, ref.fold_thresholds)
             assert np.array_equal(res.roc_fpr, ref.roc_fpr)
+
+
+def test_scattered_rows_never_map_much_of_the_file_at_once(monkeypatch):
+    """Issue N: each scattered row read through the map maps the page cache's folio around it (up to 2 MB,
+    64 KB with small pages): a tile of 2048 rows gathered at once mapped most of a 200 MB file."""
+    import trainer.eval.rowfile as rowfile
+
+    n, dim = 20_000, 512  # 40 MB
+    rows = row_file(n, dim)
+    for a in range(0, n, 2000):
+        rows[a:a + 2000] = 1.0
+        release(rows)
+    seen, real = [], rowfile.release
+
+    def watched(x):
+        seen.append(_mapped_row_file_bytes())
+        real(x)
+
+    monkeypatch.setattr(rowfile, "release", watched)
+    index = np.random.default_rng(0).permutation(n)[:512]
+    out = rowfile.take_rows(rows, index)
+    assert torch.equal(out, torch.ones(512, dim))
+    assert max(seen) <= 16 * 2**20 + 8 * 64 * 1024, max(seen)
+
+
+def test_eval_fixes_the_mmap_threshold_before_scoring(tmp_path, monkeypatch):
+    """Issue N: score tiles of 16-32 MB made and freed thousands of times came from a heap that grew with
+    the number of tiles under glibc's sliding mmap threshold (235 MiB of heap at 10^5 images, 104 after)."""
+    import trainer.eval.__main__ as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "fix_mmap_threshold", lambda *a: calls.append(a) or True, raising=False)
+    code = cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--pairs", str(tmp_path / "none.bin"),
+                     "--no-progress"])
+    assert code == 2 and calls == [()]

@@ -40,6 +40,7 @@ import torch
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, json_safe
 from pipeline.help_format import HelpFormatter
+from pipeline.malloc_limits import fix_mmap_threshold
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.recordio import RecordIOError
 from trainer.checkpoint import CheckpointError
@@ -236,6 +237,9 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m trainer.eval") -> int:
     args = build_parser(prog).parse_args(argv)
+    # Tiles of scores (16-32 MB each) are made and freed thousands of times: with glibc's sliding mmap
+    # threshold they came from the heap, which grew with the number of tiles (issue N).
+    fix_mmap_threshold()
     try:
         results = run(args)
     except (EvalError, VerificationError, CheckpointError, ManifestError, RecordIOError, OSError,

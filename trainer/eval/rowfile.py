@@ -25,12 +25,14 @@ def row_file(n: int, dim: int, folder: Optional[str | os.PathLike] = None) -> np
     return rows[:n]
 
 
+GATHER = 8  # scattered rows read between two releases of the map: each may map a 2 MB folio, <= 16 MB
+
+
 def release(rows: np.ndarray) -> None:
     """Unmap the pages of a file-backed array from this process (they stay in the file and the page
     cache, dirty ones still written back); no-op for an array in RAM."""
-    mm = getattr(rows, "_mmap", None)
-    if isinstance(mm, mmap.mmap):
-        mm.madvise(mmap.MADV_DONTNEED)
+    if _mapped(rows):
+        rows._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def take_rows(rows, index: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -41,7 +43,19 @@ def take_rows(rows, index: np.ndarray, device: torch.device | str = "cpu") -> to
     index = np.asarray(index)
     if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
         out = np.array(rows[int(index[0]):int(index[-1]) + 1], dtype=np.float32)  # a copy, not a view
+    elif _mapped(rows):
+        # Rows scattered over the file: a read maps the page cache's folio around it (up to 2 MB where
+        # the file system caches large folios), so a tile of 2048 rows gathered at once mapped most of a
+        # 200 MB file (issue N); released every GATHER rows.
+        out = np.empty((len(index), rows.shape[1]), np.float32)
+        for s in range(0, len(index), GATHER):
+            out[s:s + GATHER] = np.take(rows, index[s:s + GATHER], axis=0)
+            release(rows)
     else:
         out = np.asarray(np.take(rows, index, axis=0), dtype=np.float32)
     release(rows)
     return torch.from_numpy(out).to(device)
+
+
+def _mapped(rows) -> bool:
+    return isinstance(getattr(rows, "_mmap", None), mmap.mmap)
