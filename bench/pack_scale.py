@@ -239,8 +239,9 @@ def table(results: list[dict]) -> str:
                          f"{m['anon'] / mib:.0f} | {m['rss'] / mib:.0f} |")
     # The first to the last size, then (with three or more) each size to the next: the last step is the
     # slope once one-off costs (a model loaded, a first shard cut) are in both figures.
-    steps = [(results[0], results[-1])] + (list(zip(results, results[1:])) if len(results) > 2 else [])
-    if len(results) >= 2:
+    steps = [] if len(results) < 2 else [(results[0], results[-1])] + (
+        list(zip(results, results[1:])) if len(results) > 2 else [])
+    if steps:
         lines.append("")
     for a, b in steps:
         for key, what in (("pss", "peak PSS"), ("anon", "peak anonymous PSS (file pages mapped from shards left out)")):
