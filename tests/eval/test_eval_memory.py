@@ -298,3 +298,27 @@ def test_eval_fixes_the_mmap_threshold_before_scoring(tmp_path, monkeypatch):
     code = cli.main(["--checkpoint", str(tmp_path / "none.pt"), "--pairs", str(tmp_path / "none.bin"),
                      "--no-progress"])
     assert code == 2 and calls == [()]
+
+
+def test_genuine_pairs_are_binned_a_slice_at_a_time(monkeypatch):
+    """Issue N: after pass 1 the genuine pairs' bins, columns and flat indices (~28 bytes a pair) were made
+    for up to 2^22 pairs at once: 50 MB here, ~270 bytes an image at 10 genuine pairs an image."""
+    import trainer.eval.tar_far as tar_far
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(40), 300)  # 1.8M genuine pairs
+    x = rng.standard_normal((len(labels), 16)).astype(np.float32) + labels[:, None] * 0.05
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    whole = all_pairs_verification(x, labels, progress=False)
+    tracemalloc.start()
+    try:
+        sliced = all_pairs_verification(x, labels, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * 2**20, peak  # 61 MB before: the genuine keys, the [fold, kind, bin] counts, and a slice
+    monkeypatch.setattr(tar_far, "GENUINE_SLICE", 1000, raising=False)
+    small = all_pairs_verification(x, labels, progress=False)
+    for res in (sliced, small):
+        assert res.accuracies.tolist() == whole.accuracies.tolist()
+        assert {f: r.tar for f, r in res.tar_at_far.items()} == {f: r.tar for f, r in whole.tar_at_far.items()}

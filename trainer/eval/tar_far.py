@@ -309,6 +309,9 @@ class _FoldHistogram:
         return self.index // _BINS, self.index % _BINS, self.count
 
 
+GENUINE_SLICE = 1 << 18  # genuine pairs binned at once after pass 1
+
+
 def all_pairs_verification(
     probe,
     probe_labels,
@@ -359,9 +362,13 @@ def all_pairs_verification(
     gen_keys_np, gen_folds_np = gen_keys_np[:n_gen], gen_folds_np[:n_gen]
     # From here on every per-bin array holds only the top bins some pair falls in (about 10^5 of the
     # 2^20), in increasing order: `used`. The genuine pairs are binned a slice at a time.
-    step = 1 << 22
-    gen_bins = [np.unique(gen_keys_np[a:a + step] >> _LOW_BITS) + _BINS // 2 for a in range(0, n_gen, step)]
-    used = np.union1d(imp_bins, np.concatenate(gen_bins + [np.zeros(0, np.int64)])).astype(np.int64)
+    # A slice's temporaries are ~28 bytes a pair (bins, columns, flat indices in int64): slices of 2^18 pairs
+    # keep them at ~7 MB, where 2^22 made them grow with the set up to 110 MB (~270 bytes an image at 10
+    # genuine pairs an image, issue N).
+    step = GENUINE_SLICE
+    used = imp_bins.astype(np.int64)
+    for a in range(0, n_gen, step):
+        used = np.union1d(used, (gen_keys_np[a:a + step] >> _LOW_BITS).astype(np.int64) + _BINS // 2)
     hist = np.zeros((n_folds, 2, len(used)), dtype=np.int64)  # [fold, impostor/genuine, used bin]
     imp_used, gen_used = hist[:, 0], hist[:, 1]
     imp_used[imp_folds, np.searchsorted(used, imp_bins)] = imp_counts
