@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, fsync_dir
 from pipeline.imageio import jpeg_quality
+from pipeline.landmarks import worker_context
 from pipeline.manifest import ManifestError, decode_identity, load_manifest, sha256_file, write_manifest
 from pipeline.recordio import (
     IRHeader,
@@ -56,12 +57,13 @@ from pipeline.recordio import (
     unpack_record,
 )
 from pipeline.shards import ShardWriter, read_record_image
+from pipeline.worker_pool import worker_pool
 
 from .lock import DatasetLock, LockBusy
 from .masker import MODE_CHOICES, MODES, Masker, MaskingOptions, skip_reason
 from .seeds import image_seeds, seeded_key
 from .shapes import MASK_TYPES
-from .workers import batched_map, worker_pool
+from .workers import batched_map
 
 MASKED_KIND = "masked"
 PREFIX = "masked"
@@ -434,7 +436,7 @@ def _build(opts: BuildOptions, data: Path, manifest: dict) -> dict:
     tmp = f"{TMP_PREFIX}{secrets.token_hex(4)}."
     sidecar_tmp = data / f"{tmp}{SIDECAR}"
     try:
-        with worker_pool(opts.workers, _init_worker, opts.masker_args()) as pool:
+        with worker_pool(opts.workers, _init_worker, opts.masker_args(), worker_context()) as pool:
             plan = _plan(opts, data, manifest)
             entries, counts, skipped, written = _write_range(opts, data, plan, 0, len(plan.chosen), tmp,
                                                              sidecar_tmp, pool)
@@ -475,7 +477,7 @@ def _build_part(opts: BuildOptions, data: Path, manifest: dict, k: int, n: int) 
     _unlink(_part_files(data, k))  # an unfinished or other run of this part: started over
     sidecar = data / f"{_part_prefix(k)}{SIDECAR}"
     try:
-        with worker_pool(opts.workers, _init_worker, opts.masker_args()) as pool:
+        with worker_pool(opts.workers, _init_worker, opts.masker_args(), worker_context()) as pool:
             plan = _plan(opts, data, manifest)
             lo, hi = k * len(plan.chosen) // n, (k + 1) * len(plan.chosen) // n
             entries, counts, skipped, written = _write_range(opts, data, plan, lo, hi, _part_prefix(k), sidecar,

@@ -10,10 +10,12 @@ from typing import Optional
 import numpy as np
 
 from pipeline.imageio import ImageRejected, decode_any, encode_image, jpeg_quality
+from pipeline.landmarks import worker_context
+from pipeline.worker_pool import worker_pool
 
 from .masker import Masker, MaskingOptions, skip_reason
 from .seeds import image_seeds
-from .workers import batched_map, worker_pool
+from .workers import batched_map
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -71,7 +73,8 @@ def mask_folder(opts: FolderOptions) -> dict:
     seeds = image_seeds(opts.seed, np.arange(len(files)))
     jobs = [(str(p), str(opts.out / p.relative_to(opts.src)), int(s)) for p, s in zip(files, seeds)]
     opts.out.mkdir(parents=True, exist_ok=True)
-    with worker_pool(opts.workers, _init, opts.masker_args()) as pool, batched_map(_batch, jobs, pool) as results:
+    with worker_pool(opts.workers, _init, opts.masker_args(), worker_context()) as pool, \
+            batched_map(_batch, jobs, pool) as results:
         # Imported after the workers start, not with the module: they never draw a progress bar, and
         # tqdm's import (50 ms, most of it reading every installed package's metadata) overlaps their start.
         from tqdm import tqdm

@@ -7,8 +7,6 @@ from itertools import islice
 from multiprocessing.pool import Pool
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from pipeline.landmarks import worker_context
-
 from .masker import MASK_BATCH
 
 
@@ -17,24 +15,6 @@ def _batches(items: Iterable, issued: deque) -> Iterator[list]:
     while batch := list(islice(it, MASK_BATCH)):
         issued.append(batch)
         yield batch
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int, initializer: Callable[..., None], initargs: tuple) -> Iterator[Optional[Pool]]:
-    """The masking workers, ended on leaving; None for one worker (this process, after
-    `initializer(*initargs)`). Start them before reading the dataset (issue N): forked after it, each would
-    inherit the scan's arrays and the heap the scan freed, and copy them page by page as it allocates."""
-    if workers <= 1:
-        initializer(*initargs)
-        yield None
-        return
-    # fork unless this process holds MediaPipe (its graphs do not survive a fork): pipeline.landmarks
-    pool = worker_context().Pool(workers, initializer=initializer, initargs=initargs)
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 @contextlib.contextmanager

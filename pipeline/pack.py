@@ -32,10 +32,9 @@ import shutil
 import threading
 from array import array
 from collections import Counter
-from contextlib import contextmanager
 from multiprocessing.pool import Pool
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -68,6 +67,7 @@ from .pack_plan import (
 from .recordio import IRHeader, RecordIOError, frame_record, pack_record
 from .shards import ShardWriter, read_record_image
 from .sources import SourceError
+from .worker_pool import worker_pool
 
 # Names a pack (or maskgen) writes: a file of such a name that no journal or manifest lists is not ours.
 OUTPUT_PATTERNS = ("train-*", "holdout-*", "val-*", "masked-*", "maskgen*", MANIFEST, SKIPPED, CLASSES,
@@ -272,7 +272,10 @@ def pack(opts: PackOptions) -> dict:
     out = opts.out
     # The workers start before the plan exists: forked after it, each would inherit the plan and the heap
     # the enumeration freed, and copy them page by page as it allocates (issue N: ~40 bytes an image each).
-    with _worker_pool(opts) as pool:
+    # mediapipe (--align) cannot run in a forked child of a process that has used it
+    context = mp.get_context("fork" if not opts.align else "spawn")
+    with worker_pool(opts.workers, _init_worker, (opts.size, opts.quality, opts.resize_mode, opts.align),
+                     context) as pool:
         try:
             plan = plan_pack(opts)
         except SourceError as e:
@@ -294,23 +297,6 @@ def pack(opts: PackOptions) -> dict:
     if opts.part[1] > 1:
         return journal
     return merge(out, opts.progress, plan=plan, opts=opts)
-
-
-@contextmanager
-def _worker_pool(opts: PackOptions) -> Iterator[Optional[Pool]]:
-    """The encoding workers (None: encode in this process)."""
-    if opts.workers <= 1:
-        yield None
-        return
-    # mediapipe (--align) cannot run in a forked child of a process that has used it
-    ctx = mp.get_context("fork" if not opts.align else "spawn")
-    pool = ctx.Pool(opts.workers, initializer=_init_worker,
-                    initargs=(opts.size, opts.quality, opts.resize_mode, opts.align))
-    try:
-        yield pool
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 def run_part(opts: PackOptions, plan: Plan, pool: Optional[Pool] = None) -> dict:
@@ -432,11 +418,7 @@ def _run_workers(opts: PackOptions, plan: Plan, start: int, end: int,
             yield plan.num_classes, [plan.task(p) for p in range(c, min(c + CHUNK, end))]
 
     try:
-        if pool is None:
-            _init_worker(opts.size, opts.quality, opts.resize_mode, opts.align)
-            results = map(_process_chunk, chunks())
-        else:
-            results = pool.imap(_process_chunk, chunks())
+        results = map(_process_chunk, chunks()) if pool is None else pool.imap(_process_chunk, chunks())
         try:
             pos = start
             for res in results:

@@ -11,6 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pipeline.recordio import release_map
+
 
 def row_file(n: int, dim: int, folder: Optional[str | os.PathLike] = None) -> np.memmap:
     """A zeroed float32 [n, dim] array backed by a new file in `folder` (default: the temp folder). The
@@ -31,8 +33,7 @@ GATHER = 8  # scattered rows read between two releases of the map: each may map 
 def release(rows: np.ndarray) -> None:
     """Unmap the pages of a file-backed array from this process (they stay in the file and the page
     cache, dirty ones still written back); no-op for an array in RAM."""
-    if _mapped(rows):
-        rows._mmap.madvise(mmap.MADV_DONTNEED)
+    release_map(getattr(rows, "_mmap", None))
 
 
 def take_rows(rows, index: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
